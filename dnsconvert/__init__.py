@@ -1,0 +1,43 @@
+"""dnsconvert: Dynamic Network Surgery training to a measured, deployable sparse runtime.
+
+The public API is imported lazily so that ``import dnsconvert`` (and ``dnsconvert --help``)
+does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SparseCheckpoint": "dnsconvert.checkpoint",
+    "ModelSpec": "dnsconvert.checkpoint",
+    "PruningInfo": "dnsconvert.checkpoint",
+    "load_checkpoint": "dnsconvert.checkpoint",
+    "NMPattern": "dnsconvert.pattern",
+    "validate": "dnsconvert.validate",
+    "SparsityReport": "dnsconvert.validate",
+    "project_nm": "dnsconvert.project",
+    "ProjectionResult": "dnsconvert.project",
+    "build_model": "dnsconvert.models",
+    "build_masked_model": "dnsconvert.models",
+    "DynamicNetworkSurgery": "dnsconvert.surgery",
+    "prune": "dnsconvert.surgery",
+    "export": "dnsconvert.export",
+    "densify": "dnsconvert.export",
+    "get_target": "dnsconvert.targets",
+    "list_targets": "dnsconvert.targets",
+    "bench": "dnsconvert.bench",
+    "run_pipeline": "dnsconvert.pipeline",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dnsconvert' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

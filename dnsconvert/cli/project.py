@@ -1,0 +1,50 @@
+"""``dnsconvert project``: N:M projection of a checkpoint's masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import checkpoint_argument, console, emit_json, write_report
+
+
+@click.command("project")
+@checkpoint_argument
+@click.option("--nm", "nm", default="2:4", show_default=True, metavar="N:M", help="The N:M pattern to project onto.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the projected checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print the projection report as JSON.")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report to this file.")
+def project_cmd(checkpoint: Path, nm: str, output: Path, as_json: bool, report: Path | None) -> None:
+    """Project unstructured masks onto N:M along each layer's reduction axis."""
+    from .._atomic import sha256_file
+    from ..checkpoint import load_checkpoint
+    from ..pattern import NMPattern
+    from ..project import project_nm
+    from ..validate import ensure_usable
+
+    pattern = NMPattern.parse(nm)
+    ckpt = ensure_usable(load_checkpoint(checkpoint))
+    result = project_nm(ckpt, pattern)
+    result.checkpoint.save(output)
+    data = {**result.to_json(), "input": str(checkpoint), "input_sha256": sha256_file(checkpoint), "output": str(output)}
+    write_report(report, data)
+    if as_json:
+        emit_json(data)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{checkpoint} -> {output} ({pattern})", title_justify="left")
+    for column in ("layer", "sparsity before", "after", "|w| removed", "note"):
+        table.add_column(column)
+    for layer in result.layers:
+        table.add_row(
+            layer.name,
+            f"{layer.sparsity_before:.2%}",
+            f"{layer.sparsity_after:.2%}",
+            f"{layer.removed_magnitude_fraction:.2%}",
+            f"skipped: {layer.skipped_reason}" if layer.skipped_reason else "",
+        )
+    out = console()
+    out.print(table)
+    out.print(f"kept magnitude removed overall: {result.removed_magnitude_fraction:.2%}")

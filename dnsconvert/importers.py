@@ -1,0 +1,150 @@
+"""Read any supported checkpoint file into a SparseCheckpoint, without unpickling code.
+
+Supported: dnsconvert's own safetensors files; plain safetensors state dicts; PyTorch
+``.pt``/``.pth`` state dicts read with ``torch.load(weights_only=True)``, including the
+``<name>_orig`` + ``<name>_mask`` pairs that ``torch.nn.utils.prune`` leaves behind. A dense
+state dict gets masks derived from its exact zeros (for every weight of 2 or more dims).
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import METADATA_KEY, PruningInfo, SparseCheckpoint, read_dnsconvert_safetensors
+from .errors import CheckpointError
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def load_any(path: str | Path) -> SparseCheckpoint:
+    """Load ``path``; every failure is a CheckpointError naming the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("no such file", path=path, hint="check the path")
+    if path.is_dir():
+        raise CheckpointError("is a directory, expected a checkpoint file", path=path, hint="pass the .safetensors or .pt file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError("file is empty", path=path, hint="the write that made it probably failed; re-create it")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":
+        return _load_torch(path)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        raise CheckpointError(
+            "is not a PyTorch checkpoint (neither a zip archive nor a pickle)", path=path, hint="the file may be corrupt or truncated"
+        )
+    return _load_safetensors(path)
+
+
+def _load_safetensors(path: Path) -> SparseCheckpoint:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"cannot read as safetensors ({_first_line(exc)})",
+            path=path,
+            hint="the file is truncated, corrupt or of an unsupported kind; dnsconvert reads .safetensors, .pt and .pth",
+        ) from None
+    if METADATA_KEY in metadata:
+        return read_dnsconvert_safetensors(path, metadata[METADATA_KEY], tensors)
+    return from_state_dict(tensors, source=path)
+
+
+def _load_torch(path: Path) -> SparseCheckpoint:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line]
+        detail = f" ({lines[0][:160]})" if lines else ""
+        raise CheckpointError(
+            f"refused to unpickle: the file holds objects other than tensors, which could run code{detail}",
+            path=path,
+            hint="save only the state dict: torch.save(model.state_dict(), path)",
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(
+            f"cannot read as a PyTorch checkpoint ({_first_line(exc)[:160]})",
+            path=path,
+            hint="the file is truncated or corrupt; re-save it with torch.save(model.state_dict(), path)",
+        ) from None
+    return from_state_dict(_unwrap(obj, path), source=path)
+
+
+def _unwrap(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if not bad and obj:
+            return obj
+        if not obj:
+            raise CheckpointError("state dict is empty", path=path)
+        raise CheckpointError(
+            f"entry {bad[0]!r} is not a tensor; expected a state dict of name -> tensor",
+            path=path,
+            hint="save model.state_dict(), not the model or a training-state dict",
+        )
+    raise CheckpointError(
+        f"holds a {type(obj).__name__}, expected a state dict of name -> tensor",
+        path=path,
+        hint="save model.state_dict()",
+    )
+
+
+def from_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: Path | None = None) -> SparseCheckpoint:
+    """Turn a state dict into a checkpoint: prune's ``_orig``/``_mask`` pairs become masks,
+    other weights of 2+ dims get masks from their exact zeros."""
+    if not state_dict:
+        raise CheckpointError("state dict is empty", path=source)
+    weights: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    imported_from_prune = False
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"entry {key!r} is not a tensor", path=source)
+        if key.endswith("_orig"):
+            base = key[: -len("_orig")]
+            if base + "_mask" not in state_dict:
+                raise CheckpointError(
+                    f"{key!r} has no matching {base + '_mask'!r}",
+                    path=source,
+                    hint="torch.nn.utils.prune saves both; save the state dict before prune.remove()",
+                )
+            weights[base] = value
+        elif key.endswith("_mask"):
+            base = key[: -len("_mask")]
+            if base + "_orig" not in state_dict:
+                raise CheckpointError(f"mask {key!r} has no matching {base + '_orig'!r}", path=source)
+            masks[base] = value
+            imported_from_prune = True
+        else:
+            weights[key] = value
+    ckpt = SparseCheckpoint(weights, masks, source=source)  # checks mask shapes and dtypes
+    # torch.nn.utils.prune keeps the unmasked values in _orig; deploy weights are weight*mask.
+    ckpt.weights = ckpt.masked_weights()
+    if not imported_from_prune:
+        for name, value in weights.items():
+            if value.dim() >= 2 and value.dtype.is_floating_point:
+                ckpt.masks[name] = value != 0
+    method = "torch.nn.utils.prune" if imported_from_prune else "imported-zeros"
+    ckpt.pruning = PruningInfo(method=method)
+    return ckpt
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

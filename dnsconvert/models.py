@@ -1,0 +1,197 @@
+"""Built-in models and rebuilding a model from a ModelSpec.
+
+LeNet-300-100 and LeNet-5 are the networks of the DNS paper (Caffe's versions). ``mlp`` is a
+configurable MLP family (GELU, optional LayerNorm) and ``convnet`` a small modern CNN
+(conv-BN-ReLU blocks): both scale up for benchmarks via their kwargs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import ModelSpec
+from .errors import ModelSpecError
+
+MNIST_SHAPE = (1, 1, 28, 28)
+
+
+def lenet300100(num_classes: int = 10) -> nn.Module:
+    """LeNet-300-100: 784-300-100-10 fully connected, ReLU (266k parameters)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
+class LeNet5(nn.Module):
+    """Caffe's LeNet-5: conv 20@5x5, pool, conv 50@5x5, pool, fc 500, fc 10 (431k parameters)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(800, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(self.conv1(x), 2)
+        x = torch.max_pool2d(self.conv2(x), 2)
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+def lenet5(num_classes: int = 10) -> nn.Module:
+    return LeNet5(num_classes)
+
+
+def mlp(
+    in_features: int = 784,
+    hidden: Sequence[int] = (1024, 1024),
+    num_classes: int = 10,
+    layer_norm: bool = False,
+) -> nn.Module:
+    """A plain MLP: [Linear, (LayerNorm), GELU] per hidden width, then a classifier."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for size in hidden:
+        layers.append(nn.Linear(width, size))
+        if layer_norm:
+            layers.append(nn.LayerNorm(size))
+        layers.append(nn.GELU())
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class TransformerMLP(nn.Module):
+    """A stack of pre-norm transformer feed-forward blocks: x + W2·GELU(W1·LN(x))."""
+
+    def __init__(self, dim: int = 1024, hidden: int = 4096, depth: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)) for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def transformer_mlp(dim: int = 1024, hidden: int = 4096, depth: int = 2) -> nn.Module:
+    return TransformerMLP(dim, hidden, depth)
+
+
+def convnet(channels: Sequence[int] = (32, 64, 128), num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """conv3x3-BN-ReLU blocks with stride-2 downsampling, global average pool, linear head."""
+    layers: list[nn.Module] = []
+    width = in_channels
+    for i, size in enumerate(channels):
+        layers += [nn.Conv2d(width, size, 3, stride=1 if i == 0 else 2, padding=1, bias=False), nn.BatchNorm2d(size), nn.ReLU()]
+        width = size
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+BUILTIN_MODELS = {
+    "lenet300100": (lenet300100, MNIST_SHAPE),
+    "lenet5": (lenet5, MNIST_SHAPE),
+    "mlp": (mlp, MNIST_SHAPE),
+    "convnet": (convnet, MNIST_SHAPE),
+    "transformer_mlp": (transformer_mlp, (1, 16, 1024)),
+}
+
+
+def builtin_spec(name: str, **kwargs: Any) -> ModelSpec:
+    """The ModelSpec of a built-in model by short name."""
+    if name not in BUILTIN_MODELS:
+        raise ModelSpecError(f"unknown built-in model {name!r}", hint=f"choose one of {', '.join(BUILTIN_MODELS)}")
+    shape = BUILTIN_MODELS[name][1]
+    if name == "transformer_mlp":
+        shape = (1, 16, int(kwargs.get("dim", 1024)))
+    if name == "mlp" and int(kwargs.get("in_features", 784)) != 784:
+        shape = (1, int(kwargs["in_features"]))
+    return ModelSpec(f"dnsconvert.models:{name}", dict(kwargs), shape)
+
+
+def resolve_spec(text: str, input_shape: Sequence[int] | None = None, **kwargs: Any) -> ModelSpec:
+    """A short built-in name (``lenet5``) or an import path (``pkg.module:factory``) -> ModelSpec."""
+    if ":" not in text:
+        spec = builtin_spec(text, **kwargs)
+        return ModelSpec(spec.factory, spec.kwargs, tuple(input_shape) if input_shape else spec.input_shape)
+    if not input_shape:
+        raise ModelSpecError(f"model {text!r} is not built in, so its input shape is unknown", hint="pass --input-shape, e.g. 1,3,224,224")
+    return ModelSpec(text, dict(kwargs), tuple(int(d) for d in input_shape))
+
+
+def is_builtin(spec: ModelSpec) -> bool:
+    return spec.factory.startswith("dnsconvert.models:") and spec.factory.split(":", 1)[1] in BUILTIN_MODELS
+
+
+def build_model(spec: ModelSpec, *, trust_code: bool = False) -> nn.Module:
+    """Instantiate ``spec``. A factory outside dnsconvert is imported only with ``trust_code``,
+    because a checkpoint from elsewhere could otherwise name any importable callable."""
+    if not is_builtin(spec) and not trust_code:
+        raise ModelSpecError(
+            f"model factory {spec.factory!r} is outside dnsconvert and would run its code",
+            hint="pass --trust-model-code if you trust this checkpoint",
+        )
+    module_name, _, attr = spec.factory.partition(":")
+    if not module_name or not attr:
+        raise ModelSpecError(f"model factory {spec.factory!r} is not of the form package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelSpecError(f"cannot import model factory {spec.factory!r} ({exc})", hint="is the package installed?") from None
+    try:
+        model = factory(**spec.kwargs)
+    except TypeError as exc:
+        raise ModelSpecError(f"model factory {spec.factory!r} rejected its arguments {spec.kwargs} ({exc})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"model factory {spec.factory!r} returned a {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def load_weights_(model: nn.Module, weights: dict[str, torch.Tensor], *, where: str = "checkpoint") -> nn.Module:
+    """Load a state dict strictly, turning missing/unknown/mis-shaped keys into one clear error."""
+    expected = model.state_dict()
+    unknown = sorted(set(weights) - set(expected))
+    missing = sorted(set(expected) - set(weights))
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown layer(s) {', '.join(unknown[:4])}")
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}")
+        raise ModelSpecError(f"{where} does not fit the model: {'; '.join(parts)}", hint="is the model spec the one it was trained with?")
+    for key, value in weights.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ModelSpecError(
+                f"{where}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}",
+                hint="is the model spec the one it was trained with?",
+            )
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def build_masked_model(ckpt: Any, *, trust_code: bool = False) -> nn.Module:
+    """The checkpoint's model with its masked weights loaded, in eval mode."""
+    if ckpt.model is None:
+        raise ModelSpecError(
+            "checkpoint has no model spec, so the model cannot be rebuilt",
+            path=ckpt.source,
+            hint="pass --model NAME or --model pkg.module:factory (with --input-shape)",
+        )
+    model = build_model(ckpt.model, trust_code=trust_code)
+    load_weights_(model, ckpt.masked_weights(), where=ckpt.name)
+    return model.eval()

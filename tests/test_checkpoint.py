@@ -1,0 +1,104 @@
+import pytest
+import torch
+from torch.nn.utils import prune
+
+from conftest import BROKEN, FIXTURES
+from dnsconvert.checkpoint import ModelSpec, PruningInfo, SparseCheckpoint, load_checkpoint
+from dnsconvert.errors import CheckpointError
+from dnsconvert.models import lenet300100
+
+
+def make_ckpt():
+    weights = {"a.weight": torch.randn(4, 8), "a.bias": torch.randn(4)}
+    masks = {"a.weight": torch.rand(4, 8) > 0.5}
+    return SparseCheckpoint(
+        weights,
+        masks,
+        model=ModelSpec("dnsconvert.models:mlp", {"in_features": 8, "hidden": [4]}, (1, 8)),
+        pruning=PruningInfo("dns", "magnitude", None, {"c": 3.0}),
+        state={"iteration": 7, "mu": {"a.weight": 0.5}, "raw": {"a.weight": torch.randn(4, 8)}, "opt": {0: {"step": torch.tensor(3.0)}}},
+    )
+
+
+def test_round_trip_keeps_everything(tmp_path):
+    ckpt = make_ckpt()
+    path = ckpt.save(tmp_path / "c.safetensors")
+    back = load_checkpoint(path)
+    assert back.model == ckpt.model
+    assert back.pruning == ckpt.pruning
+    assert torch.equal(back.masks["a.weight"], ckpt.masks["a.weight"])
+    assert torch.equal(back.weights["a.weight"], ckpt.masked_weights()["a.weight"])
+    assert back.state["iteration"] == 7
+    assert torch.equal(back.state["raw"]["a.weight"], ckpt.state["raw"]["a.weight"])
+    assert torch.equal(back.state["opt"][0]["step"], torch.tensor(3.0))
+    assert back.source == path
+
+
+def test_saved_weights_are_zero_where_masked(tmp_path):
+    ckpt = make_ckpt()
+    back = load_checkpoint(ckpt.save(tmp_path / "c.safetensors"))
+    assert not bool((back.weights["a.weight"][~back.masks["a.weight"]]).any())
+
+
+def test_failed_save_leaves_no_file(tmp_path):
+    ckpt = make_ckpt()
+    ckpt.state = {"bad": object()}
+    with pytest.raises(TypeError):
+        ckpt.save(tmp_path / "c.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_prune_state_dict_imports_masks(tmp_path):
+    torch.manual_seed(0)
+    model = lenet300100()
+    prune.l1_unstructured(model[1], "weight", amount=0.9)
+    prune.random_unstructured(model[3], "weight", amount=0.5)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert set(ckpt.masks) == {"1.weight", "3.weight"}
+    assert "1.weight_orig" not in ckpt.weights
+    assert torch.equal(ckpt.weights["1.weight"], model[1].weight.detach())
+    assert ckpt.pruning.method == "torch.nn.utils.prune"
+
+
+def test_dense_state_dict_masks_from_exact_zeros():
+    ckpt = load_checkpoint(FIXTURES / "tiny_mlp_dense.pt")
+    assert set(ckpt.masks) == {"1.weight", "3.weight", "5.weight"}
+    assert not bool(ckpt.masks["1.weight"][:, :4].any())
+    assert bool(ckpt.masks["3.weight"].all())
+
+
+def test_plain_safetensors_state_dict(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.tensor([[0.0, 1.0], [2.0, 0.0]])}, str(tmp_path / "s.safetensors"))
+    ckpt = load_checkpoint(tmp_path / "s.safetensors")
+    assert ckpt.masks["fc.weight"].tolist() == [[False, True], [True, False]]
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        pickle.dump({"w": Evil()}, fh, protocol=2)
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_structure_errors():
+    with pytest.raises(CheckpointError, match="names no weight"):
+        SparseCheckpoint({"a": torch.zeros(2)}, {"b": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="shape"):
+        SparseCheckpoint({"a": torch.zeros(2, 2)}, {"a": torch.zeros(2)})
+
+
+def test_broken_fixtures_exist():
+    # the error tests below rely on these; regenerate with fixtures/make_fixtures.py
+    assert len(list(BROKEN.iterdir())) >= 20

@@ -1,0 +1,136 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BROKEN, FIXTURES
+from dnsconvert.cli.main import COMMANDS, cli
+
+# Each of these must end in exit code 2 with exactly one line on stderr, and no traceback.
+MALFORMED = [
+    "empty.safetensors",
+    "truncated.safetensors",
+    "garbage.safetensors",
+    "header_bomb.safetensors",
+    "truncated.pt",
+    "pickle_runs_code.pt",
+    "not_a_state_dict.pt",
+    "non_tensor_entry.pt",
+    "orig_without_mask.pt",
+    "mask_complex_dtype.pt",
+    "prune_mask_wrong_shape.pt",
+    "mask_wrong_shape.safetensors",
+    "mask_wrong_dtype.safetensors",
+    "nan_weights.safetensors",
+    "inf_weights.safetensors",
+    "unknown_key.safetensors",
+    "mask_without_weight.safetensors",
+    "bad_metadata_json.safetensors",
+    "future_version.safetensors",
+    "no_format_version.safetensors",
+    "int_masked_weight.safetensors",
+    "unknown_layer.safetensors",
+]
+
+
+def one_line_error(result):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+@pytest.mark.parametrize("command", ["validate", "project"])
+def test_malformed_input_exit_2_one_line(run_cli, tmp_path, name, command):
+    args = [command, BROKEN / name] + (["-o", tmp_path / "out.safetensors"] if command == "project" else [])
+    result = run_cli(*args)
+    assert result.exit_code == 2, result.output
+    line = one_line_error(result)
+    assert str(BROKEN / name) in line or name in line
+    assert not (tmp_path / "out.safetensors").exists()
+    assert list(tmp_path.iterdir()) == []  # no partial file either
+
+
+def test_missing_file_and_directory(run_cli, tmp_path):
+    for path in (tmp_path / "nope.safetensors", tmp_path):
+        result = run_cli("validate", path)
+        assert result.exit_code == 2
+        assert str(path) in one_line_error(result)
+
+
+def test_debug_shows_traceback(run_cli):
+    result = run_cli("--debug", "validate", BROKEN / "empty.safetensors")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["rule_nonbinary_mask.pt", "rule_masked_nonzero.safetensors"])
+def test_rule_failure_exit_1(run_cli, name):
+    result = run_cli("validate", BROKEN / name)
+    assert result.exit_code == 1
+
+
+def test_validate_gates(run_cli):
+    unstructured = FIXTURES / "tiny_convnet_magnitude90.safetensors"
+    assert run_cli("validate", unstructured).exit_code == 0
+    assert run_cli("validate", unstructured, "--require-nm", "2:4").exit_code == 1
+    assert run_cli("validate", unstructured, "--min-sparsity", "0.95").exit_code == 1
+    assert run_cli("validate", unstructured, "--require-nm", "2-4").exit_code == 2
+    result = run_cli("validate", FIXTURES / "tiny_mlp_2to4.safetensors", "--require-nm", "2:4", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["passed"] is True
+
+
+def test_project_then_validate_clean(run_cli, tmp_path):
+    out = tmp_path / "p.safetensors"
+    report = tmp_path / "r.json"
+    result = run_cli("project", FIXTURES / "tiny_convnet_magnitude90.safetensors", "--nm", "2:4", "-o", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["pattern"] == "2:4"
+    assert run_cli("validate", out, "--require-nm", "2:4").exit_code == 0
+
+
+def test_validate_and_project_torch_prune_state_dict(run_cli, tmp_path):
+    import torch
+    from torch.nn.utils import prune
+
+    from dnsconvert.models import lenet5
+
+    model = lenet5()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            prune.l1_unstructured(module, "weight", amount=0.8)
+    torch.save(model.state_dict(), tmp_path / "lenet5.pt")
+    result = run_cli("validate", tmp_path / "lenet5.pt", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert {layer["name"] for layer in data["layers"]} == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
+    assert data["sparsity"] == pytest.approx(0.8, abs=0.01)
+    out = tmp_path / "p.safetensors"
+    assert run_cli("project", tmp_path / "lenet5.pt", "-o", out).exit_code == 0
+    result = run_cli("validate", out, "--require-nm", "2:4", "--json")
+    assert result.exit_code == 0
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
+    assert "not a multiple of 4" in layers["conv1.weight"]["nm_skipped_reason"]  # one input channel
+
+
+def test_inspect(run_cli):
+    result = run_cli("inspect", FIXTURES / "tiny_mlp_unstructured.safetensors")
+    assert result.exit_code == 0
+    assert "dnsconvert.models:mlp" in result.stdout
+
+
+def test_every_command_has_help(run_cli):
+    assert run_cli("--help").exit_code == 0
+    for name in COMMANDS:
+        if cli.get_command(None, name) is not None:
+            result = run_cli(name, "--help")
+            assert result.exit_code == 0, name
+
+
+def test_help_does_not_import_torch():
+    code = "import sys\nfrom dnsconvert.cli import main\nsys.argv=['dnsconvert','--help']\ntry:\n main()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
