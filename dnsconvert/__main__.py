@@ -1,0 +1,5 @@
+"""``python -m dnsconvert`` (what ``torchrun -m dnsconvert`` runs)."""
+
+from .cli import main
+
+main()

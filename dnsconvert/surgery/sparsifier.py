@@ -1,0 +1,150 @@
+"""Masks on a live model, usable from any training loop.
+
+A sparsifier keeps, for each prunable parameter p, a mask T and a *dense shadow* W of the
+weights. The model's own parameter always holds W⊙T, so the forward pass is the plain,
+unmodified model (no per-forward multiply, DDP and ``state_dict`` see ordinary keys), and the
+loss gradient that autograd computes for p is exactly ∂L/∂(W⊙T). Calling :meth:`step` after
+``optimizer.step()`` applies the optimizer's update to *all* of W — the straight-through
+update Dynamic Network Surgery needs so that a cut weight keeps moving and can be spliced
+back — and then writes W⊙T into p again:
+
+    W ← W⊙(1−T) + p        (p already holds W⊙T plus this step's update)
+    p ← W⊙T'               (T' the possibly updated mask)
+
+This works for any optimizer whose update does not depend on the parameter's value (SGD,
+momentum, Adam). Coupled weight decay (``weight_decay`` in SGD/Adam) sees p, so it decays
+only the kept weights; DNS's reference code decays all of W — prefer AdamW/no decay, or
+accept the difference (documented in the README).
+
+Usage::
+
+    sparsifier = DynamicNetworkSurgery(model, DNSConfig(c=3.0))
+    for x, y in data:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        sparsifier.step()          # after optimizer.step(), before the next zero_grad()
+    masks = sparsifier.masks()     # {parameter name: bool tensor}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+def prunable_parameters(model: nn.Module, *, prune_bias: bool = False) -> dict[str, nn.Parameter]:
+    """Weights of Linear and Conv layers (and their biases with ``prune_bias``), by state-dict name."""
+    found: dict[str, nn.Parameter] = {}
+    for module_name, module in _unwrap(model).named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            prefix = f"{module_name}." if module_name else ""
+            found[prefix + "weight"] = module.weight
+            if prune_bias and module.bias is not None:
+                found[prefix + "bias"] = module.bias
+    return found
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper, so names match the bare model."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class MaskedSparsifier:
+    """Base class: masks + dense shadows on a model's parameters; subclasses decide the masks.
+
+    Args:
+        model: the model (or its DDP wrapper); parameters are found by name.
+        names: which parameters to mask (default: every Linear/Conv weight).
+        initial_masks: masks to start from (default: the parameters' exact zeros are masked).
+        regrow: keep updating masked weights (DNS) or pin them at zero (fixed-mask fine-tuning).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Iterable[str] | None = None,
+        *,
+        initial_masks: dict[str, torch.Tensor] | None = None,
+        regrow: bool = True,
+        prune_bias: bool = False,
+    ):
+        self.model = model
+        available = prunable_parameters(model, prune_bias=prune_bias)
+        chosen = list(names) if names is not None else list(available)
+        unknown = [n for n in chosen if n not in available]
+        if unknown:
+            raise UserError(f"unknown prunable layer(s): {', '.join(unknown)}", hint=f"known: {', '.join(available)}")
+        self.params: dict[str, nn.Parameter] = {n: available[n] for n in chosen}
+        self.regrow = regrow
+        self.iteration = 0
+        self._masks: dict[str, torch.Tensor] = {}
+        self._shadow: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, param in self.params.items():
+                given = (initial_masks or {}).get(name)
+                mask = (given != 0) if given is not None else (param != 0)
+                if tuple(mask.shape) != tuple(param.shape):
+                    raise UserError(f"initial mask for {name!r} has shape {tuple(mask.shape)}, the layer has {tuple(param.shape)}")
+                self._masks[name] = mask.to(param.device).clone()
+                self._shadow[name] = param.detach().clone()
+                param.mul_(self._masks[name])
+
+    # -- the training-loop hook ---------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """Fold the optimizer's update into the dense shadows, update masks, re-mask the model."""
+        for name, param in self.params.items():
+            mask = self._masks[name]
+            if self.regrow:
+                shadow = self._shadow[name]
+                shadow.mul_(~mask).add_(param)  # W⊙(1−T) + (W⊙T + Δ) = W + Δ
+            else:
+                self._shadow[name].copy_(param)
+        self.update_masks()
+        for name, param in self.params.items():
+            param.copy_(self._shadow[name] * self._masks[name])
+            if not self.regrow:
+                self._shadow[name].copy_(param)
+        self.iteration += 1
+
+    def update_masks(self) -> None:
+        """Subclasses change ``self._masks`` here; the base keeps them fixed."""
+
+    # -- results --------------------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: mask.detach().cpu().clone() for name, mask in self._masks.items()}
+
+    def shadows(self) -> dict[str, torch.Tensor]:
+        return {name: w.detach().cpu().clone() for name, w in self._shadow.items()}
+
+    def sparsity(self) -> float:
+        total = sum(m.numel() for m in self._masks.values())
+        kept = sum(int(m.sum()) for m in self._masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {name: 1.0 - float(m.float().mean()) for name, m in self._masks.items()}
+
+    # -- resume -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "shadow": self.shadows(), "masks": self.masks()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+        for name, param in self.params.items():
+            self._shadow[name] = state["shadow"][name].to(param.device).clone()
+            self._masks[name] = state["masks"][name].to(param.device).bool().clone()
+            param.copy_(self._shadow[name] * self._masks[name])
+
+
+class FixedMaskSparsifier(MaskedSparsifier):
+    """Masked fine-tuning: masks never change and pruned weights stay exactly zero."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], **kwargs: Any):
+        super().__init__(model, list(masks), initial_masks=masks, regrow=False, **kwargs)
