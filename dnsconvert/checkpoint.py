@@ -20,6 +20,7 @@ import torch
 
 from ._atomic import atomic_path
 from .errors import CheckpointError
+from .pattern import apply_mask
 
 FORMAT_VERSION = 1
 METADATA_KEY = "dnsconvert"
@@ -129,7 +130,7 @@ class SparseCheckpoint:
         """The state dict with every masked weight multiplied by its mask."""
         out = dict(self.weights)
         for name, mask in self.bool_masks().items():
-            out[name] = self.weights[name] * mask.to(self.weights[name].dtype)
+            out[name] = apply_mask(self.weights[name], mask)
         return out
 
     @property

@@ -35,13 +35,23 @@ def load_any(path: str | Path) -> SparseCheckpoint:
         raise CheckpointError("file is empty", path=path, hint="the write that made it probably failed; re-create it")
     with open(path, "rb") as fh:
         head = fh.read(16)
-    if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":
+    if _looks_like_safetensors(head, size):
+        return _load_safetensors(path)
+    if head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return _load_torch(path)
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         raise CheckpointError(
             "is not a PyTorch checkpoint (neither a zip archive nor a pickle)", path=path, hint="the file may be corrupt or truncated"
         )
     return _load_safetensors(path)
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: u64 little-endian header length, then a JSON object."""
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return 0 < header_len <= size - 8 and head[8:9] == b"{"
 
 
 def _load_safetensors(path: Path) -> SparseCheckpoint:

@@ -70,6 +70,12 @@ def cannot_hold(shape: tuple[int, ...] | torch.Size, pattern: NMPattern) -> str 
     return None
 
 
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight`` with +0.0 where ``mask`` is 0 (a multiply would leave −0.0 for negative weights,
+    and exact, byte-stable artifacts need one zero)."""
+    return torch.where(mask != 0, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
 def to_groups(tensor: torch.Tensor, m: int) -> torch.Tensor:
     """View a weight as ``[groups, m]`` with each row ``m`` consecutive reduction-axis entries."""
     moved = tensor.movedim(1, -1)  # [out, *kernel, in]: the reduction axis is now contiguous

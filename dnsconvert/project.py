@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import PruningInfo, SparseCheckpoint
 from .errors import InternalError
-from .pattern import NMPattern, cannot_hold, nm_mask
+from .pattern import NMPattern, apply_mask, cannot_hold, nm_mask
 from .validate import validate
 
 
@@ -82,7 +82,7 @@ def project_nm(ckpt: SparseCheckpoint, pattern: NMPattern | str, *, scores: dict
         kept_before = float((magnitude * mask).sum())
         removed = float((magnitude * dropped).sum())
         masks[name] = new_mask
-        weights[name] = weight * new_mask.to(weight.dtype)
+        weights[name] = apply_mask(weight, new_mask)
         layers.append(
             LayerProjection(
                 name,

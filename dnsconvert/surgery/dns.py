@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..pattern import NMPattern, cannot_hold, nm_mask
+from ..pattern import NMPattern, apply_mask, cannot_hold, nm_mask
 from .criteria import make_criterion
 from .sparsifier import MaskedSparsifier, prunable_parameters
 
@@ -118,7 +118,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
                     self._masks[name] &= nm_mask(self._shadow[name].abs(), self.pattern, allowed=self._masks[name])
             with torch.no_grad():
                 for name, param in self.params.items():
-                    param.copy_(self._shadow[name] * self._masks[name])
+                    param.copy_(apply_mask(self._shadow[name], self._masks[name]))
 
     # -- thresholds ---------------------------------------------------------------------------
     def _layer_c(self, name: str) -> float:

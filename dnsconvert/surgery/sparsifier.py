@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..pattern import apply_mask
 
 
 def prunable_parameters(model: nn.Module, *, prune_bias: bool = False) -> dict[str, nn.Parameter]:
@@ -92,7 +93,7 @@ class MaskedSparsifier:
                     raise UserError(f"initial mask for {name!r} has shape {tuple(mask.shape)}, the layer has {tuple(param.shape)}")
                 self._masks[name] = mask.to(param.device).clone()
                 self._shadow[name] = param.detach().clone()
-                param.mul_(self._masks[name])
+                param.copy_(apply_mask(param, self._masks[name]))
 
     # -- the training-loop hook ---------------------------------------------------------------
     @torch.no_grad()
@@ -107,7 +108,7 @@ class MaskedSparsifier:
                 self._shadow[name].copy_(param)
         self.update_masks()
         for name, param in self.params.items():
-            param.copy_(self._shadow[name] * self._masks[name])
+            param.copy_(apply_mask(self._shadow[name], self._masks[name]))
             if not self.regrow:
                 self._shadow[name].copy_(param)
         self.iteration += 1
@@ -140,7 +141,7 @@ class MaskedSparsifier:
         for name, param in self.params.items():
             self._shadow[name] = state["shadow"][name].to(param.device).clone()
             self._masks[name] = state["masks"][name].to(param.device).bool().clone()
-            param.copy_(self._shadow[name] * self._masks[name])
+            param.copy_(apply_mask(self._shadow[name], self._masks[name]))
 
 
 class FixedMaskSparsifier(MaskedSparsifier):

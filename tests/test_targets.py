@@ -1,0 +1,68 @@
+"""Targets come from entry points; a fake plugin is found and selectable, a broken one is listed."""
+
+import json
+import textwrap
+
+import pytest
+
+from dnsconvert.targets import get_target, list_targets
+
+
+@pytest.fixture
+def fake_plugins(tmp_path, monkeypatch):
+    """A real installed-distribution layout on sys.path: dist-info with entry_points.txt."""
+    (tmp_path / "fake_target_plugin.py").write_text(textwrap.dedent('''
+        from pathlib import Path
+        from dnsconvert.targets import Artifact, Availability, Target
+
+        class FakeTarget(Target):
+            name = "fake"
+            description = "a test double"
+            option_help = {"greeting": "printed into the artifact"}
+
+            def availability(self):
+                return Availability(True, "always")
+
+            def build(self, ckpt, output, options):
+                output.write_text(options.extra.get("greeting", "hi"))
+                return Artifact("fake", {"sparse": output, "dense": output}, output, {"target": "fake"})
+    '''))
+    (tmp_path / "broken_target_plugin.py").write_text("raise ImportError('libnvinfer.so.10: cannot open shared object file')\n")
+    dist = tmp_path / "fake_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[dnsconvert.targets]\nfake = fake_target_plugin:FakeTarget\nbroken = broken_target_plugin:Target\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+
+
+def test_builtin_targets_come_from_entry_points():
+    names = {entry.name: entry for entry in list_targets()}
+    assert {"onnx", "ort"} <= set(names)
+    assert "dnsconvert" in names["ort"].origin
+
+
+def test_fake_plugin_listed_and_selectable(fake_plugins, run_cli):
+    result = run_cli("targets", "--json")
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["fake"]["available"] is True
+    assert rows["broken"]["available"] is False and "libnvinfer" in rows["broken"]["reason"]
+    assert rows["ort"]["available"] is True  # the broken plugin did not break anything else
+    out = fake_plugins / "out.txt"
+    result = run_cli("export", "fixtures/tiny_mlp_unstructured.safetensors", "--target", "fake", "-T", "greeting=hello", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == "hello"
+
+
+def test_broken_plugin_selected_is_a_clear_error(fake_plugins, run_cli):
+    result = run_cli("export", "fixtures/tiny_mlp_unstructured.safetensors", "--target", "broken", "-o", fake_plugins / "x")
+    assert result.exit_code == 2
+    assert "failed to load" in result.stderr
+    with pytest.raises(Exception, match="failed to load"):
+        get_target("broken")
+
+
+def test_plugin_removed_after_test():
+    assert "fake" not in {entry.name for entry in list_targets()}
