@@ -28,7 +28,7 @@ from ..checkpoint import ModelSpec, PruningInfo, SparseCheckpoint
 from ..data import DataSplits, ImageDataset, resolve_data
 from ..errors import InternalError, UserError
 from ..models import build_model, load_weights_
-from .baselines import imp_schedule, magnitude_masks
+from .baselines import magnitude_masks
 from .dns import DNSConfig, DynamicNetworkSurgery
 from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_parameters
 
@@ -87,7 +87,7 @@ class PruneConfig:
 class Phase:
     kind: str  # dense | dns | finetune
     steps: int
-    sparsity: float | None = None  # magnitude / IMP: the sparsity to prune to at the phase start
+    progress: float | None = None  # magnitude / IMP: fraction of the way to the target, in keep-ratio exponent
 
 
 @dataclass
@@ -110,9 +110,9 @@ def plan_phases(config: PruneConfig, steps_per_epoch: int) -> list[Phase]:
     if config.method == "dns":
         phases.append(Phase("dns", steps(config.epochs)))
     elif config.method == "magnitude":
-        phases.append(Phase("finetune", steps(config.epochs), config.target_sparsity))
+        phases.append(Phase("finetune", steps(config.epochs), 1.0))
     else:
-        phases += [Phase("finetune", steps(config.epochs), s) for s in imp_schedule(config.target_sparsity, config.imp_rounds)]
+        phases += [Phase("finetune", steps(config.epochs), (r + 1) / config.imp_rounds) for r in range(config.imp_rounds)]
     return phases
 
 
@@ -193,7 +193,10 @@ class Trainer:
             weights = {n: p.detach() for n, p in prunable_parameters(self.model).items()}
             if self.sparsifier is not None and isinstance(self.sparsifier, DynamicNetworkSurgery):
                 weights = self.sparsifier.shadows()
-            masks = magnitude_masks({n: weights[n] for n in names}, float(phase.sparsity), previous=previous)
+            # Per layer: the DNS per-layer targets when given (a like-for-like comparison), else the
+            # global target; IMP round r of R prunes to 1 − (1 − s)^(r/R) (same share of the rest each round).
+            targets = {n: 1.0 - (1.0 - c.dns.layer_sparsity.get(n, c.target_sparsity)) ** float(phase.progress) for n in names}
+            masks = magnitude_masks({n: weights[n] for n in names}, targets, previous=previous)
             self.sparsifier = FixedMaskSparsifier(self.ddp_model, masks)
 
     def _lr(self, phase: Phase, step: int) -> float:
