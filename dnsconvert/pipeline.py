@@ -1,0 +1,266 @@
+"""``dnsconvert run pipeline.toml``: prune -> validate -> project -> export -> bench in one file.
+
+Each stage calls the same library function as its sub-command. A stage is skipped when its
+*key* — the sha256 of its settings, the content hashes of its inputs and the dnsconvert
+version — equals the one recorded at its last successful run and its outputs still hash
+to what was recorded. One JSON report covers the run; a failed gate (validation rules,
+parity, minimum speedup) makes the run exit 1 and is named in the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from ._atomic import sha256_file, write_json_atomic
+from .errors import DnsconvertError, GateFailed, PipelineError
+
+STAGES = ("prune", "validate", "project", "export", "bench")
+STATE_FILE = ".pipeline-state.json"
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # ran | skipped | failed
+    key: str
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)  # name -> path
+    result: dict[str, Any] = field(default_factory=dict)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class PipelineReport:
+    pipeline: str
+    workdir: str
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def failed_gates(self) -> list[dict[str, Any]]:
+        return [dict(gate, stage=s.name) for s in self.stages for gate in s.gates if not gate["passed"]]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_gates and all(s.status != "failed" for s in self.stages)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "pipeline-report",
+            "report_version": 1,
+            "pipeline": self.pipeline,
+            "workdir": self.workdir,
+            "passed": self.passed,
+            "failed_gates": self.failed_gates,
+            "stages": [s.__dict__ for s in self.stages],
+        }
+
+
+def load_pipeline(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PipelineError(f"cannot read ({exc.strerror})", path=path) from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            raise PipelineError("YAML pipelines are not supported; write TOML", path=path)
+        import tomllib
+
+        config = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"is not valid TOML ({exc})", path=path) from None
+    unknown = set(config) - {"pipeline", "input", *STAGES}
+    if unknown:
+        raise PipelineError(f"unknown section(s) {', '.join(sorted(unknown))}", path=path, hint=f"sections: pipeline, input, {', '.join(STAGES)}")
+    if "prune" not in config and "checkpoint" not in config.get("input", {}):
+        raise PipelineError("needs a [prune] section or [input] checkpoint = ...", path=path)
+    return config
+
+
+def _key(settings: Any, inputs: dict[str, Path]) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"settings": settings, "version": __version__}, sort_keys=True, default=str).encode())
+    for name in sorted(inputs):
+        digest.update(name.encode())
+        digest.update(sha256_file(inputs[name]).encode())
+    return digest.hexdigest()
+
+
+class _Runner:
+    def __init__(self, config: dict[str, Any], source: Path, workdir: Path):
+        self.config = config
+        self.base = source.parent
+        self.workdir = workdir
+        self.state_path = workdir / STATE_FILE
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.report = PipelineReport(str(source), str(workdir))
+
+    def _fresh(self, name: str, key: str) -> dict[str, Any] | None:
+        recorded = self.state.get(name)
+        if not recorded or recorded.get("key") != key:
+            return None
+        for path, digest in recorded.get("output_sha256", {}).items():
+            if not Path(path).exists() or sha256_file(path) != digest:
+                return None
+        return recorded
+
+    def stage(self, name: str, settings: Any, inputs: dict[str, Path], work) -> StageResult:
+        key = _key(settings, inputs)
+        recorded = self._fresh(name, key)
+        if recorded is not None:
+            result = StageResult(name, "skipped", key, outputs=recorded["outputs"], result=recorded["result"], gates=recorded["gates"])
+            self.report.stages.append(result)
+            return result
+        started = time.perf_counter()
+        result = StageResult(name, "ran", key)
+        self.report.stages.append(result)
+        try:
+            outputs, summary, gates = work()
+        except GateFailed as exc:  # a gate raised inside the library (e.g. parity)
+            result.status, result.seconds = "failed", time.perf_counter() - started
+            result.gates = [{"gate": name, "passed": False, "detail": str(exc)}]
+            raise
+        except DnsconvertError as exc:
+            result.status, result.error, result.seconds = "failed", str(exc), time.perf_counter() - started
+            raise
+        result.seconds = time.perf_counter() - started
+        result.outputs = {k: str(v) for k, v in outputs.items()}
+        result.result, result.gates = summary, gates
+        if all(g["passed"] for g in gates):
+            self.state[name] = {
+                "key": key,
+                "outputs": result.outputs,
+                "output_sha256": {str(p): sha256_file(p) for p in outputs.values()},
+                "result": summary,
+                "gates": gates,
+            }
+            write_json_atomic(self.state_path, self.state)
+        return result
+
+    def path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else (self.base / p)
+
+
+def run_pipeline(path: str | Path, *, workdir: str | Path | None = None, progress: bool = False) -> PipelineReport:
+    """Run the pipeline file at ``path``; returns the report (also written to workdir/report.json).
+
+    Raises:
+        GateFailed: a gate failed (after the report is written).
+        PipelineError / other UserError: the file or a stage's input is unusable.
+    """
+    from .checkpoint import load_checkpoint
+
+    source = Path(path)
+    config = load_pipeline(source)
+    settings = config.get("pipeline", {})
+    work = Path(workdir) if workdir else source.parent / settings.get("workdir", "pipeline-out")
+    work.mkdir(parents=True, exist_ok=True)
+    runner = _Runner(config, source, work)
+    try:
+        checkpoint = _run_stages(runner, config, work, progress, load_checkpoint)
+        del checkpoint
+    finally:
+        write_json_atomic(work / "report.json", runner.report.to_json())
+    if not runner.report.passed:
+        names = ", ".join(f"{g['stage']}:{g['gate']}" for g in runner.report.failed_gates)
+        raise GateFailed(f"pipeline gate(s) failed: {names}; see {work / 'report.json'}")
+    return runner.report
+
+
+def _run_stages(runner: _Runner, config: dict[str, Any], work: Path, progress: bool, load_checkpoint) -> Path:
+    if "prune" in config:
+        from .models import resolve_spec
+        from .surgery import DNSConfig, PruneConfig, prune
+
+        opts = dict(config["prune"])
+        out = work / "pruned.safetensors"
+
+        def do_prune():
+            spec = resolve_spec(opts.pop("model", "lenet300100"), opts.pop("input_shape", None), **opts.pop("model_kwargs", {}))
+            dns_keys = set(DNSConfig.__dataclass_fields__) - {"seed"}
+            dns = DNSConfig(**{k: opts.pop(k) for k in list(opts) if k in dns_keys}, seed=opts.get("seed", 0))
+            try:
+                cfg = PruneConfig(model=spec, dns=dns, **opts)
+            except TypeError as exc:
+                raise PipelineError(f"[prune]: {exc}") from None
+            result = prune(cfg, output=out, progress=progress)
+            return {"checkpoint": out}, {"test_accuracy": result.test_accuracy, "sparsity": result.sparsity, "compression": result.compression, "data": result.data_source}, []
+
+        checkpoint = Path(runner.stage("prune", config["prune"], {}, do_prune).outputs["checkpoint"])
+    else:
+        checkpoint = runner.path(config["input"]["checkpoint"])
+
+    if "validate" in config:
+        from .validate import validate
+
+        opts = config["validate"]
+
+        def do_validate():
+            report = validate(load_checkpoint(checkpoint), require_nm=opts.get("require_nm"), min_sparsity=opts.get("min_sparsity"))
+            gates = [{"gate": "validate", "passed": report.passed, "detail": "; ".join(f"{v.rule}: {v.message}" for v in report.violations) or "all rules hold"}]
+            return {}, {"sparsity": report.sparsity, "compression": report.compression, "violations": len(report.violations)}, gates
+
+        runner.stage("validate", opts, {"checkpoint": checkpoint}, do_validate)
+
+    if "project" in config:
+        from .project import project_nm
+
+        opts = config["project"]
+        projected = work / "projected.safetensors"
+
+        def do_project():
+            result = project_nm(load_checkpoint(checkpoint), opts.get("nm", "2:4"))
+            result.checkpoint.save(projected)
+            return {"checkpoint": projected}, {"removed_magnitude_fraction": result.removed_magnitude_fraction}, []
+
+        checkpoint = Path(runner.stage("project", opts, {"checkpoint": checkpoint}, do_project).outputs["checkpoint"])
+
+    artifacts: dict[str, Path] = {}
+    if "export" in config:
+        from .targets import BuildOptions, get_target
+
+        opts = config["export"]
+        for name in opts.get("targets", ["ort"]):
+            target = get_target(name)
+            extra = {k: str(v) for k, v in opts.get("options", {}).get(name, {}).items()}
+            target.check_options(extra)
+            output = work / f"model.{name}{target.suffix}"
+            stage_settings = {"target": name, "extra": extra, "atol": opts.get("atol", 1e-4), "rtol": opts.get("rtol", 1e-4)}
+
+            def do_export(target=target, output=output, extra=extra):
+                artifact = target.build(load_checkpoint(checkpoint), output, BuildOptions(atol=opts.get("atol", 1e-4), rtol=opts.get("rtol", 1e-4), extra=extra))
+                files = {f"file:{k}": v for k, v in artifact.files.items()}
+                files["manifest"] = artifact.manifest_path
+                parity = artifact.manifest.get("parity", {})
+                return files, {"parity": parity, "sizes": artifact.manifest.get("sizes")}, [{"gate": f"parity:{name}", "passed": bool(parity.get("passed", True)), "detail": f"max |Δ| {parity.get('max_abs')}"}]
+
+            result = runner.stage(f"export:{name}", stage_settings, {"checkpoint": checkpoint}, do_export)
+            artifacts[name] = Path(result.outputs["manifest"])
+
+    if "bench" in config:
+        from .bench import bench
+
+        opts = config["bench"]
+        min_speedup = opts.get("min_speedup", {})
+        for name, manifest in artifacts.items():
+
+            def do_bench(manifest=manifest, name=name):
+                report = bench(manifest, batches=opts.get("batches", [1, 64]), warmup=opts.get("warmup", 10), iterations=opts.get("iterations", 100), threads=opts.get("threads", 0))
+                speedups = report.speedups()
+                floor = min_speedup.get(name) if isinstance(min_speedup, dict) else min_speedup
+                gates = []
+                if floor is not None:
+                    worst = min(s["speedup"] for s in speedups)
+                    gates.append({"gate": f"min_speedup:{name}", "passed": worst >= floor, "detail": f"worst speedup {worst:.2f}x vs required {floor}x"})
+                return {}, report.to_json(), gates
+
+            runner.stage(f"bench:{name}", opts, {"manifest": manifest}, do_bench)
+    return checkpoint

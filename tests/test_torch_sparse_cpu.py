@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+
+from dnsconvert.models import BUILTIN_MODELS
+from dnsconvert.targets import Artifact, BuildOptions, get_target
+from dnsconvert.targets.torch_sparse_cpu import CsrLinear, load_sparse_model
+from helpers import masked_checkpoint
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_matches_dense_model_within_1e5(tmp_path, name):
+    ckpt = masked_checkpoint(name, 0.95)
+    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m.safetensors", BuildOptions(atol=1e-5, rtol=1e-5, extra={"plan": "sparsity", "min_sparsity": "0.5"}))
+    assert artifact.manifest["parity"]["passed"] and artifact.manifest["parity"]["max_abs"] <= 1e-5
+    kernels = {layer: d["kernel"] for layer, d in artifact.manifest["plan"].items()}
+    assert kernels and set(kernels.values()) == {"csr"}
+    sparse = get_target("torch-sparse-cpu").load(Artifact.from_manifest(artifact.manifest_path), "sparse")
+    dense = get_target("torch-sparse-cpu").load(Artifact.from_manifest(artifact.manifest_path), "dense")
+    assert any(isinstance(m, CsrLinear) for m in sparse.model.modules())
+    assert not any(isinstance(m, CsrLinear) for m in dense.model.modules())
+    x = np.random.default_rng(1).standard_normal((5, *ckpt.model.input_shape[1:])).astype(np.float32)
+    np.testing.assert_allclose(sparse.run(x), dense.run(x), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_plan_records_timings(tmp_path):
+    ckpt = masked_checkpoint("lenet300100", 0.99)
+    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m.safetensors", BuildOptions(extra={"batches": "1,8"}))
+    for decision in artifact.manifest["plan"].values():
+        assert decision["kernel"] in ("csr", "dense")
+        assert set(decision["timings_ms"]) == {1, 8} or set(decision["timings_ms"]) == {"1", "8"}
+
+
+def test_hostile_csr_indices_are_rejected(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = masked_checkpoint("lenet300100", 0.95)
+    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m.safetensors", BuildOptions(extra={"plan": "sparsity"}))
+    from safetensors import safe_open
+
+    with safe_open(str(artifact.path), "pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(str(artifact.path))
+    col = tensors["csr/1/col_indices"].clone()
+    col[0] = 10_000_000  # points far outside the matrix
+    tensors["csr/1/col_indices"] = col
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(RuntimeError):
+        load_sparse_model(tmp_path / "bad.safetensors")
+    assert json.loads(meta["dnsconvert.torch_sparse_cpu"])["csr_layers"]
+
+
+def test_csr_linear_on_3d_input():
+    weight = torch.randn(8, 16) * (torch.rand(8, 16) > 0.8)
+    layer = CsrLinear(weight, torch.randn(8))
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, layer.bias), atol=1e-5, rtol=1e-5)
