@@ -9,8 +9,6 @@ import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "fixtures"
-BROKEN = FIXTURES / "broken"
 
 
 def mnist_dir() -> Path | None:

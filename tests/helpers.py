@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dnsconvert.checkpoint import PruningInfo, SparseCheckpoint
 from dnsconvert.pattern import apply_mask
 from dnsconvert.models import build_model, builtin_spec
 from dnsconvert.surgery import magnitude_masks, prunable_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+BROKEN = FIXTURES / "broken"
 
 SMALL_KWARGS = {
     "lenet300100": {},

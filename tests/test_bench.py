@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 from dnsconvert.bench import BenchReport, BenchRow, bench, measure, percentile
 
 

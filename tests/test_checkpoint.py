@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn.utils import prune
 
-from conftest import BROKEN, FIXTURES
+from helpers import BROKEN, FIXTURES
 from dnsconvert.checkpoint import ModelSpec, PruningInfo, SparseCheckpoint, load_checkpoint
 from dnsconvert.errors import CheckpointError
 from dnsconvert.models import lenet300100

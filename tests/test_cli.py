@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import BROKEN, FIXTURES
+from helpers import BROKEN, FIXTURES
 from dnsconvert.cli.main import COMMANDS, cli
 
 # Each of these must end in exit code 2 with exactly one line on stderr, and no traceback.

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 from dnsconvert.checkpoint import load_checkpoint
 from dnsconvert.errors import GateFailed
 from dnsconvert.export import build_onnx_artifact, densify, sparsify_initializers

@@ -1,6 +1,6 @@
 import torch
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 from dnsconvert.checkpoint import SparseCheckpoint, load_checkpoint
 from dnsconvert.pattern import NMPattern, complies
 from dnsconvert.project import project_nm

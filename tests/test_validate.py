@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import BROKEN, FIXTURES
+from helpers import BROKEN, FIXTURES
 from dnsconvert.checkpoint import SparseCheckpoint, load_checkpoint
 from dnsconvert.errors import CheckpointError, ModelSpecError
 from dnsconvert.validate import validate
