@@ -57,3 +57,24 @@ def test_csr_linear_on_3d_input():
     layer = CsrLinear(weight, torch.randn(8))
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_chain_models_run_compiled_and_others_through_torch(tmp_path):
+    target = get_target("torch-sparse-cpu")
+    for name, expected in (("lenet300100", "compiled chain"), ("mlp", "compiled chain"), ("lenet5", "pytorch modules"), ("transformer_mlp", "pytorch modules")):
+        ckpt = masked_checkpoint(name, 0.95)
+        artifact = target.build(ckpt, tmp_path / f"{name}.safetensors", BuildOptions(atol=1e-5, rtol=1e-5, extra={"plan": "sparsity"}))
+        assert artifact.manifest["runner"] == expected, name
+        runner = target.load(Artifact.from_manifest(artifact.manifest_path), "sparse")
+        assert runner.mode == expected
+
+
+def test_chain_with_a_dense_layer_in_the_middle(tmp_path):
+    ckpt = masked_checkpoint("mlp", 0.95)
+    torch.manual_seed(5)
+    ckpt.weights["3.weight"] = torch.randn_like(ckpt.weights["3.weight"])  # a dense middle layer
+    ckpt.masks["3.weight"] = torch.ones_like(ckpt.masks["3.weight"])
+    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m.safetensors", BuildOptions(atol=1e-5, rtol=1e-5, extra={"plan": "sparsity", "min_sparsity": "0.5"}))
+    kernels = {layer: d["kernel"] for layer, d in artifact.manifest["plan"].items()}
+    assert kernels == {"1": "csr", "3": "dense", "5": "csr"}
+    assert artifact.manifest["runner"] == "compiled chain" and artifact.manifest["parity"]["passed"]

@@ -1,11 +1,14 @@
-"""The ``torch-sparse-cpu`` target: unstructured-sparse Linear layers on CSR kernels (PyTorch CPU).
+"""The ``torch-sparse-cpu`` target: PyTorch CPU models whose sparse Linear layers run on CSR kernels.
 
-DNS leaves Linear layers 95-99% sparse; a CSR matrix times a dense batch (MKL's sparse
-BLAS in PyTorch's CPU build) then does a small fraction of the dense work. Each Linear is
-planned at build time: ``plan=auto`` times dense vs CSR for that layer's shape and sparsity
-at the requested batch sizes and keeps the faster; ``plan=sparsity`` uses CSR above
-``min_sparsity``. Convolutions stay dense: PyTorch has no sparse convolution kernel on CPU,
-and im2col + CSR would copy the activation K·K times for layers that are small in LeNets.
+DNS leaves Linear layers 95-99% sparse; a CSR matrix times a dense batch then does a small
+fraction of the dense work. Each Linear is planned at build time: ``plan=auto`` times the
+dense layer, torch's CSR matmul (MKL) and dnsconvert's compiled CSR kernel
+(:mod:`.csr_kernels`) at the requested batch sizes and keeps the fastest; ``plan=sparsity``
+uses the compiled kernel above ``min_sparsity``. When the whole model is a chain of Linear
+layers and element-wise activations (LeNet-300-100, ``mlp``), the runner executes it without
+PyTorch's per-module overhead: consecutive sparse layers become one compiled call.
+Convolutions stay dense: PyTorch has no sparse convolution kernel on CPU, and im2col + CSR
+would copy the activation K·K times for layers that are small in LeNets.
 
 Artifact: one safetensors file — dense tensors under ``dense/<name>``, CSR layers as
 ``csr/<name>/{crow_indices,col_indices,values}`` — with the model spec and the plan in its
@@ -37,10 +40,14 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 
 class CsrLinear(nn.Module):
-    """y = x Wᵀ + b with W stored as CSR: computed as (W · xᵀ)ᵀ, xᵀ made contiguous for MKL."""
+    """y = x Wᵀ + b with W stored as CSR: computed as (W · xᵀ)ᵀ with xᵀ contiguous.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    ``kernel`` is ``torch`` (torch.sparse.mm, MKL) or ``compiled`` (:mod:`.csr_kernels`).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "compiled"):
         super().__init__()
+        self.kernel = kernel
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.to_sparse_csr(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
@@ -54,12 +61,24 @@ class CsrLinear(nn.Module):
         layer.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         return layer
 
+    def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        w = self.weight.detach()
+        bias = self.bias.detach().numpy() if self.bias is not None else np.zeros(self.out_features, np.float32)
+        return w.crow_indices().numpy(), w.col_indices().numpy(), w.values().numpy(), bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features)
-        y = torch.sparse.mm(self.weight, flat.t().contiguous()).t()
-        if self.bias is not None:
-            y = y + self.bias
+        flat_t = x.reshape(-1, self.in_features).t().contiguous()
+        if self.kernel == "compiled":
+            from .csr_kernels import CsrChain
+
+            if getattr(self, "_chain", None) is None:
+                self._chain = CsrChain([(*self.csr_arrays(), "identity")])
+            y = torch.from_numpy(self._chain(flat_t.numpy())).t()
+        else:
+            y = torch.sparse.mm(self.weight, flat_t).t()
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
@@ -81,16 +100,16 @@ def plan_layer(weight: torch.Tensor, bias: torch.Tensor | None, batches: list[in
     sparsity = 1.0 - float((weight != 0).float().mean())
     if mode == "sparsity":
         use = sparsity >= min_sparsity
-        return {"kernel": "csr" if use else "dense", "sparsity": sparsity, "reason": f"sparsity {sparsity:.3f} {'>=' if use else '<'} {min_sparsity}"}
-    csr = CsrLinear(weight, bias)
-    timings = {}
+        return {"kernel": "csr" if use else "dense", "csr_kernel": "compiled" if use else None, "sparsity": sparsity, "reason": f"sparsity {sparsity:.3f} {'>=' if use else '<'} {min_sparsity}"}
+    candidates = {"dense": lambda x: nn.functional.linear(x, weight, bias), "torch": CsrLinear(weight, bias, "torch"), "compiled": CsrLinear(weight, bias, "compiled")}
+    timings: dict[str, dict[str, float]] = {}
     for batch in batches:
         x = torch.randn(batch, weight.shape[1])
-        timings[batch] = {"dense_ms": 1e3 * _time(lambda: nn.functional.linear(x, weight, bias)), "csr_ms": 1e3 * _time(lambda: csr(x))}
-    dense_total = sum(t["dense_ms"] for t in timings.values())
-    csr_total = sum(t["csr_ms"] for t in timings.values())
-    use = csr_total < dense_total
-    return {"kernel": "csr" if use else "dense", "sparsity": sparsity, "reason": f"timed: csr {csr_total:.3f} ms vs dense {dense_total:.3f} ms over batches {batches}", "timings_ms": timings}
+        timings[str(batch)] = {name: 1e3 * _time(lambda fn=fn: fn(x)) for name, fn in candidates.items()}
+    totals = {name: sum(t[name] for t in timings.values()) for name in candidates}
+    best = min(totals, key=totals.get)
+    summary = ", ".join(f"{name} {ms:.3f} ms" for name, ms in totals.items())
+    return {"kernel": "dense" if best == "dense" else "csr", "csr_kernel": best if best != "dense" else None, "sparsity": sparsity, "reason": f"timed over batches {batches}: {summary}", "timings_ms": timings}
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -103,15 +122,97 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+_ELEMENTWISE = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity", nn.Dropout: "identity"}
+
+
+def _activation_name(module: nn.Module) -> str | None:
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else None
+    for cls, name in _ELEMENTWISE.items():
+        if type(module) is cls:
+            return name
+    return None
+
+
+def compile_chain(model: nn.Module):
+    """A straight chain [Flatten] (Linear | CsrLinear | activation)* as steps on [features, batch]
+    numpy arrays, or None if the model is anything else (then PyTorch runs it)."""
+    from .csr_kernels import CsrChain
+
+    if not isinstance(model, nn.Sequential):
+        return None
+    modules = list(model)
+    if modules and isinstance(modules[0], nn.Flatten) and modules[0].start_dim == 1:
+        modules = modules[1:]
+    steps: list = []
+    pending: list = []  # sparse layers waiting to be fused: [indptr, indices, data, bias, activation]
+    last_was_linear = False
+
+    def flush() -> None:
+        if pending:
+            steps.append(CsrChain([tuple(layer) for layer in pending]))
+            pending.clear()
+
+    for module in modules:
+        act = _activation_name(module)
+        if isinstance(module, CsrLinear) and module.kernel == "compiled":
+            pending.append([*module.csr_arrays(), "identity"])
+            last_was_linear = True
+        elif isinstance(module, (nn.Linear, CsrLinear)):
+            flush()
+            weight = module.dense_weight() if isinstance(module, CsrLinear) else module.weight.detach()
+            bias = module.bias.detach() if module.bias is not None else torch.zeros(weight.shape[0])
+            w, b = weight.numpy().copy(), bias.numpy()[:, None].copy()
+            steps.append(lambda h, w=w, b=b: w @ h + b)
+            last_was_linear = False
+        elif act is not None:
+            if pending and last_was_linear and pending[-1][4] == "identity":
+                pending[-1][4] = act  # fused into the kernel's epilogue
+            else:
+                flush()
+                steps.append(_numpy_activation(act))
+            last_was_linear = False
+        else:
+            return None
+    flush()
+    if not any(isinstance(step, CsrChain) for step in steps):
+        return None
+    return steps
+
+
+def _numpy_activation(name: str):
+    if name == "relu":
+        return lambda h: np.maximum(h, 0.0, out=h)
+    if name == "identity":
+        return lambda h: h
+    fn = {"gelu": nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[name]
+    return lambda h: fn(torch.from_numpy(h)).numpy()
+
+
 class TorchSparseRunner:
-    def __init__(self, model: nn.Module, threads: int = 0):
+    """Runs the planned model: as a compiled chain when it is one, else through PyTorch."""
+
+    def __init__(self, model: nn.Module, threads: int = 0, *, fuse: bool = True):
         self.model = model.eval()
         if threads:
             torch.set_num_threads(threads)
+            try:
+                import numba
 
-    @torch.inference_mode()
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            except ImportError:
+                pass
+        self.chain = compile_chain(self.model) if fuse else None
+        self.mode = "compiled chain" if self.chain else "pytorch modules"
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(x)).numpy()
+        if self.chain is not None:
+            h = np.ascontiguousarray(x.reshape(x.shape[0], -1).T, dtype=np.float32)
+            for step in self.chain:
+                h = step(h)
+            return h.T
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(x)).numpy()
 
     def synchronize(self) -> None:
         pass
@@ -140,7 +241,7 @@ def load_sparse_model(path: Path, *, dense: bool = False, trust_code: bool = Fal
     if not dense:
         for layer in meta["csr_layers"]:
             module = model.get_submodule(layer["name"])
-            _replace(model, layer["name"], CsrLinear(module.weight.detach(), module.bias.detach() if module.bias is not None else None))
+            _replace(model, layer["name"], CsrLinear(module.weight.detach(), module.bias.detach() if module.bias is not None else None, layer.get("csr_kernel", "compiled")))
     return model.eval()
 
 
@@ -183,13 +284,13 @@ class TorchSparseCpuTarget(Target):
             decision = plan_layer(module.weight.detach(), module.bias, batches, mode, option_number(extra, "min_sparsity", 0.7))
             plan[name] = decision
             if decision["kernel"] == "csr":
-                layer = CsrLinear(module.weight.detach(), module.bias.detach() if module.bias is not None else None)
+                layer = CsrLinear(module.weight.detach(), module.bias.detach() if module.bias is not None else None, decision["csr_kernel"])
                 _replace(sparse_model, name, layer)
                 csr = layer.weight.detach()
                 tensors[f"csr/{name}/crow_indices"] = csr.crow_indices().contiguous()
                 tensors[f"csr/{name}/col_indices"] = csr.col_indices().contiguous()
                 tensors[f"csr/{name}/values"] = csr.values().contiguous()
-                csr_layers.append({"name": name, "shape": list(module.weight.shape)})
+                csr_layers.append({"name": name, "shape": list(module.weight.shape), "csr_kernel": decision["csr_kernel"]})
         csr_names = {f"{layer['name']}.weight" for layer in csr_layers}
         for key, value in reference.state_dict().items():
             if key not in csr_names:
@@ -206,7 +307,7 @@ class TorchSparseCpuTarget(Target):
         with atomic_path(output) as tmp:
             save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
         manifest = base_manifest(self.name, ckpt)
-        manifest.update({"format": "safetensors+csr", "plan": plan, "parity": parity.to_json(), "files": {"sparse": file_record(output), "dense": file_record(output)}})
+        manifest.update({"format": "safetensors+csr", "plan": plan, "runner": TorchSparseRunner(sparse_model).mode, "parity": parity.to_json(), "files": {"sparse": file_record(output), "dense": file_record(output)}})
         manifest_path = manifest_path_for(output)
         write_json_atomic(manifest_path, manifest)
         return Artifact(self.name, {"sparse": output, "dense": output}, manifest_path, manifest)
@@ -214,4 +315,5 @@ class TorchSparseCpuTarget(Target):
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None) -> TorchSparseRunner:
         threads = option_number(options or {}, "threads", 0, int)
         model = load_sparse_model(artifact.files[variant], dense=variant == "dense", trust_code=False)
-        return TorchSparseRunner(model, threads)
+        # the dense baseline runs as PyTorch runs any model; the sparse one may be a compiled chain
+        return TorchSparseRunner(model, threads, fuse=variant == "sparse")

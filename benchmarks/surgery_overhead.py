@@ -1,0 +1,70 @@
+"""Time per training step with DNS surgery vs without (same model, batch, optimizer, data).
+
+    python benchmarks/surgery_overhead.py [--threads 2] [--steps 400]
+
+Plain step: forward, backward, SGD step. DNS step: the same plus ``DynamicNetworkSurgery.step()``
+with a mask update at every iteration (gamma=0: the worst case; the default schedule updates
+less and less often). Reports the median of 5 repeats of ``--steps`` steps each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dnsconvert.models import build_model, builtin_spec
+from dnsconvert.surgery import DNSConfig, DynamicNetworkSurgery
+
+
+def run(name: str, surgery: bool, steps: int, batch: int, gamma: float) -> float:
+    torch.manual_seed(0)
+    model = build_model(builtin_spec(name))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    dns = DynamicNetworkSurgery(model, DNSConfig(c=1.0, gamma=gamma, iter_stop=10**9)) if surgery else None
+    x = torch.randn(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+    for _ in range(20):  # warm-up
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if dns:
+            dns.step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if dns:
+            dns.step()
+    return (time.perf_counter() - started) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in ("lenet300100", "lenet5"):
+        for gamma, label in ((0.0, "update every step"), (1e-4, "reference schedule, gamma=1e-4 (first 10k steps)")):
+            plain, dns = [], []
+            for _ in range(5):
+                plain.append(run(name, False, args.steps, args.batch, gamma))
+                dns.append(run(name, True, args.steps, args.batch, gamma))
+            p, d = statistics.median(plain), statistics.median(dns)
+            rows.append({"model": name, "mask_updates": label, "plain_ms": 1e3 * p, "dns_ms": 1e3 * d, "ratio": d / p})
+            print(f"{name:12s} {label:48s} plain {1e3 * p:7.3f} ms  dns {1e3 * d:7.3f} ms  ratio {d / p:.3f}", flush=True)
+    print(json.dumps({"threads": args.threads, "batch": args.batch, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
