@@ -161,3 +161,16 @@ def test_cli_export_bad_inputs(run_cli, tmp_path, monkeypatch):
     result = run_cli("export", tmp_path / "odd.pt", "--model", "odd_models:odd", "--input-shape", "1,8", "--trust-model-code", "-o", out)
     assert result.exit_code == 2 and "export failed" in one_line(result)
     assert not out.exists() and not list(tmp_path.glob("x*"))
+
+
+def test_export_checkpoint_written_by_prune(run_cli, tmp_path):
+    from dnsconvert.data import synthetic_digits
+    from dnsconvert.models import builtin_spec
+    from dnsconvert.surgery import DNSConfig, PruneConfig, prune
+
+    config = PruneConfig(builtin_spec("mlp", hidden=[64, 32]), dns=DNSConfig(target_sparsity=0.9, gamma=1e-2), epochs=0.2, checkpoint_every=0)
+    prune(config, output=tmp_path / "p.safetensors", data=synthetic_digits(2000, 200), progress=False)
+    result = run_cli("export", tmp_path / "p.safetensors", "--target", "ort", "-o", tmp_path / "p.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["parity"]["passed"] and all(layer["stored_sparse"] for layer in manifest["layers"])
