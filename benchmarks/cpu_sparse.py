@@ -10,6 +10,7 @@ p50 of ``--iterations`` after warm-up. Also reports torch-sparse-cpu's own dense
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import tempfile
@@ -20,11 +21,12 @@ from helpers import masked_checkpoint  # noqa: E402
 
 from dnsconvert.bench import bench  # noqa: E402
 
-MODELS = {
+MODELS_ALL = {
     "lenet300100": ("lenet300100", {}),
     "mlp-1024": ("mlp", {"hidden": [1024, 1024]}),
     "mlp-4096": ("mlp", {"hidden": [4096, 4096]}),
 }
+MODELS = {k: v for k, v in MODELS_ALL.items() if not os.environ.get("ONLY") or k in os.environ["ONLY"].split(",")}
 
 
 def main() -> None:

@@ -28,21 +28,19 @@ def run(name: str, surgery: bool, steps: int, batch: int, gamma: float) -> float
     dns = DynamicNetworkSurgery(model, DNSConfig(c=1.0, gamma=gamma, iter_stop=10**9)) if surgery else None
     x = torch.randn(batch, 1, 28, 28)
     y = torch.randint(0, 10, (batch,))
-    for _ in range(20):  # warm-up
+    def train_step() -> None:
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if dns:
             dns.step()
+
+    for _ in range(20):  # warm-up
+        train_step()
     started = time.perf_counter()
     for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if dns:
-            dns.step()
+        train_step()
     return (time.perf_counter() - started) / steps
 
 

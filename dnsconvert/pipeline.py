@@ -235,7 +235,7 @@ def _run_stages(runner: _Runner, config: dict[str, Any], work: Path, progress: b
             output = work / f"model.{name}{target.suffix}"
             stage_settings = {"target": name, "extra": extra, "atol": opts.get("atol", 1e-4), "rtol": opts.get("rtol", 1e-4)}
 
-            def do_export(target=target, output=output, extra=extra):
+            def do_export(target=target, output=output, extra=extra, name=name):
                 artifact = target.build(load_checkpoint(checkpoint), output, BuildOptions(atol=opts.get("atol", 1e-4), rtol=opts.get("rtol", 1e-4), extra=extra))
                 files = {f"file:{k}": v for k, v in artifact.files.items()}
                 files["manifest"] = artifact.manifest_path

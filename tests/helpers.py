@@ -32,3 +32,18 @@ def masked_checkpoint(name: str, sparsity: float = 0.9, seed: int = 0, **kwargs)
     params = prunable_parameters(model)
     masks = magnitude_masks({n: p.detach() for n, p in params.items()}, sparsity)
     return SparseCheckpoint(weights, masks, model=spec, pruning=PruningInfo("magnitude", "magnitude")).with_(weights={**weights, **{n: apply_mask(weights[n], masks[n]) for n in masks}})
+
+
+def save_torch_pruned_lenet5(path: Path, amount: float) -> Path:
+    """LeNet-5 pruned with torch.nn.utils.prune (weight_orig + weight_mask) and saved as a state dict."""
+    from torch.nn.utils import prune
+
+    from dnsconvert.models import lenet5
+
+    torch.manual_seed(0)
+    model = lenet5()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            prune.l1_unstructured(module, "weight", amount=amount)
+    torch.save(model.state_dict(), path)
+    return path

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from helpers import BROKEN, FIXTURES
+from helpers import BROKEN, FIXTURES, save_torch_pruned_lenet5
 from dnsconvert.cli.main import COMMANDS, cli
 
 # Each of these must end in exit code 2 with exactly one line on stderr, and no traceback.
@@ -93,16 +93,7 @@ def test_project_then_validate_clean(run_cli, tmp_path):
 
 
 def test_validate_and_project_torch_prune_state_dict(run_cli, tmp_path):
-    import torch
-    from torch.nn.utils import prune
-
-    from dnsconvert.models import lenet5
-
-    model = lenet5()
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            prune.l1_unstructured(module, "weight", amount=0.8)
-    torch.save(model.state_dict(), tmp_path / "lenet5.pt")
+    save_torch_pruned_lenet5(tmp_path / "lenet5.pt", 0.8)
     result = run_cli("validate", tmp_path / "lenet5.pt", "--json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)

@@ -5,8 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import FIXTURES
-from dnsconvert.checkpoint import load_checkpoint
+from helpers import FIXTURES, masked_checkpoint, save_torch_pruned_lenet5
 from dnsconvert.errors import GateFailed
 from dnsconvert.export import build_onnx_artifact, densify, sparsify_initializers
 from dnsconvert.export.graph_nm import check_graph_nm
@@ -14,7 +13,6 @@ from dnsconvert.export.sparse_init import initializer_arrays
 from dnsconvert.models import BUILTIN_MODELS
 from dnsconvert.pattern import TWO_FOUR
 from dnsconvert.targets import Artifact, BuildOptions, get_target
-from helpers import masked_checkpoint
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
@@ -97,16 +95,7 @@ def test_parity_failure_writes_nothing(tmp_path):
 
 
 def test_cli_export_torch_prune_state_dict(run_cli, tmp_path):
-    import torch
-    from torch.nn.utils import prune
-
-    from dnsconvert.models import lenet5
-
-    model = lenet5()
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            prune.l1_unstructured(module, "weight", amount=0.9)
-    torch.save(model.state_dict(), tmp_path / "lenet5.pt")
+    save_torch_pruned_lenet5(tmp_path / "lenet5.pt", 0.9)
     out = tmp_path / "lenet5.onnx"
     result = run_cli("export", tmp_path / "lenet5.pt", "--target", "ort", "--model", "lenet5", "-o", out, "--json")
     assert result.exit_code == 0, result.output

@@ -92,7 +92,7 @@ def test_update_probability_schedule_and_iter_stop():
     model = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(50)])
     dns = DynamicNetworkSurgery(model, DNSConfig(c=0.0, gamma=1.0, power=1.0, reestimate=True, iter_stop=1000))
     updates = 0
-    for it in range(40):
+    for _ in range(40):
         before = {k: dict(v) for k, v in dns.stats.items()}
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 0.01

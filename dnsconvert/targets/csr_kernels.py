@@ -12,10 +12,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4}
-PARALLEL_WORK = 1 << 18  # nonzeros x batch above which the threaded kernel pays for its start-up
+# Single-threaded on purpose: numba's threaded kernels cost 0.1-8 ms per call here (its OpenMP
+# layer fights PyTorch's and ONNX Runtime's spinning workers for 2 cores; its workqueue layer
+# starts slowly), more than these kernels take. Large layers where threads pay off are planned
+# onto torch's multi-threaded MKL CSR kernel instead.
 
 
 @njit(cache=True, inline="always")
@@ -55,25 +58,6 @@ def _row(indptr, indices, data, bias, x, out, act, r, bias_at):
 
 
 @njit(cache=True)
-def csr_linear_serial(indptr, indices, data, bias, x, act):
-    """out[r, :] = act(bias[r] + Σ_k data[k] · x[indices[k], :]) for a CSR weight [rows, in]."""
-    rows = indptr.shape[0] - 1
-    out = np.empty((rows, x.shape[1]), dtype=x.dtype)
-    for r in range(rows):
-        _row(indptr, indices, data, bias, x, out, act, r, r)
-    return out
-
-
-@njit(cache=True, parallel=True)
-def csr_linear_parallel(indptr, indices, data, bias, x, act):
-    rows = indptr.shape[0] - 1
-    out = np.empty((rows, x.shape[1]), dtype=x.dtype)
-    for r in prange(rows):
-        _row(indptr, indices, data, bias, x, out, act, r, r)
-    return out
-
-
-@njit(cache=True)
 def csr_chain_serial(x, indptr, indices, data, bias, ip_off, nz_off, b_off, acts):
     """Several CSR layers back to back in one call (arrays of all layers concatenated)."""
     h = x
@@ -93,7 +77,8 @@ class CsrChain:
 
     def __init__(self, layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]]):
         # each layer: (indptr, indices, data, bias, activation)
-        self.layers = [(ip.astype(np.int64), ix.astype(np.int64), d.astype(np.float32), b.astype(np.float32), ACTIVATIONS[a]) for ip, ix, d, b, a in layers]
+        # int32 indices halve the index traffic of the gather loop (nonzeros per layer < 2^31)
+        self.layers = [(ip.astype(np.int64), ix.astype(np.int32), d.astype(np.float32), b.astype(np.float32), ACTIVATIONS[a]) for ip, ix, d, b, a in layers]
         self.nnz = sum(int(d.size) for _, _, d, _, _ in self.layers)
         self.indptr = np.concatenate([ip for ip, *_ in self.layers])
         self.indices = np.concatenate([ix for _, ix, *_ in self.layers])
@@ -106,9 +91,4 @@ class CsrChain:
 
     def __call__(self, x_t: np.ndarray) -> np.ndarray:
         """x_t: [in_features, batch] float32, C-contiguous."""
-        if self.nnz * x_t.shape[1] < PARALLEL_WORK:
-            return csr_chain_serial(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts)
-        h = x_t
-        for indptr, indices, data, bias, act in self.layers:
-            h = csr_linear_parallel(indptr, indices, data, bias, h, act)
-        return h
+        return csr_chain_serial(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts)

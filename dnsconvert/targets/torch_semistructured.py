@@ -24,7 +24,7 @@ from .._atomic import atomic_path, write_json_atomic
 from ..checkpoint import ModelSpec
 from ..errors import GateFailed, TargetError
 from ..pattern import TWO_FOUR, cannot_hold, violating_groups
-from .base import Artifact, Availability, BuildOptions, Target, option_number
+from .base import Artifact, Availability, BuildOptions, Target
 
 META_KEY = "dnsconvert.torch_2to4"
 # (rows multiple, columns multiple) of the sparse weight, per backend and dtype, as enforced by

@@ -158,9 +158,14 @@ def compile_chain(model: nn.Module):
         if isinstance(module, CsrLinear) and module.kernel == "compiled":
             pending.append([*module.csr_arrays(), "identity"])
             last_was_linear = True
-        elif isinstance(module, (nn.Linear, CsrLinear)):
+        elif isinstance(module, CsrLinear):  # planned onto torch's multi-threaded MKL CSR kernel
             flush()
-            weight = module.dense_weight() if isinstance(module, CsrLinear) else module.weight.detach()
+            weight, bias = module.weight.detach(), module.csr_arrays()[3][:, None].copy()
+            steps.append(lambda h, w=weight, b=bias: torch.sparse.mm(w, torch.from_numpy(h)).numpy() + b)
+            last_was_linear = False
+        elif isinstance(module, nn.Linear):
+            flush()
+            weight = module.weight.detach()
             bias = module.bias.detach() if module.bias is not None else torch.zeros(weight.shape[0])
             w, b = weight.numpy().copy(), bias.numpy()[:, None].copy()
             steps.append(lambda h, w=w, b=b: w @ h + b)
