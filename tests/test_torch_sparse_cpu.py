@@ -4,7 +4,7 @@ import torch
 
 from dnsconvert.models import BUILTIN_MODELS
 from dnsconvert.targets import Artifact, BuildOptions, get_target
-from dnsconvert.targets.torch_sparse_cpu import CsrLinear, load_sparse_model
+from dnsconvert.targets.torch_sparse_cpu import PlannedLinear, load_sparse_model
 from helpers import masked_checkpoint
 
 
@@ -13,22 +13,26 @@ def test_matches_dense_model_within_1e5(tmp_path, name):
     ckpt = masked_checkpoint(name, 0.95)
     artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m.safetensors", BuildOptions(atol=1e-5, rtol=1e-5, extra={"plan": "sparsity", "min_sparsity": "0.5"}))
     assert artifact.manifest["parity"]["passed"] and artifact.manifest["parity"]["max_abs"] <= 1e-5
-    kernels = {layer: d["kernel"] for layer, d in artifact.manifest["plan"].items()}
-    assert kernels and set(kernels.values()) == {"csr"}
+    kernels = {layer: d["kernels"]["small"] for layer, d in artifact.manifest["plan"].items()}
+    assert kernels and set(kernels.values()) == {"compiled"}
     sparse = get_target("torch-sparse-cpu").load(Artifact.from_manifest(artifact.manifest_path), "sparse")
     dense = get_target("torch-sparse-cpu").load(Artifact.from_manifest(artifact.manifest_path), "dense")
-    assert any(isinstance(m, CsrLinear) for m in sparse.model.modules())
-    assert not any(isinstance(m, CsrLinear) for m in dense.model.modules())
+    assert any(isinstance(m, PlannedLinear) for m in sparse.model.modules())
+    assert not any(isinstance(m, PlannedLinear) for m in dense.model.modules())
     x = np.random.default_rng(1).standard_normal((5, *ckpt.model.input_shape[1:])).astype(np.float32)
     np.testing.assert_allclose(sparse.run(x), dense.run(x), atol=1e-5, rtol=1e-5)
 
 
 def test_auto_plan_records_timings(tmp_path):
     ckpt = masked_checkpoint("lenet300100", 0.99)
-    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m.safetensors", BuildOptions(extra={"batches": "1,8"}))
+    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m.safetensors", BuildOptions(extra={"batches": "1,64"}))
     for decision in artifact.manifest["plan"].values():
-        assert decision["kernel"] in ("csr", "dense")
-        assert set(decision["timings_ms"]) == {1, 8} or set(decision["timings_ms"]) == {"1", "8"}
+        assert set(decision["kernels"]) == {"small", "large"}
+        assert set(decision["kernels"].values()) <= {"dense", "torch", "compiled"}
+        assert set(decision["timings_ms"]) == {"1", "64"}
+        for regime, batch in (("small", "1"), ("large", "64")):
+            timing = decision["timings_ms"][batch]
+            assert decision["kernels"][regime] == min(timing, key=timing.get)
 
 
 def test_hostile_csr_indices_are_rejected(tmp_path):
@@ -52,11 +56,13 @@ def test_hostile_csr_indices_are_rejected(tmp_path):
     assert json.loads(meta["dnsconvert.torch_sparse_cpu"])["csr_layers"]
 
 
-def test_csr_linear_on_3d_input():
+@pytest.mark.parametrize("kernel", ["dense", "torch", "compiled"])
+def test_planned_linear_kernels_on_3d_input(kernel):
     weight = torch.randn(8, 16) * (torch.rand(8, 16) > 0.8)
-    layer = CsrLinear(weight, torch.randn(8))
-    x = torch.randn(2, 3, 16)
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, layer.bias), atol=1e-5, rtol=1e-5)
+    layer = PlannedLinear(weight, torch.randn(8), {"small": kernel, "large": kernel})
+    for batch in (2, 12):  # both regimes
+        x = torch.randn(batch, 3, 16)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
 def test_chain_models_run_compiled_and_others_through_torch(tmp_path):
@@ -75,6 +81,30 @@ def test_chain_with_a_dense_layer_in_the_middle(tmp_path):
     ckpt.weights["3.weight"] = torch.randn_like(ckpt.weights["3.weight"])  # a dense middle layer
     ckpt.masks["3.weight"] = torch.ones_like(ckpt.masks["3.weight"])
     artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m.safetensors", BuildOptions(atol=1e-5, rtol=1e-5, extra={"plan": "sparsity", "min_sparsity": "0.5"}))
-    kernels = {layer: d["kernel"] for layer, d in artifact.manifest["plan"].items()}
-    assert kernels == {"1": "csr", "3": "dense", "5": "csr"}
+    kernels = {layer: d["kernels"]["large"] for layer, d in artifact.manifest["plan"].items()}
+    assert kernels == {"1": "compiled", "3": "dense", "5": "compiled"}
     assert artifact.manifest["runner"] == "compiled chain" and artifact.manifest["parity"]["passed"]
+
+
+def test_chain_runner_mixes_kernels_per_regime():
+    from dnsconvert.targets.torch_sparse_cpu import TorchSparseRunner
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    for layer in (dense[1], dense[3]):
+        layer.weight.data *= torch.rand_like(layer.weight) > 0.7
+    planned = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        PlannedLinear(dense[1].weight, dense[1].bias, {"small": "compiled", "large": "torch"}),
+        torch.nn.ReLU(),
+        PlannedLinear(dense[3].weight, dense[3].bias, {"small": "compiled", "large": "dense"}),
+        torch.nn.GELU(),
+        dense[5],
+    )
+    runner = TorchSparseRunner(planned)
+    assert runner.mode == "compiled chain"
+    for batch in (1, 16):
+        x = np.random.default_rng(batch).standard_normal((batch, 2, 16)).astype(np.float32)
+        with torch.no_grad():
+            expected = dense(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(runner.run(x), expected, atol=1e-5, rtol=1e-5)

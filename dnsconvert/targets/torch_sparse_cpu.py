@@ -1,10 +1,11 @@
 """The ``torch-sparse-cpu`` target: PyTorch CPU models whose sparse Linear layers run on CSR kernels.
 
 DNS leaves Linear layers 95-99% sparse; a CSR matrix times a dense batch then does a small
-fraction of the dense work. Each Linear is planned at build time: ``plan=auto`` times the
-dense layer, torch's CSR matmul (MKL) and dnsconvert's compiled CSR kernel
-(:mod:`.csr_kernels`) at the requested batch sizes and keeps the fastest; ``plan=sparsity``
-uses the compiled kernel above ``min_sparsity``. When the whole model is a chain of Linear
+fraction of the dense work. Each Linear is planned at build time, separately for small
+batches (latency) and large ones (throughput): ``plan=auto`` times the dense layer, torch's
+CSR matmul (MKL, multi-threaded) and dnsconvert's compiled CSR kernel (:mod:`.csr_kernels`,
+no dispatch overhead) at the requested batch sizes and keeps the fastest per regime;
+``plan=sparsity`` uses the compiled kernel above ``min_sparsity``. When the whole model is a chain of Linear
 layers and element-wise activations (LeNet-300-100, ``mlp``), the runner executes it without
 PyTorch's per-module overhead: consecutive sparse layers become one compiled call.
 Convolutions stay dense: PyTorch has no sparse convolution kernel on CPU, and im2col + CSR
@@ -39,50 +40,50 @@ META_KEY = "dnsconvert.torch_sparse_cpu"
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
-class CsrLinear(nn.Module):
-    """y = x Wᵀ + b with W stored as CSR: computed as (W · xᵀ)ᵀ with xᵀ contiguous.
+SMALL_BATCH = 8  # plans are made per batch regime: <= this (latency) and above (throughput)
+KERNELS = ("dense", "torch", "compiled")
 
-    ``kernel`` is ``torch`` (torch.sparse.mm, MKL) or ``compiled`` (:mod:`.csr_kernels`).
-    """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "compiled"):
+def batch_regime(batch: int) -> str:
+    return "small" if batch <= SMALL_BATCH else "large"
+
+
+class PlannedLinear(nn.Module):
+    """A Linear layer with one kernel per batch regime: ``dense`` (BLAS), ``torch`` (torch.sparse.mm
+    on CSR, MKL, multi-threaded) or ``compiled`` (:mod:`.csr_kernels`, one thread, no dispatch)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: Mapping[str, str]):
         super().__init__()
-        self.kernel = kernel
+        self.kernels = dict(kernels)
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight.to_sparse_csr(), requires_grad=False)
+        weight = weight.detach()
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-
-    @classmethod
-    def from_csr(cls, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None) -> CsrLinear:
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.out_features, layer.in_features = shape
-        layer.weight = nn.Parameter(torch.sparse_csr_tensor(crow, col, values, size=shape), requires_grad=False)
-        layer.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        return layer
+        self.csr = nn.Parameter(weight.to_sparse_csr(), requires_grad=False)
+        self.dense = nn.Parameter(weight.clone(), requires_grad=False) if "dense" in self.kernels.values() else None
+        self._chain = None
 
     def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        w = self.weight.detach()
+        w = self.csr.detach()
         bias = self.bias.detach().numpy() if self.bias is not None else np.zeros(self.out_features, np.float32)
         return w.crow_indices().numpy(), w.col_indices().numpy(), w.values().numpy(), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        flat_t = x.reshape(-1, self.in_features).t().contiguous()
-        if self.kernel == "compiled":
+        flat = x.reshape(-1, self.in_features)
+        kernel = self.kernels[batch_regime(flat.shape[0])]
+        if kernel == "dense":
+            y = nn.functional.linear(flat, self.dense, self.bias)
+        elif kernel == "compiled":
             from .csr_kernels import CsrChain
 
-            if getattr(self, "_chain", None) is None:
+            if self._chain is None:
                 self._chain = CsrChain([(*self.csr_arrays(), "identity")])
-            y = torch.from_numpy(self._chain(flat_t.numpy())).t()
+            y = torch.from_numpy(self._chain(flat.t().contiguous().numpy())).t()
         else:
-            y = torch.sparse.mm(self.weight, flat_t).t()
+            y = torch.sparse.mm(self.csr, flat.t().contiguous()).t()
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.weight.to_dense()
 
 
 def _time(fn, reps: int = 30) -> float:
@@ -96,20 +97,21 @@ def _time(fn, reps: int = 30) -> float:
 
 @torch.inference_mode()
 def plan_layer(weight: torch.Tensor, bias: torch.Tensor | None, batches: list[int], mode: str, min_sparsity: float) -> dict:
-    """Decide dense vs CSR for one Linear layer; returns the decision with its evidence."""
+    """Choose each batch regime's kernel for one Linear layer; returns the decision with its evidence."""
     sparsity = 1.0 - float((weight != 0).float().mean())
     if mode == "sparsity":
-        use = sparsity >= min_sparsity
-        return {"kernel": "csr" if use else "dense", "csr_kernel": "compiled" if use else None, "sparsity": sparsity, "reason": f"sparsity {sparsity:.3f} {'>=' if use else '<'} {min_sparsity}"}
-    candidates = {"dense": lambda x: nn.functional.linear(x, weight, bias), "torch": CsrLinear(weight, bias, "torch"), "compiled": CsrLinear(weight, bias, "compiled")}
+        kernel = "compiled" if sparsity >= min_sparsity else "dense"
+        return {"kernels": {"small": kernel, "large": kernel}, "sparsity": sparsity, "reason": f"sparsity {sparsity:.3f} {'>=' if kernel != 'dense' else '<'} {min_sparsity}"}
+    candidates = {name: PlannedLinear(weight, bias, {"small": name, "large": name}) for name in KERNELS}
     timings: dict[str, dict[str, float]] = {}
     for batch in batches:
         x = torch.randn(batch, weight.shape[1])
-        timings[str(batch)] = {name: 1e3 * _time(lambda fn=fn: fn(x)) for name, fn in candidates.items()}
-    totals = {name: sum(t[name] for t in timings.values()) for name in candidates}
-    best = min(totals, key=totals.get)
-    summary = ", ".join(f"{name} {ms:.3f} ms" for name, ms in totals.items())
-    return {"kernel": "dense" if best == "dense" else "csr", "csr_kernel": best if best != "dense" else None, "sparsity": sparsity, "reason": f"timed over batches {batches}: {summary}", "timings_ms": timings}
+        timings[str(batch)] = {name: 1e3 * _time(lambda layer=layer: layer(x)) for name, layer in candidates.items()}
+    kernels = {}
+    for regime in ("small", "large"):
+        timed = [t for b, t in timings.items() if batch_regime(int(b)) == regime] or list(timings.values())
+        kernels[regime] = min(KERNELS, key=lambda name: sum(t[name] for t in timed))
+    return {"kernels": kernels, "sparsity": sparsity, "reason": f"fastest when timed at batches {batches}", "timings_ms": timings}
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -134,9 +136,9 @@ def _activation_name(module: nn.Module) -> str | None:
     return None
 
 
-def compile_chain(model: nn.Module):
-    """A straight chain [Flatten] (Linear | CsrLinear | activation)* as steps on [features, batch]
-    numpy arrays, or None if the model is anything else (then PyTorch runs it)."""
+def compile_chain(model: nn.Module, regime: str):
+    """A straight chain [Flatten] (Linear | PlannedLinear | activation)* as steps on [features, batch]
+    numpy arrays for one batch regime, or None if the model is anything else (PyTorch runs it)."""
     from .csr_kernels import CsrChain
 
     if not isinstance(model, nn.Sequential):
@@ -145,8 +147,8 @@ def compile_chain(model: nn.Module):
     if modules and isinstance(modules[0], nn.Flatten) and modules[0].start_dim == 1:
         modules = modules[1:]
     steps: list = []
-    pending: list = []  # sparse layers waiting to be fused: [indptr, indices, data, bias, activation]
-    last_was_linear = False
+    pending: list = []  # compiled sparse layers waiting to be fused: [indptr, indices, data, bias, activation]
+    last_was_compiled = False
 
     def flush() -> None:
         if pending:
@@ -155,33 +157,32 @@ def compile_chain(model: nn.Module):
 
     for module in modules:
         act = _activation_name(module)
-        if isinstance(module, CsrLinear) and module.kernel == "compiled":
+        kernel = module.kernels[regime] if isinstance(module, PlannedLinear) else "dense"
+        if isinstance(module, PlannedLinear) and kernel == "compiled":
             pending.append([*module.csr_arrays(), "identity"])
-            last_was_linear = True
-        elif isinstance(module, CsrLinear):  # planned onto torch's multi-threaded MKL CSR kernel
+            last_was_compiled = True
+        elif isinstance(module, PlannedLinear) and kernel == "torch":
             flush()
-            weight, bias = module.weight.detach(), module.csr_arrays()[3][:, None].copy()
+            weight, bias = module.csr.detach(), module.csr_arrays()[3][:, None].copy()
             steps.append(lambda h, w=weight, b=bias: torch.sparse.mm(w, torch.from_numpy(h)).numpy() + b)
-            last_was_linear = False
-        elif isinstance(module, nn.Linear):
+            last_was_compiled = False
+        elif isinstance(module, (nn.Linear, PlannedLinear)):
             flush()
-            weight = module.weight.detach()
+            weight = module.dense if isinstance(module, PlannedLinear) else module.weight
             bias = module.bias.detach() if module.bias is not None else torch.zeros(weight.shape[0])
-            w, b = weight.numpy().copy(), bias.numpy()[:, None].copy()
+            w, b = weight.detach().numpy().copy(), bias.numpy()[:, None].copy()
             steps.append(lambda h, w=w, b=b: w @ h + b)
-            last_was_linear = False
+            last_was_compiled = False
         elif act is not None:
-            if pending and last_was_linear and pending[-1][4] == "identity":
+            if pending and last_was_compiled and pending[-1][4] == "identity":
                 pending[-1][4] = act  # fused into the kernel's epilogue
             else:
                 flush()
                 steps.append(_numpy_activation(act))
-            last_was_linear = False
+            last_was_compiled = False
         else:
             return None
     flush()
-    if not any(isinstance(step, CsrChain) for step in steps):
-        return None
     return steps
 
 
@@ -207,13 +208,14 @@ class TorchSparseRunner:
                 numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             except ImportError:
                 pass
-        self.chain = compile_chain(self.model) if fuse else None
-        self.mode = "compiled chain" if self.chain else "pytorch modules"
+        planned = fuse and any(isinstance(m, PlannedLinear) for m in self.model.modules())
+        self.chains = {regime: compile_chain(self.model, regime) for regime in ("small", "large")} if planned else {}
+        self.mode = "compiled chain" if self.chains and all(c is not None for c in self.chains.values()) else "pytorch modules"
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        if self.chain is not None:
+        if self.mode == "compiled chain":
             h = np.ascontiguousarray(x.reshape(x.shape[0], -1).T, dtype=np.float32)
-            for step in self.chain:
+            for step in self.chains[batch_regime(x.shape[0])]:
                 h = step(h)
             return h.T
         with torch.inference_mode():
@@ -246,7 +248,7 @@ def load_sparse_model(path: Path, *, dense: bool = False, trust_code: bool = Fal
     if not dense:
         for layer in meta["csr_layers"]:
             module = model.get_submodule(layer["name"])
-            _replace(model, layer["name"], CsrLinear(module.weight.detach(), module.bias.detach() if module.bias is not None else None, layer.get("csr_kernel", "compiled")))
+            _replace(model, layer["name"], PlannedLinear(module.weight.detach(), module.bias, layer["kernels"]))
     return model.eval()
 
 
@@ -258,7 +260,7 @@ class TorchSparseCpuTarget(Target):
     option_help: ClassVar[dict[str, str]] = {
         "plan": "auto (time dense vs CSR per layer, default) or sparsity",
         "min_sparsity": "with plan=sparsity: use CSR at or above this sparsity (default 0.7)",
-        "batches": "batch sizes the auto plan times, comma-separated (default 1,64)",
+        "batches": f"batch sizes the auto plan times, comma-separated (default 1,64); <= {SMALL_BATCH} plans the small-batch regime",
         "threads": "torch threads for planning, parity and bench (default: torch's)",
     }
 
@@ -288,14 +290,14 @@ class TorchSparseCpuTarget(Target):
         for name, module in linears.items():
             decision = plan_layer(module.weight.detach(), module.bias, batches, mode, option_number(extra, "min_sparsity", 0.7))
             plan[name] = decision
-            if decision["kernel"] == "csr":
-                layer = CsrLinear(module.weight.detach(), module.bias.detach() if module.bias is not None else None, decision["csr_kernel"])
+            if set(decision["kernels"].values()) != {"dense"}:
+                layer = PlannedLinear(module.weight.detach(), module.bias, decision["kernels"])
                 _replace(sparse_model, name, layer)
-                csr = layer.weight.detach()
+                csr = layer.csr.detach()
                 tensors[f"csr/{name}/crow_indices"] = csr.crow_indices().contiguous()
                 tensors[f"csr/{name}/col_indices"] = csr.col_indices().contiguous()
                 tensors[f"csr/{name}/values"] = csr.values().contiguous()
-                csr_layers.append({"name": name, "shape": list(module.weight.shape), "csr_kernel": decision["csr_kernel"]})
+                csr_layers.append({"name": name, "shape": list(module.weight.shape), "kernels": decision["kernels"]})
         csr_names = {f"{layer['name']}.weight" for layer in csr_layers}
         for key, value in reference.state_dict().items():
             if key not in csr_names:
