@@ -81,3 +81,43 @@ def test_bench_manifest(tmp_path):
     artifact = export(load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors"), tmp_path / "m.onnx", target="ort")
     report = bench(artifact.manifest_path, batches=(2,), warmup=1, iterations=3)
     assert len(report.rows) == 2 and report.speedups()[0]["batch"] == 2
+
+
+def test_device_runners_upload_once(tmp_path):
+    from dnsconvert.targets import Artifact, Target, register_target, unregister_target
+
+    calls = {"prepare": 0, "run_device": 0, "run": 0}
+
+    class DeviceRunner:
+        def prepare(self, x):
+            calls["prepare"] += 1
+            return x
+
+        def run_device(self, handle):
+            calls["run_device"] += 1
+
+        def run(self, x):
+            calls["run"] += 1
+
+        def synchronize(self):
+            pass
+
+        def close(self):
+            pass
+
+    class DeviceTarget(Target):
+        name = "device-double"
+
+        def load(self, artifact, variant="sparse", options=None):
+            return DeviceRunner()
+
+    register_target("device-double", DeviceTarget)
+    try:
+        artifact = Artifact("device-double", {"sparse": tmp_path, "dense": tmp_path}, tmp_path / "m.json", {"model": {"input_shape": [1, 4]}})
+        from dnsconvert.bench import BenchReport, bench_artifact
+
+        report = BenchReport("m")
+        bench_artifact(artifact, batches=(1, 8), warmup=2, iterations=5, time_budget_s=None, threads=0, report=report)
+    finally:
+        unregister_target("device-double")
+    assert calls == {"prepare": 4, "run_device": 4 * 7, "run": 0}

@@ -71,7 +71,11 @@ class Artifact:
 
 
 class Runner(Protocol):
-    """Runs one input batch; ``synchronize`` waits for asynchronous devices (no-op on CPU)."""
+    """Runs one input batch; ``synchronize`` waits for asynchronous devices (no-op on CPU).
+
+    GPU runners may also offer ``prepare(x) -> handle`` and ``run_device(handle)``: the bench then
+    uploads the input once and times the model alone.
+    """
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
 

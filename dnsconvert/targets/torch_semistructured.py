@@ -86,6 +86,9 @@ class CudaRunner:
         out = self.model(torch.from_numpy(x).to("cuda", self.dtype))
         return out.float().cpu().numpy()
 
+    def prepare(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to("cuda", self.dtype)
+
     def run_device(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.model(x)

@@ -95,6 +95,9 @@ class EngineRunner:
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.stream = torch.cuda.Stream()
 
+    def prepare(self, x):
+        return self.torch.from_numpy(x).to("cuda").contiguous()
+
     def run_device(self, x):
         torch = self.torch
         name = self.inputs[0]
