@@ -25,12 +25,12 @@ from dnsconvert.surgery import DNSConfig, PruneConfig, prune
 SETTINGS = {
     "lenet300100": {
         "layers": {"1.weight": 0.975, "3.weight": 0.97, "5.weight": 0.92},
-        "dense_epochs": 6, "epochs": 24, "lr": 0.01,
+        "dense_epochs": 4, "epochs": 20, "lr": 0.01, "weight_decay": 1e-4,
         "paper": {"compression": 56, "error": 0.0199},
     },
     "lenet5": {
-        "layers": {"conv1.weight": 0.80, "conv2.weight": 0.955, "fc1.weight": 0.989, "fc2.weight": 0.93},
-        "dense_epochs": 4, "epochs": 20, "lr": 0.01,
+        "layers": {"conv1.weight": 0.82, "conv2.weight": 0.96, "fc1.weight": 0.99, "fc2.weight": 0.93},
+        "dense_epochs": 4, "epochs": 16, "lr": 0.01, "weight_decay": 1e-4,
         "paper": {"compression": 108, "error": 0.0091},
     },
 }  # fmt: skip
@@ -42,7 +42,7 @@ def run(model: str, method: str, data, out: Path, layers: dict[str, float]) -> d
     epochs = s["epochs"] if method != "imp" else s["epochs"] / 5
     config = PruneConfig(
         model=builtin_spec(model), method=method, dns=dns, epochs=epochs, dense_epochs=s["dense_epochs"],
-        lr=s["lr"], imp_rounds=5, target_sparsity=0.9, seed=0, checkpoint_every=0, data="given",
+        lr=s["lr"], weight_decay=s["weight_decay"], imp_rounds=5, target_sparsity=0.9, seed=0, checkpoint_every=0, data="given",
     )  # fmt: skip
     started = time.perf_counter()
     result = prune(config, output=out / f"{model}-{method}.safetensors", data=data, progress=sys.stdout.isatty())
