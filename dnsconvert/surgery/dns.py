@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..pattern import NMPattern, apply_mask, cannot_hold, nm_mask
+from ..pattern import NMPattern, cannot_hold, nm_mask
 from .criteria import make_criterion
 from .sparsifier import MaskedSparsifier, prunable_parameters
 
@@ -115,10 +115,8 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         if self.pattern is not None:
             for name in self.params:
                 if cannot_hold(tuple(self._masks[name].shape), self.pattern) is None:
-                    self._masks[name] &= nm_mask(self._shadow[name].abs(), self.pattern, allowed=self._masks[name])
-            with torch.no_grad():
-                for name, param in self.params.items():
-                    param.copy_(apply_mask(self._shadow[name], self._masks[name]))
+                    weight = self.dense_weight(name)
+                    self.set_mask(name, self._masks[name] & nm_mask(weight.abs(), self.pattern, allowed=self._masks[name]), weight)
 
     # -- thresholds ---------------------------------------------------------------------------
     def _layer_c(self, name: str) -> float:
@@ -145,32 +143,38 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         return t - (1 - CUT_FACTOR) * abs(t), t + (SPLICE_FACTOR - 1) * abs(t)
 
     # -- the update ----------------------------------------------------------------------------
-    def update_masks(self) -> None:
-        for name in self.params:
-            if self.criterion.needs_grad:
-                self.criterion.observe(name, self._shadow[name], self.params[name].grad)
+    def update_masks(self) -> set[str]:
+        weights: dict[str, torch.Tensor] = {}
+        if self.criterion.needs_grad:
+            for name in self.params:
+                weights[name] = self.dense_weight(name)
+                self.criterion.observe(name, weights[name], self.params[name].grad)
         if self.iteration >= self.config.iter_stop:
-            return
+            return set()
         probability = update_probability(self.iteration, self.config.gamma, self.config.power)
         # A fresh generator per iteration, seeded from (seed, iteration): identical on every
         # rank and after a resume, with no generator state to carry.
         draws = torch.rand(len(self.params), generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.iteration))
-        for (name, _), draw in zip(self.params.items(), draws.tolist()):
+        changed = set()
+        for name, draw in zip(self.params, draws.tolist(), strict=True):
             if draw >= probability:
                 continue
-            score = self.criterion.score(name, self._shadow[name])
+            weight = weights[name] if name in weights else self.dense_weight(name)
+            score = self.criterion.score(name, weight)
             if name not in self.stats or self.reestimate:
                 self.stats[name] = self._estimate(name, score)
             cut_at, splice_at = self.thresholds(name)
             mask = self._masks[name]
-            cut = mask & (score <= cut_at)
-            splice = ~mask & (score > splice_at)
-            self.cuts += int(cut.sum())
-            self.splices += int(splice.sum())
-            new_mask = (mask & ~cut) | splice
+            # keep where s > b, or where already kept and s > a (the hysteresis band keeps its state)
+            new_mask = (score > splice_at) | (mask & (score > cut_at))
             if self.pattern is not None and cannot_hold(tuple(new_mask.shape), self.pattern) is None:
                 new_mask &= nm_mask(score, self.pattern, allowed=new_mask)
-            self._masks[name] = new_mask
+            cuts = int((mask > new_mask).sum())
+            self.cuts += cuts
+            self.splices += cuts + int(new_mask.sum()) - int(mask.sum())
+            self.set_mask(name, new_mask, weight)
+            changed.add(name)
+        return changed
 
     # -- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,15 +1,19 @@
 """Masks on a live model, usable from any training loop.
 
-A sparsifier keeps, for each prunable parameter p, a mask T and a *dense shadow* W of the
-weights. The model's own parameter always holds W⊙T, so the forward pass is the plain,
-unmodified model (no per-forward multiply, DDP and ``state_dict`` see ordinary keys), and the
-loss gradient that autograd computes for p is exactly ∂L/∂(W⊙T). Calling :meth:`step` after
-``optimizer.step()`` applies the optimizer's update to *all* of W — the straight-through
-update Dynamic Network Surgery needs so that a cut weight keeps moving and can be spliced
-back — and then writes W⊙T into p again:
+A sparsifier keeps, for each prunable parameter p, a mask T and a *shadow* S holding the
+dense weights W where T is 0 (the cut weights). The model's own parameter always holds W⊙T,
+so the forward pass is the plain, unmodified model (no per-forward multiply, DDP and
+``state_dict`` see ordinary keys), and the loss gradient that autograd computes for p is
+exactly ∂L/∂(W⊙T). Calling :meth:`step` after ``optimizer.step()`` applies the optimizer's
+update to *all* of W — the straight-through update Dynamic Network Surgery needs so that a
+cut weight keeps moving and can be spliced back:
 
-    W ← W⊙(1−T) + p        (p already holds W⊙T plus this step's update)
-    p ← W⊙T'               (T' the possibly updated mask)
+    S ← S + p              (where T = 0, p holds 0 + this step's update Δ, so S becomes W + Δ)
+    p ← p with 0 where T = 0
+    W = where(T, p, S)     (rebuilt only when masks are updated, or for a resume state)
+
+Two in-place passes per layer and step when masks do not change (S is meaningless where
+T = 1 and is never read there).
 
 This works for any optimizer whose update does not depend on the parameter's value (SGD,
 momentum, Adam). Coupled weight decay (``weight_decay`` in SGD/Adam) sees p, so it decays
@@ -35,7 +39,6 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..pattern import apply_mask
 
 
 def prunable_parameters(model: nn.Module, *, prune_bias: bool = False) -> dict[str, nn.Parameter]:
@@ -84,6 +87,7 @@ class MaskedSparsifier:
         self.regrow = regrow
         self.iteration = 0
         self._masks: dict[str, torch.Tensor] = {}
+        self._cut: dict[str, torch.Tensor] = {}  # ~mask, kept to save a pass per step
         self._shadow: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, param in self.params.items():
@@ -91,37 +95,49 @@ class MaskedSparsifier:
                 mask = (given != 0) if given is not None else (param != 0)
                 if tuple(mask.shape) != tuple(param.shape):
                     raise UserError(f"initial mask for {name!r} has shape {tuple(mask.shape)}, the layer has {tuple(param.shape)}")
-                self._masks[name] = mask.to(param.device).clone()
-                self._shadow[name] = param.detach().clone()
-                param.copy_(apply_mask(param, self._masks[name]))
+                self.set_mask(name, mask.to(param.device), param.detach().clone())
+
+    @torch.no_grad()
+    def set_mask(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> None:
+        """Install ``mask`` for ``name`` given the layer's dense weights (which become the shadow)."""
+        param = self.params[name]
+        self._masks[name] = mask.bool()
+        self._cut[name] = ~self._masks[name]
+        self._shadow[name] = weight
+        param.copy_(weight)
+        param.masked_fill_(self._cut[name], 0.0)
+
+    @torch.no_grad()
+    def dense_weight(self, name: str) -> torch.Tensor:
+        """W: the parameter where kept, the shadow where cut."""
+        return torch.where(self._masks[name], self.params[name], self._shadow[name])
 
     # -- the training-loop hook ---------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
-        """Fold the optimizer's update into the dense shadows, update masks, re-mask the model."""
+        """Fold the optimizer's update into the shadows, update masks, re-mask the model."""
+        if self.regrow:
+            for name, param in self.params.items():
+                self._shadow[name].add_(param)  # where cut: W + (0 + Δ)
+        changed = self.update_masks()
         for name, param in self.params.items():
-            mask = self._masks[name]
-            if self.regrow:
-                shadow = self._shadow[name]
-                shadow.mul_(~mask).add_(param)  # W⊙(1−T) + (W⊙T + Δ) = W + Δ
-            else:
-                self._shadow[name].copy_(param)
-        self.update_masks()
-        for name, param in self.params.items():
-            param.copy_(apply_mask(self._shadow[name], self._masks[name]))
-            if not self.regrow:
-                self._shadow[name].copy_(param)
+            if name not in changed:
+                param.masked_fill_(self._cut[name], 0.0)
         self.iteration += 1
 
-    def update_masks(self) -> None:
-        """Subclasses change ``self._masks`` here; the base keeps them fixed."""
+    def update_masks(self) -> set[str]:
+        """Subclasses change masks here (through :meth:`set_mask`) and return the names changed."""
+        return set()
 
     # -- results --------------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
         return {name: mask.detach().cpu().clone() for name, mask in self._masks.items()}
 
     def shadows(self) -> dict[str, torch.Tensor]:
-        return {name: w.detach().cpu().clone() for name, w in self._shadow.items()}
+        """The dense weights W of every layer (what a resume needs)."""
+        if not self.regrow:
+            return {name: param.detach().cpu().clone() for name, param in self.params.items()}
+        return {name: self.dense_weight(name).cpu() for name in self.params}
 
     def sparsity(self) -> float:
         total = sum(m.numel() for m in self._masks.values())
@@ -139,9 +155,7 @@ class MaskedSparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration = int(state["iteration"])
         for name, param in self.params.items():
-            self._shadow[name] = state["shadow"][name].to(param.device).clone()
-            self._masks[name] = state["masks"][name].to(param.device).bool().clone()
-            param.copy_(apply_mask(self._shadow[name], self._masks[name]))
+            self.set_mask(name, state["masks"][name].to(param.device).bool().clone(), state["shadow"][name].to(param.device).clone())
 
 
 class FixedMaskSparsifier(MaskedSparsifier):
