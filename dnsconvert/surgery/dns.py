@@ -165,14 +165,17 @@ class DynamicNetworkSurgery(MaskedSparsifier):
                 self.stats[name] = self._estimate(name, score)
             cut_at, splice_at = self.thresholds(name)
             mask = self._masks[name]
-            # keep where s > b, or where already kept and s > a (the hysteresis band keeps its state)
-            new_mask = (score > splice_at) | (mask & (score > cut_at))
+            # keep where s > a if kept, s > b if cut: one threshold tensor, a where T=1 and b where
+            # T=0, so the hysteresis band keeps each weight's state (float ops: bool ones are slow)
+            threshold = self._keep[name].mul(cut_at - splice_at).add_(splice_at)
+            new_mask = score > threshold
             if self.pattern is not None and cannot_hold(tuple(new_mask.shape), self.pattern) is None:
                 new_mask &= nm_mask(score, self.pattern, allowed=new_mask)
             cuts = int((mask > new_mask).sum())
-            self.cuts += cuts
-            self.splices += cuts + int(new_mask.sum()) - int(mask.sum())
+            kept_before = self._kept[name]
             self.set_mask(name, new_mask, weight)
+            self.cuts += cuts
+            self.splices += cuts + self._kept[name] - kept_before
             changed.add(name)
         return changed
 
