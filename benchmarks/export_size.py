@@ -5,7 +5,7 @@
 Size/parity: LeNet-300-100 and LeNet-5 pruned by magnitude to 50/90/95/99%. Time: the whole
 ``ort`` build (export, sparsify, checker, parity in ONNX Runtime, graph N:M check, writing
 files and manifest) against a bare ``torch.onnx.export(dynamo=True)`` of the same model, on
-LeNet-5 and on an MLP of ≥10M parameters; median of 3 after one warm-up export.
+LeNet-5 and on an MLP of ≥10M parameters; median of 5 after one warm-up export.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
             example = torch.randn(2, *ckpt.model.input_shape[1:])
             torch_to_onnx(model, example)  # warm-up: the exporter's first call imports and caches a lot
             bare, full = [], []
-            for i in range(3):
+            for i in range(5):
                 t0 = time.perf_counter()
                 torch_to_onnx(model, example)
                 bare.append(time.perf_counter() - t0)

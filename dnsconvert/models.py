@@ -162,7 +162,7 @@ def build_model(spec: ModelSpec, *, trust_code: bool = False) -> nn.Module:
     return model
 
 
-def load_weights_(model: nn.Module, weights: dict[str, torch.Tensor], *, where: str = "checkpoint") -> nn.Module:
+def load_weights_(model: nn.Module, weights: dict[str, torch.Tensor], *, where: str = "checkpoint", assign: bool = False) -> nn.Module:
     """Load a state dict strictly, turning missing/unknown/mis-shaped keys into one clear error."""
     expected = model.state_dict()
     unknown = sorted(set(weights) - set(expected))
@@ -180,7 +180,7 @@ def load_weights_(model: nn.Module, weights: dict[str, torch.Tensor], *, where: 
                 f"{where}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}",
                 hint="is the model spec the one it was trained with?",
             )
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(weights, strict=True, assign=assign)
     return model
 
 
@@ -192,6 +192,20 @@ def build_masked_model(ckpt: Any, *, trust_code: bool = False) -> nn.Module:
             path=ckpt.source,
             hint="pass --model NAME or --model pkg.module:factory (with --input-shape)",
         )
-    model = build_model(ckpt.model, trust_code=trust_code)
-    load_weights_(model, ckpt.masked_weights(), where=ckpt.name)
+    # fresh tensors (masked ones already are), so the model never aliases the checkpoint's
+    weights = {k: v if k in ckpt.masks else v.clone() for k, v in ckpt.masked_weights().items()}
+    # Build on the meta device and adopt the checkpoint's tensors: skips initialising weights
+    # that are overwritten anyway (a tenth of a second per 10M parameters). Falls back to a
+    # normal build when the model keeps state outside its state dict.
+    with torch.device("meta"):
+        model = build_model(ckpt.model, trust_code=trust_code)
+    try:
+        load_weights_(model, weights, where=ckpt.name, assign=True)
+    except ModelSpecError:
+        raise
+    except (RuntimeError, TypeError, NotImplementedError):
+        model = None
+    if model is None or any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = build_model(ckpt.model, trust_code=trust_code)
+        load_weights_(model, weights, where=ckpt.name)
     return model.eval()

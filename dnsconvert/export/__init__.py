@@ -21,9 +21,9 @@ from .._atomic import atomic_path, write_json_atomic
 from ..checkpoint import SparseCheckpoint
 from ..errors import ExportError, GateFailed
 from ..pattern import TWO_FOUR
-from ..validate import ensure_usable, validate
+from ..validate import check_finite
 from .graph_nm import check_graph_nm
-from .manifest import base_manifest, file_record, manifest_path_for
+from .manifest import base_manifest, bytes_record, manifest_path_for
 from .onnx_export import export_checkpoint, torch_to_onnx
 from .parity import compare, parity_inputs, torch_runner
 from .sparse_init import densify, initializer_arrays, sparsify_initializers
@@ -63,8 +63,9 @@ def build_onnx_artifact(
     """Export, check and write ``output`` (sparse), its dense twin and manifest; returns (manifest, files)."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    ensure_usable(ckpt)
-    report = validate(ckpt)
+    # Structure and finiteness here; fitting the model is checked when export_checkpoint loads it.
+    ckpt.check_structure()
+    check_finite(ckpt)
     exported = export_checkpoint(ckpt, opset=opset, dynamic_batch=dynamic_batch, trust_code=trust_code)
     timings["torch_onnx_export_s"] = time.perf_counter() - started
     dense_proto = exported.model
@@ -85,10 +86,9 @@ def build_onnx_artifact(
             raise ExportError(f"initializer {init_name!r} is nonzero where {param!r} is masked")
     inputs = parity_inputs(ckpt.model.input_shape, parity_batches if dynamic_batch else (ckpt.model.input_shape[0],))
     parity = compare(torch_runner(exported.torch_model), make_runner(sparse_bytes), inputs, atol=atol, rtol=rtol)
-    graph_nm = check_graph_nm(dense_proto, TWO_FOUR)
+    graph_nm = check_graph_nm(dense_proto, TWO_FOUR, arrays=arrays)
     timings["total_s"] = time.perf_counter() - started
     layer_of = {v: k for k, v in exported.names.items()}
-    layers = {layer.name: layer for layer in report.layers}
     manifest = base_manifest(target, ckpt)
     manifest.update(
         {
@@ -102,7 +102,7 @@ def build_onnx_artifact(
                     "param": layer_of.get(r.name, r.name),
                     "initializer": r.name,
                     "shape": list(r.shape),
-                    "sparsity": layers[layer_of[r.name]].sparsity if r.name in layer_of else 1 - r.nnz / max(1, int(np.prod(r.shape))),
+                    "sparsity": 1 - r.nnz / max(1, int(np.prod(r.shape))),
                     "nnz": r.nnz,
                     "stored_sparse": r.sparsified,
                     "dense_bytes": r.dense_bytes,
@@ -127,7 +127,7 @@ def build_onnx_artifact(
         dense_tmp = stack.enter_context(atomic_path(dense_path))
         sparse_tmp.write_bytes(sparse_bytes)
         dense_tmp.write_bytes(dense_bytes)
-    manifest["files"] = {"sparse": file_record(output), "dense": file_record(dense_path)}
+    manifest["files"] = {"sparse": bytes_record(output, sparse_bytes), "dense": bytes_record(dense_path, dense_bytes)}
     write_json_atomic(manifest_path, manifest)
     return manifest, {"sparse": output, "dense": dense_path, "manifest": manifest_path}
 

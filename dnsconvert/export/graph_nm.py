@@ -62,15 +62,17 @@ def weight_consumers(model: onnx.ModelProto) -> list[GraphWeight]:
     return found
 
 
-def check_graph_nm(model: onnx.ModelProto, pattern: NMPattern) -> list[GraphNMResult]:
-    arrays = initializer_arrays(model)
+def check_graph_nm(model: onnx.ModelProto, pattern: NMPattern, *, arrays: dict[str, np.ndarray] | None = None) -> list[GraphNMResult]:
+    """N:M compliance of every Conv/Gemm/MatMul weight along its reduction axis (``arrays``: the
+    initializers as arrays, when the caller already has them)."""
+    arrays = arrays if arrays is not None else initializer_arrays(model)
     results = []
     for weight in weight_consumers(model):
         array = arrays[weight.initializer]
         # move the reduction axis to position 1, where pattern.py expects it
         if weight.reduction_axis == 0 and array.ndim == 2:
             array = array.T
-        tensor = torch.from_numpy(np.array(array, copy=True))
+        tensor = torch.from_numpy(np.ascontiguousarray(array)) if array.flags.writeable else torch.from_numpy(np.array(array))
         reason = cannot_hold(tuple(tensor.shape), pattern)
         if reason is not None:
             results.append(GraphNMResult(weight.initializer, weight.op, weight.reduction_axis, None, 0, reason))

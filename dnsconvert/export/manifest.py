@@ -26,6 +26,13 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+def bytes_record(path: Path, data: bytes) -> dict[str, Any]:
+    """The record of a file just written from ``data`` (hashed in memory, not read back)."""
+    import hashlib
+
+    return {"path": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 def manifest_path_for(artifact: Path) -> Path:
     return artifact.with_name(artifact.name + ".manifest.json")
 
