@@ -17,7 +17,6 @@ _EXPORTS = {
     "PruningInfo": "dnsconvert.checkpoint",
     "load_checkpoint": "dnsconvert.checkpoint",
     "NMPattern": "dnsconvert.pattern",
-    "validate": "dnsconvert.validate",
     "SparsityReport": "dnsconvert.validate",
     "project_nm": "dnsconvert.project",
     "ProjectionResult": "dnsconvert.project",
@@ -25,13 +24,13 @@ _EXPORTS = {
     "build_masked_model": "dnsconvert.models",
     "DynamicNetworkSurgery": "dnsconvert.surgery",
     "prune": "dnsconvert.surgery",
-    "export": "dnsconvert.export",
     "densify": "dnsconvert.export",
     "get_target": "dnsconvert.targets",
     "list_targets": "dnsconvert.targets",
-    "bench": "dnsconvert.bench",
     "run_pipeline": "dnsconvert.pipeline",
 }
+# validate, export and bench share their modules' names (dnsconvert.validate.validate, ...):
+# import them from those modules, since importing a submodule rebinds the package attribute.
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
