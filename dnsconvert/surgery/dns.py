@@ -167,7 +167,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
             mask = self._masks[name]
             # keep where s > a if kept, s > b if cut: one threshold tensor, a where T=1 and b where
             # T=0, so the hysteresis band keeps each weight's state (float ops: bool ones are slow)
-            threshold = self._keep[name].mul(cut_at - splice_at).add_(splice_at)
+            threshold = (self._keep[name] * cut_at).add_(self._cut[name], alpha=splice_at)  # exactly a or b
             new_mask = score > threshold
             if self.pattern is not None and cannot_hold(tuple(new_mask.shape), self.pattern) is None:
                 new_mask &= nm_mask(score, self.pattern, allowed=new_mask)
