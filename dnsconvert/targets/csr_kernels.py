@@ -78,16 +78,15 @@ class CsrChain:
     def __init__(self, layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]]):
         # each layer: (indptr, indices, data, bias, activation)
         # int32 indices halve the index traffic of the gather loop (nonzeros per layer < 2^31)
-        self.layers = [(ip.astype(np.int64), ix.astype(np.int32), d.astype(np.float32), b.astype(np.float32), ACTIVATIONS[a]) for ip, ix, d, b, a in layers]
-        self.nnz = sum(int(d.size) for _, _, d, _, _ in self.layers)
-        self.indptr = np.concatenate([ip for ip, *_ in self.layers])
-        self.indices = np.concatenate([ix for _, ix, *_ in self.layers])
-        self.data = np.concatenate([d for _, _, d, _, _ in self.layers])
-        self.bias = np.concatenate([b for *_, b, _ in self.layers])
-        self.ip_off = np.cumsum([0] + [ip.size for ip, *_ in self.layers]).astype(np.int64)
-        self.nz_off = np.cumsum([0] + [ix.size for _, ix, *_ in self.layers]).astype(np.int64)
-        self.b_off = np.cumsum([0] + [b.size for *_, b, _ in self.layers]).astype(np.int64)
-        self.acts = np.array([a for *_, a in self.layers], dtype=np.int64)
+        parts = [(ip.astype(np.int64), ix.astype(np.int32), d.astype(np.float32), b.astype(np.float32), ACTIVATIONS[a]) for ip, ix, d, b, a in layers]
+        self.indptr = np.concatenate([ip for ip, *_ in parts])
+        self.indices = np.concatenate([ix for _, ix, *_ in parts])
+        self.data = np.concatenate([d for _, _, d, _, _ in parts])
+        self.bias = np.concatenate([b for *_, b, _ in parts])
+        self.ip_off = np.cumsum([0] + [ip.size for ip, *_ in parts]).astype(np.int64)
+        self.nz_off = np.cumsum([0] + [ix.size for _, ix, *_ in parts]).astype(np.int64)
+        self.b_off = np.cumsum([0] + [b.size for *_, b, _ in parts]).astype(np.int64)
+        self.acts = np.array([a for *_, a in parts], dtype=np.int64)
 
     def __call__(self, x_t: np.ndarray) -> np.ndarray:
         """x_t: [in_features, batch] float32, C-contiguous."""
