@@ -19,7 +19,6 @@ metadata. The dense baseline is the same model with every layer dense, on the sa
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -86,18 +85,11 @@ class PlannedLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
-def _time(fn, reps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    started = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - started) / reps
-
-
 @torch.inference_mode()
 def plan_layer(weight: torch.Tensor, bias: torch.Tensor | None, batches: list[int], mode: str, min_sparsity: float) -> dict:
     """Choose each batch regime's kernel for one Linear layer; returns the decision with its evidence."""
+    from ..bench.timing import measure
+
     sparsity = 1.0 - float((weight != 0).float().mean())
     if mode == "sparsity":
         kernel = "compiled" if sparsity >= min_sparsity else "dense"
@@ -106,7 +98,7 @@ def plan_layer(weight: torch.Tensor, bias: torch.Tensor | None, batches: list[in
     timings: dict[str, dict[str, float]] = {}
     for batch in batches:
         x = torch.randn(batch, weight.shape[1])
-        timings[str(batch)] = {name: 1e3 * _time(lambda layer=layer: layer(x)) for name, layer in candidates.items()}
+        timings[str(batch)] = {name: measure(lambda layer=layer: layer(x), batch=batch, warmup=3, iterations=30).mean_ms for name, layer in candidates.items()}
     kernels = {}
     for regime in ("small", "large"):
         timed = [t for b, t in timings.items() if batch_regime(int(b)) == regime] or list(timings.values())
