@@ -29,7 +29,12 @@ def magnitude_masks(
     return masks
 
 
+def sparsity_at(target: float, progress: float) -> float:
+    """IMP's sparsity a fraction ``progress`` of the way to ``target``: the same share of the
+    *remaining* weights is pruned each round, so the kept fraction shrinks geometrically."""
+    return 1.0 - (1.0 - target) ** progress
+
+
 def imp_schedule(target: float, rounds: int) -> list[float]:
-    """Sparsity after each IMP round, pruning the same fraction of the *remaining* weights each round."""
-    keep_per_round = (1.0 - target) ** (1.0 / rounds)
-    return [1.0 - keep_per_round ** (r + 1) for r in range(rounds)]
+    """Sparsity after each of ``rounds`` IMP rounds."""
+    return [sparsity_at(target, (r + 1) / rounds) for r in range(rounds)]

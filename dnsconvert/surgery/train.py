@@ -28,7 +28,7 @@ from ..checkpoint import ModelSpec, PruningInfo, SparseCheckpoint
 from ..data import DataSplits, ImageDataset, resolve_data
 from ..errors import InternalError, UserError
 from ..models import build_model, load_weights_
-from .baselines import magnitude_masks
+from .baselines import magnitude_masks, sparsity_at
 from .dns import DNSConfig, DynamicNetworkSurgery
 from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_parameters
 
@@ -189,14 +189,12 @@ class Trainer:
             self.sparsifier = DynamicNetworkSurgery(self.ddp_model, c.dns, initial_masks=self.initial_masks)
         else:
             previous = self.sparsifier.masks() if self.sparsifier is not None else self.initial_masks
-            names = list(prunable_parameters(self.model))
+            # finetune phases follow a dense phase or another finetune (fixed-mask) phase, never DNS
             weights = {n: p.detach() for n, p in prunable_parameters(self.model).items()}
-            if self.sparsifier is not None and isinstance(self.sparsifier, DynamicNetworkSurgery):
-                weights = self.sparsifier.shadows()
             # Per layer: the DNS per-layer targets when given (a like-for-like comparison), else the
-            # global target; IMP round r of R prunes to 1 − (1 − s)^(r/R) (same share of the rest each round).
-            targets = {n: 1.0 - (1.0 - c.dns.layer_sparsity.get(n, c.target_sparsity)) ** float(phase.progress) for n in names}
-            masks = magnitude_masks({n: weights[n] for n in names}, targets, previous=previous)
+            # global target; IMP round r of R is at sparsity_at(target, r/R).
+            targets = {n: sparsity_at(c.dns.layer_sparsity.get(n, c.target_sparsity), float(phase.progress)) for n in weights}
+            masks = magnitude_masks(weights, targets, previous=previous)
             self.sparsifier = FixedMaskSparsifier(self.ddp_model, masks)
 
     def _lr(self, phase: Phase, step: int) -> float:
