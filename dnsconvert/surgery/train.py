@@ -209,12 +209,17 @@ class Trainer:
         batch = permutation[offset * self.config.batch_size : (offset + 1) * self.config.batch_size]
         return batch[self.rank :: self.world]
 
+    @property
+    def global_step(self) -> int:
+        """Steps done over all phases (what the resume test kills at and the checkpoint records)."""
+        return sum(p.steps for p in self.phases[: self.phase_index]) + self.phase_step
+
     # state -----------------------------------------------------------------------------------
     def snapshot(self, final: bool = False) -> SparseCheckpoint:
         masks = self.sparsifier.masks() if self.sparsifier is not None else {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(self.model).items()}
         raw = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         state: dict[str, Any] = {
-            "iteration": sum(p.steps for p in self.phases[: self.phase_index]) + self.phase_step,
+            "iteration": self.global_step,
             "run": self.config.to_json(),
             "phase_index": self.phase_index,
             "phase_step": self.phase_step,
@@ -254,7 +259,7 @@ class Trainer:
     # run ---------------------------------------------------------------------------------------
     def run(self) -> None:
         total = sum(p.steps for p in self.phases)
-        done = sum(p.steps for p in self.phases[: self.phase_index]) + self.phase_step
+        done = self.global_step
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -267,7 +272,7 @@ class Trainer:
                     self._start_phase(phase)
                 self.ddp_model.train()
                 while self.phase_step < phase.steps:
-                    global_step = sum(p.steps for p in self.phases[: self.phase_index]) + self.phase_step
+                    global_step = self.global_step
                     if global_step == self.kill_at:
                         os.kill(os.getpid(), signal.SIGKILL)
                     epoch, offset = divmod(self.phase_step, self.steps_per_epoch)
