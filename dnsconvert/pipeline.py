@@ -50,6 +50,10 @@ class PipelineReport:
     def passed(self) -> bool:
         return not self.failed_gates and all(s.status != "failed" for s in self.stages)
 
+    def gate_error(self) -> GateFailed:
+        names = ", ".join(f"{g['stage']}:{g['gate']}" for g in self.failed_gates)
+        return GateFailed(f"pipeline gate(s) failed: {names}; see {Path(self.workdir) / 'report.json'}")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": "pipeline-report",
@@ -149,11 +153,14 @@ class _Runner:
         return p if p.is_absolute() else (self.base / p)
 
 
-def run_pipeline(path: str | Path, *, workdir: str | Path | None = None, progress: bool = False) -> PipelineReport:
+def run_pipeline(path: str | Path, *, workdir: str | Path | None = None, progress: bool = False, fail_on_gate: bool = True) -> PipelineReport:
     """Run the pipeline file at ``path``; returns the report (also written to workdir/report.json).
 
+    A stage whose gate raises (parity) ends the run there; gates that only record a result
+    (validation rules, minimum speedup) let the later stages run.
+
     Raises:
-        GateFailed: a gate failed (after the report is written).
+        GateFailed: a gate failed (after the report is written), unless ``fail_on_gate`` is False.
         PipelineError / other UserError: the file or a stage's input is unusable.
     """
     from .checkpoint import load_checkpoint
@@ -165,13 +172,13 @@ def run_pipeline(path: str | Path, *, workdir: str | Path | None = None, progres
     work.mkdir(parents=True, exist_ok=True)
     runner = _Runner(config, source, work)
     try:
-        checkpoint = _run_stages(runner, config, work, progress, load_checkpoint)
-        del checkpoint
+        _run_stages(runner, config, work, progress, load_checkpoint)
+    except GateFailed:
+        pass  # the stage recorded it in the report; the stages after it depend on its output
     finally:
         write_json_atomic(work / "report.json", runner.report.to_json())
-    if not runner.report.passed:
-        names = ", ".join(f"{g['stage']}:{g['gate']}" for g in runner.report.failed_gates)
-        raise GateFailed(f"pipeline gate(s) failed: {names}; see {work / 'report.json'}")
+    if fail_on_gate and not runner.report.passed:
+        raise runner.report.gate_error()
     return runner.report
 
 

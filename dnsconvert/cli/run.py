@@ -15,23 +15,10 @@ from ._common import console, emit_json
 @click.option("--json", "as_json", is_flag=True, help="Print the pipeline report as JSON.")
 def run_cmd(pipeline: Path, workdir: Path | None, as_json: bool) -> None:
     """Run prune -> validate -> project -> export -> bench from PIPELINE (TOML); unchanged stages are skipped."""
-    from ..errors import GateFailed
     from ..pipeline import run_pipeline
 
-    try:
-        report = run_pipeline(pipeline, workdir=workdir, progress=not as_json)
-        failure = None
-    except GateFailed as exc:
-        failure = exc
-        import json
-
-        from ..pipeline import load_pipeline
-
-        settings = load_pipeline(pipeline).get("pipeline", {})
-        work = workdir or pipeline.parent / settings.get("workdir", "pipeline-out")
-        report_json = json.loads((Path(work) / "report.json").read_text())
-    else:
-        report_json = report.to_json()
+    report = run_pipeline(pipeline, workdir=workdir, progress=not as_json, fail_on_gate=False)
+    report_json = report.to_json()
     if as_json:
         emit_json(report_json)
     else:
@@ -40,5 +27,5 @@ def run_cmd(pipeline: Path, workdir: Path | None, as_json: bool) -> None:
             gates = ", ".join(f"{g['gate']} {'ok' if g['passed'] else 'FAILED'}" for g in stage["gates"])
             out.print(f"{stage['name']:<24} {stage['status']:<8} {stage['seconds']:6.1f}s  {gates}")
         out.print(f"report: {Path(report_json['workdir']) / 'report.json'}")
-    if failure is not None:
-        raise failure
+    if not report.passed:
+        raise report.gate_error()
