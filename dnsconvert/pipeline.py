@@ -100,6 +100,7 @@ def _key(settings: Any, inputs: dict[str, Path]) -> str:
 class _Runner:
     def __init__(self, config: dict[str, Any], source: Path, workdir: Path):
         self.config = config
+        self.source = source
         self.base = source.parent
         self.workdir = workdir
         self.state_path = workdir / STATE_FILE
@@ -116,6 +117,9 @@ class _Runner:
         return recorded
 
     def stage(self, name: str, settings: Any, inputs: dict[str, Path], work) -> StageResult:
+        for role, path in inputs.items():
+            if not Path(path).is_file():
+                raise PipelineError(f"[{name}] needs its {role} {path}, which does not exist", path=self.source, hint="fix the path in the pipeline file")
         key = _key(settings, inputs)
         recorded = self._fresh(name, key)
         if recorded is not None:
@@ -197,7 +201,7 @@ def _run_stages(runner: _Runner, config: dict[str, Any], work: Path, progress: b
             try:
                 cfg = PruneConfig(model=spec, dns=dns, **opts)
             except TypeError as exc:
-                raise PipelineError(f"[prune]: {exc}") from None
+                raise PipelineError(f"[prune]: {exc}", path=runner.source, hint="use the option names of dnsconvert prune, with _ for -") from None
             result = prune(cfg, output=out, progress=progress)
             return {"checkpoint": out}, {"test_accuracy": result.test_accuracy, "sparsity": result.sparsity, "compression": result.compression, "data": result.data_source}, []
 

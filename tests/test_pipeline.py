@@ -88,3 +88,6 @@ def test_bad_pipeline_files(tmp_path, run_cli):
     assert result.exit_code == 2 and "unknown section" in result.stderr
     result = run_cli("run", tmp_path / "missing.toml")
     assert result.exit_code == 2
+    bad.write_text('[input]\ncheckpoint = "nope.safetensors"\n[validate]\n')
+    result = run_cli("run", bad, "--workdir", tmp_path / "work")
+    assert result.exit_code == 2 and "nope.safetensors" in result.stderr and "Traceback" not in result.output
