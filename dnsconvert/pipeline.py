@@ -85,6 +85,13 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
         raise PipelineError(f"unknown section(s) {', '.join(sorted(unknown))}", path=path, hint=f"sections: pipeline, input, {', '.join(STAGES)}")
     if "prune" not in config and "checkpoint" not in config.get("input", {}):
         raise PipelineError("needs a [prune] section or [input] checkpoint = ...", path=path)
+    for section, values in config.items():
+        if isinstance(values, dict) and "trust_model_code" in values:
+            raise PipelineError(
+                f"[{section}] trust_model_code: trust cannot come from a file",
+                path=path,
+                hint="remove the key and pass dnsconvert run --trust-model-code if you trust the model code this pipeline names",
+            )
     return config
 
 
@@ -157,11 +164,21 @@ class _Runner:
         return p if p.is_absolute() else (self.base / p)
 
 
-def run_pipeline(path: str | Path, *, workdir: str | Path | None = None, progress: bool = False, fail_on_gate: bool = True) -> PipelineReport:
+def run_pipeline(
+    path: str | Path,
+    *,
+    workdir: str | Path | None = None,
+    progress: bool = False,
+    fail_on_gate: bool = True,
+    trust_model_code: bool = False,
+) -> PipelineReport:
     """Run the pipeline file at ``path``; returns the report (also written to workdir/report.json).
 
     A stage whose gate raises (parity) ends the run there; gates that only record a result
     (validation rules, minimum speedup) let the later stages run.
+
+    ``trust_model_code`` allows model factories outside dnsconvert; it is the caller's
+    decision and never read from the pipeline file.
 
     Raises:
         GateFailed: a gate failed (after the report is written), unless ``fail_on_gate`` is False.
@@ -176,7 +193,7 @@ def run_pipeline(path: str | Path, *, workdir: str | Path | None = None, progres
     work.mkdir(parents=True, exist_ok=True)
     runner = _Runner(config, source, work)
     try:
-        _run_stages(runner, config, work, progress, load_checkpoint)
+        _run_stages(runner, config, work, progress, load_checkpoint, trust_model_code)
     except GateFailed:
         pass  # the stage recorded it in the report; the stages after it depend on its output
     finally:
@@ -186,7 +203,7 @@ def run_pipeline(path: str | Path, *, workdir: str | Path | None = None, progres
     return runner.report
 
 
-def _run_stages(runner: _Runner, config: dict[str, Any], work: Path, progress: bool, load_checkpoint) -> Path:
+def _run_stages(runner: _Runner, config: dict[str, Any], work: Path, progress: bool, load_checkpoint, trust_model_code: bool) -> Path:
     if "prune" in config:
         from .models import resolve_spec
         from .surgery import DNSConfig, PruneConfig, prune
@@ -202,7 +219,7 @@ def _run_stages(runner: _Runner, config: dict[str, Any], work: Path, progress: b
                 cfg = PruneConfig(model=spec, dns=dns, **opts)
             except TypeError as exc:
                 raise PipelineError(f"[prune]: {exc}", path=runner.source, hint="use the option names of dnsconvert prune, with _ for -") from None
-            result = prune(cfg, output=out, progress=progress)
+            result = prune(cfg, output=out, progress=progress, trust_model_code=trust_model_code)
             return {"checkpoint": out}, {"test_accuracy": result.test_accuracy, "sparsity": result.sparsity, "compression": result.compression, "data": result.data_source}, []
 
         checkpoint = Path(runner.stage("prune", config["prune"], {}, do_prune).outputs["checkpoint"])
@@ -247,7 +264,7 @@ def _run_stages(runner: _Runner, config: dict[str, Any], work: Path, progress: b
             stage_settings = {"target": name, "extra": extra, "atol": opts.get("atol", 1e-4), "rtol": opts.get("rtol", 1e-4)}
 
             def do_export(target=target, output=output, extra=extra, name=name):
-                artifact = target.build(load_checkpoint(checkpoint), output, BuildOptions(atol=opts.get("atol", 1e-4), rtol=opts.get("rtol", 1e-4), extra=extra))
+                artifact = target.build(load_checkpoint(checkpoint), output, BuildOptions(atol=opts.get("atol", 1e-4), rtol=opts.get("rtol", 1e-4), trust_model_code=trust_model_code, extra=extra))
                 files = {f"file:{k}": v for k, v in artifact.files.items()}
                 files["manifest"] = artifact.manifest_path
                 parity = artifact.manifest.get("parity", {})

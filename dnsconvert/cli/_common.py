@@ -10,6 +10,17 @@ from typing import Any
 import click
 
 
+TRUST_HELP = (
+    "Allow importing the model factory a checkpoint or pipeline names from outside dnsconvert. "
+    "This runs code: dnsconvert imports that module and calls the named callable with the "
+    "keyword arguments the file chooses. Give it only for files you trust; trust is never read from a file."
+)
+
+
+def trust_option(func):
+    return click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)(func)
+
+
 def checkpoint_argument(func):
     return click.argument("checkpoint", type=click.Path(path_type=Path))(func)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import checkpoint_argument, console, emit_json, load_with_model, model_options
+from ._common import checkpoint_argument, console, emit_json, load_with_model, model_options, trust_option
 
 
 def parse_target_options(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -27,7 +27,7 @@ def parse_target_options(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance, absolute.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="Parity tolerance, relative.")
 @model_options
-@click.option("--trust-model-code", is_flag=True, help="Allow importing a model factory outside dnsconvert.")
+@trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_cmd(checkpoint: Path, target_name: str, output: Path, target_options: tuple[str, ...], atol: float, rtol: float, model: str | None, input_shape: str | None, trust_model_code: bool, as_json: bool) -> None:
     """Build a target's sparse artifact (and its dense baseline) from a checkpoint."""

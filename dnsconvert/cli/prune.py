@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import console, emit_json, parse_shape, render_sparsity_report
+from ._common import console, emit_json, parse_shape, render_sparsity_report, trust_option
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, float]:
@@ -27,7 +27,7 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, float]:
 @click.option("--model", "model_name", default="lenet300100", show_default=True, help="Built-in name (lenet300100, lenet5, mlp, convnet, transformer_mlp) or pkg.module:factory.")
 @click.option("--model-kwargs", default="{}", help="JSON kwargs for the model factory.")
 @click.option("--input-shape", default=None, help="Input shape for a model outside dnsconvert, e.g. 1,1,28,28.")
-@click.option("--trust-model-code", is_flag=True, help="Allow importing a model factory outside dnsconvert.")
+@trust_option
 @click.option("--method", type=click.Choice(["dns", "magnitude", "imp"]), default="dns", show_default=True, help="DNS, or a baseline: one-shot magnitude + fine-tune, iterative magnitude pruning.")
 @click.option("--criterion", type=click.Choice(["magnitude", "taylor", "movement"]), default="magnitude", show_default=True, help="Saliency for DNS cut/splice.")
 @click.option("--c", "crate", type=float, default=3.0, show_default=True, help="DNS threshold: mean + c*std of the layer's saliency.")
@@ -101,12 +101,11 @@ def prune_cmd(**o) -> None:
         seed=o["seed"],
         checkpoint_every=o["checkpoint_every"],
         data=o["data"],
-        trust_model_code=o["trust_model_code"],
     )
     init = load_checkpoint(o["init_path"]) if o["init_path"] else None
     resume = load_checkpoint(o["resume_path"]) if o["resume_path"] else None
     progress = not o["no_progress"] and not o["as_json"]
-    result = prune(config, output=o["output"], init=init, resume=resume, progress=progress)
+    result = prune(config, output=o["output"], init=init, resume=resume, progress=progress, trust_model_code=o["trust_model_code"])
     from .._atomic import sha256_file
     from ..surgery.train import _dist_info
 

@@ -55,7 +55,6 @@ class PruneConfig:
     seed: int = 0
     checkpoint_every: int = 500
     data: str = "auto"
-    trust_model_code: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,6 +77,8 @@ class PruneConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PruneConfig:
         data = dict(data)
+        # Trust is the caller's decision, never a file's: older checkpoints stored it in the run.
+        data.pop("trust_model_code", None)
         data["model"] = ModelSpec.from_json(data["model"])
         data["dns"] = DNSConfig(**data["dns"])
         return cls(**data)
@@ -147,14 +148,23 @@ def _mask_digest(masks: dict[str, torch.Tensor]) -> str:
 class Trainer:
     """Runs the phases of one pruning run; see the module docstring."""
 
-    def __init__(self, config: PruneConfig, data: DataSplits, *, output: Path | None, progress: bool = True, init: SparseCheckpoint | None = None):
+    def __init__(
+        self,
+        config: PruneConfig,
+        data: DataSplits,
+        *,
+        output: Path | None,
+        progress: bool = True,
+        init: SparseCheckpoint | None = None,
+        trust_model_code: bool = False,
+    ):
         self.config = config
         self.data = data
         self.output = output
         self.rank, self.world = _dist_info()
         self.progress = progress and self.rank == 0
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, trust_code=config.trust_model_code)
+        self.model = build_model(config.model, trust_code=trust_model_code)
         self.initial_masks: dict[str, torch.Tensor] | None = None
         if init is not None:
             load_weights_(self.model, init.masked_weights(), where=init.name)
@@ -231,7 +241,7 @@ class Trainer:
             "finished": final,
         }
         c = self.config
-        hyper = {k: v for k, v in c.to_json().items() if k not in ("model", "dns", "data", "trust_model_code")}
+        hyper = {k: v for k, v in c.to_json().items() if k not in ("model", "dns", "data")}
         if c.method == "dns":
             hyper["dns"] = c.dns.to_json()
         pruning = PruningInfo(method=c.method, criterion=c.dns.criterion if c.method == "dns" else "magnitude", nm=c.dns.nm if c.method == "dns" else None, hyperparameters=hyper)
@@ -335,6 +345,7 @@ def prune(
     init: SparseCheckpoint | None = None,
     resume: SparseCheckpoint | None = None,
     progress: bool = True,
+    trust_model_code: bool = False,
 ) -> PruneResult:
     """Train under ``config`` and return the sparse checkpoint (also written to ``output``).
 
@@ -344,6 +355,8 @@ def prune(
         data: training/test data (default: resolved from ``config.data``).
         init: start from these (dense or sparse) weights instead of a fresh model.
         resume: a checkpoint written by an interrupted run of this function.
+        trust_model_code: allow importing a model factory outside dnsconvert. Only the caller
+            can give it: a resumed run's stored settings never enable it.
     """
     if resume is not None:
         if not resume.state or "run" not in resume.state:
@@ -351,7 +364,7 @@ def prune(
         config = PruneConfig.from_json(resume.state["run"])
     started = time.perf_counter()
     data = data or resolve_data(config.data)
-    trainer = Trainer(config, data, output=Path(output) if output else None, progress=progress, init=init)
+    trainer = Trainer(config, data, output=Path(output) if output else None, progress=progress, init=init, trust_model_code=trust_model_code)
     if resume is not None:
         trainer.restore(resume)
     trainer.run()
