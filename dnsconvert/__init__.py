@@ -13,9 +13,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SparseCheckpoint": "dnsconvert.checkpoint",
-    "ModelSpec": "dnsconvert.checkpoint",
+    "ModelSpec": "dnsconvert.modelspec",
+    "InputSpec": "dnsconvert.modelspec",
+    "Dim": "dnsconvert.modelspec",
     "PruningInfo": "dnsconvert.checkpoint",
-    "load_checkpoint": "dnsconvert.checkpoint",
+    "load_checkpoint": "dnsconvert.loading",
     "NMPattern": "dnsconvert.pattern",
     "SparsityReport": "dnsconvert.validate",
     "project_nm": "dnsconvert.project",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import ModelSpec
+from .modelspec import ModelSpec
 from .errors import ModelSpecError
 
 MNIST_SHAPE = (1, 1, 28, 28)

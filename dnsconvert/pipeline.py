@@ -184,7 +184,7 @@ def run_pipeline(
         GateFailed: a gate failed (after the report is written), unless ``fail_on_gate`` is False.
         PipelineError / other UserError: the file or a stage's input is unusable.
     """
-    from .checkpoint import load_checkpoint
+    from .loading import load_checkpoint
 
     source = Path(path)
     config = load_pipeline(source)

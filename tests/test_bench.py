@@ -75,7 +75,7 @@ def test_bench_cli_json_and_plot(run_cli, tmp_path):
 
 
 def test_bench_manifest(tmp_path):
-    from dnsconvert.checkpoint import load_checkpoint
+    from dnsconvert.loading import load_checkpoint
     from dnsconvert.export import export
 
     artifact = export(load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors"), tmp_path / "m.onnx", target="ort")

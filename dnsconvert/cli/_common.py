@@ -56,14 +56,14 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 def load_with_model(path: Path, model: str | None, input_shape: str | None, model_kwargs: dict | None = None):
     """Load a checkpoint; ``--model`` attaches or overrides the model spec (e.g. for a bare state dict)."""
-    from ..checkpoint import load_checkpoint
+    from ..loading import load_checkpoint
     from ..models import resolve_spec
 
     ckpt = load_checkpoint(path)
     if model:
         ckpt.model = resolve_spec(model, parse_shape(input_shape), **(model_kwargs or {}))
     elif input_shape and ckpt.model is not None:
-        from ..checkpoint import ModelSpec
+        from ..modelspec import ModelSpec
 
         ckpt.model = ModelSpec(ckpt.model.factory, ckpt.model.kwargs, parse_shape(input_shape) or ckpt.model.input_shape)
     return ckpt

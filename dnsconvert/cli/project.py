@@ -18,7 +18,7 @@ from ._common import checkpoint_argument, console, emit_json, write_report
 def project_cmd(checkpoint: Path, nm: str, output: Path, as_json: bool, report: Path | None) -> None:
     """Project unstructured masks onto N:M along each layer's reduction axis."""
     from .._atomic import sha256_file
-    from ..checkpoint import load_checkpoint
+    from ..loading import load_checkpoint
     from ..pattern import NMPattern
     from ..project import project_nm
     from ..validate import ensure_usable

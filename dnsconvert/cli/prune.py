@@ -59,7 +59,7 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, float]:
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def prune_cmd(**o) -> None:
     """Train a model under Dynamic Network Surgery and write a sparse checkpoint."""
-    from ..checkpoint import load_checkpoint
+    from ..loading import load_checkpoint
     from ..models import resolve_spec
     from ..surgery import DNSConfig, PruneConfig, prune
     from ..surgery.train import maybe_init_distributed

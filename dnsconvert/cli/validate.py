@@ -18,7 +18,7 @@ from ._common import checkpoint_argument, emit_json, render_sparsity_report, wri
 def validate_cmd(checkpoint: Path, require_nm: str | None, min_sparsity: float | None, as_json: bool, report: Path | None) -> None:
     """Check a checkpoint's sparsity pattern; exit 1 if a rule fails, 2 if it is unusable."""
     from .._atomic import sha256_file
-    from ..checkpoint import load_checkpoint
+    from ..loading import load_checkpoint
     from ..errors import GateFailed
     from ..validate import validate
 
@@ -38,7 +38,7 @@ def validate_cmd(checkpoint: Path, require_nm: str | None, min_sparsity: float |
 @checkpoint_argument
 def inspect_cmd(checkpoint: Path) -> None:
     """Summarise a checkpoint: metadata and the per-layer sparsity table (no gates)."""
-    from ..checkpoint import load_checkpoint
+    from ..loading import load_checkpoint
     from ..validate import validate
     from ._common import console
 

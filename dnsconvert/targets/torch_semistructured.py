@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_path, write_json_atomic
-from ..checkpoint import ModelSpec
+from ..modelspec import ModelSpec
 from ..errors import GateFailed, TargetError
 from ..pattern import TWO_FOUR, cannot_hold, violating_groups
 from .base import Artifact, Availability, BuildOptions, Target

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_path, write_json_atomic
-from ..checkpoint import ModelSpec
+from ..modelspec import ModelSpec
 from ..errors import TargetError
 from ..models import build_masked_model, build_model, load_weights_
 from .base import Artifact, BuildOptions, Target, option_number

@@ -1,4 +1,4 @@
-"""Read any supported checkpoint file into a SparseCheckpoint, without unpickling code.
+"""``load_checkpoint``: any supported checkpoint file -> SparseCheckpoint, without unpickling code.
 
 Supported: dnsconvert's own safetensors files; plain safetensors state dicts; PyTorch
 ``.pt``/``.pth`` state dicts read with ``torch.load(weights_only=True)``, including the
@@ -23,7 +23,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-def load_any(path: str | Path) -> SparseCheckpoint:
+def load_checkpoint(path: str | Path) -> SparseCheckpoint:
     """Load ``path``; every failure is a CheckpointError naming the file and the fix."""
     path = Path(path)
     if not path.exists():
