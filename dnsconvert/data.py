@@ -17,6 +17,7 @@ import struct
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -38,28 +39,46 @@ MNIST_SHA256 = {
 }
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# The synthetic digits' own pixel statistics (of synthetic_digits(seed=0)'s training split, in
+# [0, 1]); fixed, so that every seed normalises alike.
+SYNTHETIC_MEAN, SYNTHETIC_STD = 0.1633, 0.2976
 
 
 @dataclass
 class ImageDataset:
-    """Images as uint8 ``[N, 1, H, W]`` and int64 labels; normalised per batch on the fly."""
+    """Images as uint8 ``[N, 1, H, W]`` and int64 labels; normalised per batch on the fly.
+
+    The data owns its normalisation: ``(pixel / 255 - mean) / std`` with the statistics of the
+    set it came from (MNIST's for MNIST, the synthetic digits' for those).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     name: str
+    mean: float  # of pixel / 255 over the set's training images
+    std: float
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[index].float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+        x = self.images[index].float().div_(255.0).sub_(self.mean).div_(self.std)
         return x, self.labels[index]
+
+
+class Examples(Protocol):
+    """A training or test set as the trainer reads it: its size, and the batch of the examples
+    at given indices (a tensor, a tuple or a dict; see :mod:`dnsconvert.userdata`)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: torch.Tensor) -> Any: ...
 
 
 @dataclass
 class DataSplits:
-    train: ImageDataset
-    test: ImageDataset
+    train: Examples  # ImageDataset for MNIST / synthetic digits
+    test: Examples
     source: str
 
 
@@ -106,7 +125,7 @@ def load_mnist(directory: str | Path) -> DataSplits:
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{part} images {images.shape} and labels {labels.shape} do not match", path=directory)
-        splits.append(ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), f"mnist-{part}"))
+        splits.append(ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), f"mnist-{part}", MNIST_MEAN, MNIST_STD))
     return DataSplits(splits[0], splits[1], f"mnist:{directory}")
 
 
@@ -161,7 +180,7 @@ def synthetic_digits(n_train: int = 12_000, n_test: int = 2_000, seed: int = 0) 
         images *= rng.random(images.shape) > 0.1
         images += rng.normal(0.0, 0.15, images.shape)
         pixels = np.clip(images * 255.0, 0, 255).astype(np.uint8)
-        return ImageDataset(torch.from_numpy(pixels).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), "synthetic")
+        return ImageDataset(torch.from_numpy(pixels).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), "synthetic", SYNTHETIC_MEAN, SYNTHETIC_STD)
 
     return DataSplits(make(n_train), make(n_test), f"synthetic(seed={seed})")
 

@@ -86,7 +86,7 @@ class ModelChoice:
 class PruneOptions(ModelChoice):
     """Everything ``dnsconvert prune`` and a pipeline's ``[prune]`` section take."""
 
-    model: str = Field("lenet300100", description="Built-in name (lenet300100, lenet5, mlp, convnet, transformer_mlp) or pkg.module:factory.")
+    model: str = Field("lenet300100", description="Built-in name (lenet300100, lenet5, mlp, convnet, transformer_mlp), pkg.module:factory, or hf:DIR (a local transformers model).")
     method: Literal["dns", "magnitude", "imp"] = Field("dns", description="DNS, or a baseline: one-shot magnitude + fine-tune, iterative magnitude pruning.")
     criterion: Literal["magnitude", "taylor", "movement"] = Field("magnitude", description="Saliency for DNS cut/splice.")
     c: float = Field(3.0, description="DNS threshold: mean + c*std of the layer's saliency.")
@@ -109,7 +109,18 @@ class PruneOptions(ModelChoice):
     weight_decay: float = Field(0.0, description="Weight decay.")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule within each phase.")
     seed: int = Field(0, description="Seed of initialisation, data order and mask-update draws.")
-    data: str = Field("auto", description="MNIST directory, 'mnist', 'synthetic', or 'auto' ($DNSCONVERT_MNIST, cache, download, else synthetic).")
+    data: str = Field(
+        "auto",
+        description="Your data: pkg.module:factory returning (train, test) datasets or DataLoaders (runs your code: needs --trust-model-code). "
+        "Built in: an MNIST directory, 'mnist', 'auto' ($DNSCONVERT_MNIST, cache, download, else synthetic digits) for models taking 1x28x28 images; "
+        "'synthetic' (digits for those, else examples of the model's declared inputs: smoke tests only).",
+    )
+    data_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the data factory.")
+    task: Literal["classification", "causal-lm"] = Field(
+        "classification",
+        description="The loss: classification (cross-entropy on the logits against the batch's labels) or causal-lm (next-token cross-entropy on the token ids).",
+    )
+    loss: str | None = Field(None, description="Your loss instead of the task's: pkg.module:fn(output, target) -> scalar tensor (needs --trust-model-code).")
     checkpoint_every: int = Field(500, description="Write the output checkpoint every N steps (atomically); 0: only at the end.")
 
     def to_config(self):
@@ -147,6 +158,9 @@ class PruneOptions(ModelChoice):
             seed=self.seed,
             checkpoint_every=self.checkpoint_every,
             data=self.data,
+            data_kwargs=dict(self.data_kwargs),
+            task=self.task,
+            loss=self.loss,
         )
 
 

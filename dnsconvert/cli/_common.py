@@ -13,7 +13,8 @@ import click
 
 
 TRUST_HELP = (
-    "Allow importing the model factory a checkpoint or pipeline names from outside dnsconvert. "
+    "Allow importing the model factory a checkpoint or pipeline names from outside dnsconvert "
+    "(and, for prune and run, the data factory and loss function). "
     "This runs code: dnsconvert imports that module and calls the named callable with the "
     "keyword arguments the file chooses. Give it only for files you trust; trust is never read from a file."
 )

@@ -46,8 +46,10 @@ def prune_cmd(**o) -> None:
         "sha256": sha256_file(o["output"]),
         "method": result.checkpoint.pruning.method if result.checkpoint.pruning else None,
         "data": result.data_source,
+        "task": result.task,
         "test_accuracy": result.test_accuracy,
-        "test_error": 1.0 - result.test_accuracy,
+        "test_error": None if result.test_accuracy is None else 1.0 - result.test_accuracy,
+        "test_loss": result.test_loss,
         "sparsity": result.sparsity,
         "compression": result.compression,
         "steps": result.steps,
@@ -61,7 +63,8 @@ def prune_cmd(**o) -> None:
 
     out = console()
     render_sparsity_report(validate(result.checkpoint), out)
+    quality = f"test error {1 - result.test_accuracy:.2%}" if result.test_accuracy is not None else f"test loss {result.test_loss:.4g}"
     out.print(
-        f"data {result.data_source}: test error {1 - result.test_accuracy:.2%}, sparsity {result.sparsity:.2%}, "
+        f"data {result.data_source}: {quality}, sparsity {result.sparsity:.2%}, "
         f"compression {result.compression:.1f}x, {result.steps} steps in {result.wall_seconds:.1f}s -> {o['output']}"
     )

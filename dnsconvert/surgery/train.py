@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import PruningInfo, SparseCheckpoint
-from ..modelspec import ModelSpec
-from ..data import DataSplits, ImageDataset, resolve_data
+from ..modelspec import InputSpec, ModelSpec
+from ..data import DataSplits, Examples, ImageDataset
 from ..errors import InternalError, UserError
 from ..models import build_model, load_weights_
+from ..userdata import TASKS, Task, first_batch_check, forward, make_task, resolve_training_data, split_batch
 from .baselines import magnitude_masks, sparsity_at
 from .dns import DNSConfig, DynamicNetworkSurgery
 from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_parameters
@@ -55,7 +55,10 @@ class PruneConfig:
     imp_rounds: int = 5
     seed: int = 0
     checkpoint_every: int = 500
-    data: str = "auto"
+    data: str = "auto"  # MNIST dir / mnist / synthetic / auto, or a data factory pkg.module:fn
+    data_kwargs: dict[str, Any] = field(default_factory=dict)  # of the data factory
+    task: str = "classification"  # or causal-lm; the loss and metric (see dnsconvert.userdata)
+    loss: str | None = None  # a user loss function pkg.module:fn(output, target), replacing the task's
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +71,8 @@ class PruneConfig:
             raise UserError("batch size must be positive and epochs non-negative")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise UserError(f"target sparsity must lie in [0, 1), got {self.target_sparsity}")
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}", hint=f"choose one of {', '.join(TASKS)}, or pass --loss pkg.module:fn")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -95,13 +100,14 @@ class Phase:
 @dataclass
 class PruneResult:
     checkpoint: SparseCheckpoint
-    test_accuracy: float
+    test_accuracy: float | None  # None when a user loss has no accuracy
     test_loss: float
     sparsity: float
     compression: float
     wall_seconds: float
     steps: int
     data_source: str
+    task: str = "classification"  # the task's name, or the user loss function's import path
 
 
 def plan_phases(config: PruneConfig, steps_per_epoch: int) -> list[Phase]:
@@ -170,6 +176,9 @@ class Trainer:
         if init is not None:
             load_weights_(self.model, init.masked_weights(), where=init.name)
             self.initial_masks = {k: v != 0 for k, v in init.masks.items()} or None
+        self.inputs = config.model.inputs
+        self.task: Task = make_task(config.task, config.loss, self.inputs, trust=trust_model_code)
+        first_batch_check(self.model, config.model, data, self.task, batch_size=config.batch_size)
         self.steps_per_epoch = max(1, len(data.train) // config.batch_size)
         self.phases = plan_phases(config, self.steps_per_epoch)
         self.phase_index = 0
@@ -287,11 +296,12 @@ class Trainer:
                     if global_step == self.kill_at:
                         os.kill(os.getpid(), signal.SIGKILL)
                     epoch, offset = divmod(self.phase_step, self.steps_per_epoch)
-                    x, y = self.data.train.batch(self._batch_index(self.phase_index * 100_003 + epoch, offset))
+                    batch = self.data.train.batch(self._batch_index(self.phase_index * 100_003 + epoch, offset))
+                    feeds, target = split_batch(batch, self.inputs, where=self.data.source)
                     for group in self.optimizer.param_groups:
                         group["lr"] = self._lr(phase, self.phase_step)
-                    logits = self.ddp_model(x)
-                    loss = F.cross_entropy(logits, y)
+                    measured = self.task(forward(self.ddp_model, self.inputs, feeds), target, feeds)
+                    loss = measured.loss
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
@@ -299,10 +309,12 @@ class Trainer:
                         self.sparsifier.step()
                     self.phase_step += 1
                     running_loss = 0.98 * running_loss + 0.02 * float(loss.detach()) if global_step else float(loss.detach())
-                    running_acc = 0.98 * running_acc + 0.02 * float((logits.detach().argmax(1) == y).float().mean())
+                    if measured.correct is not None:
+                        running_acc = 0.98 * running_acc + 0.02 * measured.correct / max(measured.count, 1)
                     if self.progress and (self.phase_step % 20 == 0 or self.phase_step == phase.steps):
                         sparsity = self.sparsifier.sparsity() if self.sparsifier is not None else 0.0
-                        bar.update(task, completed=global_step + 1, description=f"{phase.kind}", info=f"loss {running_loss:.3f} acc {running_acc:.1%} sparsity {sparsity:.1%}")
+                        acc = f" acc {running_acc:.1%}" if measured.correct is not None else ""
+                        bar.update(task, completed=global_step + 1, description=f"{phase.kind}", info=f"loss {running_loss:.3f}{acc} sparsity {sparsity:.1%}")
                     if self.config.checkpoint_every and (global_step + 1) % self.config.checkpoint_every == 0:
                         self._save()
                 self.phase_index += 1
@@ -326,16 +338,31 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on a dataset."""
+def evaluate(
+    model: nn.Module,
+    data: Examples,
+    batch_size: int = 1000,
+    *,
+    task: Task | None = None,
+    inputs: tuple[InputSpec, ...] | None = None,
+) -> tuple[float | None, float]:
+    """(accuracy, mean loss) on a dataset: per example for classification, per predicted token
+    for causal-lm; accuracy is None for a user loss. Defaults: classification of one input."""
+    from ..modelspec import legacy_input
+    from ..userdata import Classification
+
+    task = task or Classification()
+    inputs = inputs or (legacy_input((1,)),)
     model.eval()
-    correct, loss = 0, 0.0
+    correct, loss, count, measured = 0, 0.0, 0, None
     for start in range(0, len(data), batch_size):
-        x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
-        logits = model(x)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    return correct / len(data), loss / len(data)
+        feeds, target = split_batch(data.batch(torch.arange(start, min(start + batch_size, len(data)))), inputs)
+        measured = task(forward(model, inputs, feeds), target, feeds, reduction="sum")
+        loss += float(measured.loss)
+        correct += measured.correct or 0
+        count += measured.count
+    accuracy = correct / count if measured is not None and measured.correct is not None and count else None
+    return accuracy, loss / max(count, 1)
 
 
 def prune(
@@ -353,18 +380,21 @@ def prune(
     Args:
         config: the run; ignored in favour of the stored one when resuming.
         output: checkpoint file written every ``checkpoint_every`` steps and at the end.
-        data: training/test data (default: resolved from ``config.data``).
+        data: training/test data (default: resolved from ``config.data``: MNIST or synthetic
+            digits for models taking MNIST images, a user data factory, or synthetic examples
+            of the model's inputs; see :mod:`dnsconvert.userdata`).
         init: start from these (dense or sparse) weights instead of a fresh model.
         resume: a checkpoint written by an interrupted run of this function.
-        trust_model_code: allow importing a model factory outside dnsconvert. Only the caller
-            can give it: a resumed run's stored settings never enable it.
+        trust_model_code: allow importing a model factory, data factory or loss function
+            outside dnsconvert. Only the caller can give it: a resumed run's stored settings
+            never enable it.
     """
     if resume is not None:
         if not resume.state or "run" not in resume.state:
             raise UserError("checkpoint holds no resumable run state", path=resume.source, hint="resume from a file written by dnsconvert prune")
         config = PruneConfig.from_json(resume.state["run"])
     started = time.perf_counter()
-    data = data or resolve_data(config.data)
+    data = data or resolve_training_data(config.model, config.data, task=config.task, data_kwargs=config.data_kwargs, trust=trust_model_code)
     trainer = Trainer(config, data, output=Path(output) if output else None, progress=progress, init=init, trust_model_code=trust_model_code)
     if resume is not None:
         trainer.restore(resume)
@@ -373,7 +403,7 @@ def prune(
     final.state["rank_mask_sha256"] = trainer.rank_digests
     final.state["world_size"] = trainer.world
     final.state["data"] = data.source
-    accuracy, loss = evaluate(trainer.model, data.test)
+    accuracy, loss = evaluate(trainer.model, data.test, 1000 if isinstance(data.test, ImageDataset) else config.batch_size, task=trainer.task, inputs=trainer.inputs)
     final.state["test_accuracy"] = accuracy
     if output is not None and trainer.rank == 0:
         final.save(output)
@@ -382,4 +412,4 @@ def prune(
 
     report = validate(final)
     steps = sum(p.steps for p in trainer.phases)
-    return PruneResult(final, accuracy, loss, report.sparsity, report.compression, time.perf_counter() - started, steps, data.source)
+    return PruneResult(final, accuracy, loss, report.sparsity, report.compression, time.perf_counter() - started, steps, data.source, trainer.task.name)
