@@ -30,6 +30,10 @@ def load_checkpoint(path: str | Path) -> SparseCheckpoint:
     if not path.exists():
         raise CheckpointError("no such file", path=path, hint="check the path")
     if path.is_dir():
+        if (path / "config.json").is_file():  # a transformers model directory (save_pretrained)
+            from .hf import load_directory
+
+            return load_directory(path)
         raise CheckpointError("is a directory, expected a checkpoint file", path=path, hint="pass the .safetensors or .pt file inside it")
     size = path.stat().st_size
     if size == 0:

@@ -128,7 +128,12 @@ def resolve_spec(text: str, input_shape: Sequence[int] | None = None, *, inputs:
 
     ``inputs`` (or the legacy single-input ``input_shape``) describe what the model takes; a
     built-in model knows its own input when neither is given.
+    ``hf:DIR`` is a local transformers model directory (:mod:`dnsconvert.hf`).
     """
+    if text.startswith("hf:"):
+        from .hf import hf_spec
+
+        return hf_spec(text[3:], inputs=inputs, input_shape=input_shape, **kwargs)
     if ":" not in text:
         spec = builtin_spec(text, **kwargs)
         factory, kwargs = spec.factory, spec.kwargs
@@ -147,6 +152,10 @@ def resolve_spec(text: str, input_shape: Sequence[int] | None = None, *, inputs:
 
 
 def is_builtin(spec: ModelSpec) -> bool:
+    """Built by dnsconvert's own code: a built-in model, or a local transformers directory
+    (``dnsconvert.hf:pretrained`` runs only transformers' own classes, never remote code)."""
+    if spec.factory == "dnsconvert.hf:pretrained":
+        return True
     return spec.factory.startswith("dnsconvert.models:") and spec.factory.split(":", 1)[1] in BUILTIN_MODELS
 
 

@@ -17,9 +17,9 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as schema
@@ -30,6 +30,7 @@ from .errors import DnsconvertError, GateFailed, PipelineError, UserError
 from .options import BenchOptions, ExportOptions, ModelChoice, ProjectOptions, PruneOptions, ValidateOptions, parse_options
 
 STATE_FILE = ".pipeline-state.json"
+T = TypeVar("T")
 SECTIONS = ("pipeline", "input", "prune", "validate", "project", "export", "bench")
 
 
@@ -169,7 +170,8 @@ def _key(settings: Any, inputs: dict[str, Path]) -> str:
     digest.update(json.dumps({"settings": settings, "version": __version__}, sort_keys=True, default=str).encode())
     for name in sorted(inputs):
         digest.update(name.encode())
-        digest.update(sha256_file(inputs[name]).encode())
+        path = Path(inputs[name])
+        digest.update((_tree_sha256(path) if path.is_dir() else sha256_file(path)).encode())  # a folder: a model directory
     return digest.hexdigest()
 
 
@@ -213,6 +215,23 @@ class Run:
     def path(self, value: str) -> Path:
         p = Path(value)
         return p if p.is_absolute() else (self.pipeline.path.parent / p)
+
+    def with_model_path(self, options: T) -> T:
+        """``options`` with an ``hf:DIR`` model made absolute: DIR is relative to the pipeline
+        file, like every other path in it."""
+        from .hf import PREFIX, is_hf_model
+
+        if options is None or not is_hf_model(options.model):
+            return options
+        return replace(options, model=PREFIX + str(self.path(options.model[len(PREFIX) :])))
+
+    def model_inputs(self, options: Any) -> dict[str, Path]:
+        """The files of an ``hf:DIR`` model, so that its step re-runs when they change."""
+        from .hf import PREFIX, is_hf_model, model_files
+
+        if options is None or not is_hf_model(options.model):
+            return {}
+        return {f"model:{f.name}": f for f in model_files(options.model[len(PREFIX) :])}
 
     def _fresh(self, name: str, key: str) -> _RecordedStep | None:
         recorded = self.state.get(name)
@@ -279,7 +298,7 @@ def _load(run: Run, path: Path):
 
     ckpt = load_checkpoint(path)
     if run.pipeline.input is not None:
-        ckpt = run.pipeline.input.apply(ckpt)
+        ckpt = run.with_model_path(run.pipeline.input).apply(ckpt)
     return ckpt
 
 
@@ -292,7 +311,7 @@ def stage_input(run: Run) -> None:
 
 
 def stage_prune(run: Run) -> None:
-    options = run.pipeline.prune
+    options = run.with_model_path(run.pipeline.prune)
     if options is None:
         return
     from .surgery import prune
@@ -304,7 +323,7 @@ def stage_prune(run: Run) -> None:
         summary = {"test_accuracy": result.test_accuracy, "sparsity": result.sparsity, "compression": result.compression, "data": result.data_source}
         return StepOutput({"checkpoint": out}, summary)
 
-    done = run.step("prune", asdict(options), {}, [out], work)
+    done = run.step("prune", asdict(options), run.model_inputs(options), [out], work)
     run.checkpoint = Path(done.outputs["checkpoint"])
 
 

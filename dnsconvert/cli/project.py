@@ -18,7 +18,6 @@ from ._common import checkpoint_argument, console, emit_json, load_with_model, m
 @model_options
 def project_cmd(checkpoint: Path, nm: str, output: Path, as_json: bool, report: Path | None, model_options) -> None:
     """Project unstructured masks onto N:M along each layer's reduction axis."""
-    from .._atomic import sha256_file
     from ..pattern import NMPattern
     from ..project import project_nm
     from ..validate import ensure_usable
@@ -27,7 +26,7 @@ def project_cmd(checkpoint: Path, nm: str, output: Path, as_json: bool, report: 
     ckpt = ensure_usable(load_with_model(checkpoint, model_options))
     result = project_nm(ckpt, pattern)
     result.checkpoint.save(output)
-    data = {**result.to_json(), "input": str(checkpoint), "input_sha256": sha256_file(checkpoint), "output": str(output)}
+    data = {**result.to_json(), "input": str(checkpoint), "input_sha256": ckpt.source_sha256, "output": str(output)}
     write_report(report, data)
     if as_json:
         emit_json(data)

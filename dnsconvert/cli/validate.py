@@ -18,13 +18,12 @@ from ._common import checkpoint_argument, emit_json, load_with_model, model_opti
 @model_options
 def validate_cmd(checkpoint: Path, require_nm: str | None, min_sparsity: float | None, as_json: bool, report: Path | None, model_options) -> None:
     """Check a checkpoint's sparsity pattern; exit 1 if a rule fails, 2 if it is unusable."""
-    from .._atomic import sha256_file
     from ..errors import GateFailed
     from ..validate import validate
 
     ckpt = load_with_model(checkpoint, model_options)
     result = validate(ckpt, require_nm=require_nm, min_sparsity=min_sparsity)
-    data = {**result.to_json(), "sha256": sha256_file(checkpoint)}
+    data = {**result.to_json(), "sha256": ckpt.source_sha256}  # a model directory: the digest of its files
     write_report(report, data)
     if as_json:
         emit_json(data)

@@ -335,7 +335,8 @@ class TorchSparseCpuTarget(Target):
         feeds = parity_feeds(ckpt.model.inputs, (1, 4), where=ckpt.source)
         reference_runner = TorchRunner(reference, ckpt.model)
         sparse_runner = TorchSparseRunner(sparse_model, ckpt.model)
-        parity = compare(reference_runner.run, sparse_runner.run, feeds, atol=options.atol, rtol=options.rtol)
+        names = output_names_of(reference, ckpt.model)
+        parity = compare(reference_runner.run, sparse_runner.run, feeds, atol=options.atol, rtol=options.rtol, output_names=names)
         from safetensors.torch import save
 
         meta = {"model": ckpt.model.to_json(), "csr_layers": csr_layers, "plan": plan}
@@ -346,7 +347,7 @@ class TorchSparseCpuTarget(Target):
                 target=self.name,
                 format="safetensors+csr",
                 ckpt=ckpt,
-                outputs=output_names_of(reference, ckpt.model),
+                outputs=names,
                 parity=parity,
                 details={"plan": plan, "runner": sparse_runner.mode},
             )
