@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifact import Artifact, ArtifactWriter
+from ..artifact import Artifact, write_artifact
 from ..errors import TargetError
 from ..modelspec import ModelSpec
 from ..pattern import TWO_FOUR, cannot_hold, violating_groups
@@ -178,17 +178,17 @@ class TorchSemiStructuredTarget(Target):
         # fp16/bf16 results differ from fp32 by rounding; compare like with like, same dtype
         atol, rtol = max(options.atol, 1e-2), max(options.rtol, 1e-2)
         parity = compare(CudaRunner(dense, dtype, spec).run, CudaRunner(sparse, dtype, spec).run, parity_feeds(spec.inputs, (1, 64)), atol=atol, rtol=rtol)
-        with ArtifactWriter(output, inputs=[ckpt.source]) as writer:
-            writer.write_bytes("sparse", MODEL_FILE, data)
-            writer.alias("dense", "sparse")  # one file: the dense variant skips the conversion
-            return writer.commit(
-                target=self.name,
-                format="safetensors+2:4",
-                ckpt=ckpt,
-                outputs=output_names_of(model, ckpt.model),
-                parity=parity,
-                details={"dtype": dtype_name, "backend": backend, "device": torch.cuda.get_device_name(), "plan": plan},
-            )
+        return write_artifact(
+            output,
+            ckpt=ckpt,
+            files={"sparse": (MODEL_FILE, data)},
+            aliases={"dense": "sparse"},  # one file: the dense variant skips the conversion
+            target=self.name,
+            format="safetensors+2:4",
+            outputs=output_names_of(model, ckpt.model),
+            parity=parity,
+            details={"dtype": dtype_name, "backend": backend, "device": torch.cuda.get_device_name(), "plan": plan},
+        )
 
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> CudaRunner:
         self.require_available()
