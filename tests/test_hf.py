@@ -43,6 +43,11 @@ class Reviews(Dataset):
 
 def reviews():
     return Reviews(256, 0), Reviews(64, 1)
+
+
+def hidden_energy(output, target):
+    """A loss for an encoder without a head (smoke test only): the mean squared hidden state."""
+    return output["last_hidden_state"].pow(2).mean()
 '''
 
 
@@ -57,7 +62,20 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
         transformers.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64, vocab_size=100, max_position_embeddings=64, num_labels=3)
     )
     bert.save_pretrained(root / "tiny-bert", max_shard_size="20KB")
-    return {"gpt2": root / "tiny-gpt2", "bert": root / "tiny-bert"}
+    encoder = transformers.BertModel(bert.config)
+    encoder.save_pretrained(root / "tiny-bert-encoder")
+    return {"gpt2": root / "tiny-gpt2", "bert": root / "tiny-bert", "encoder": root / "tiny-bert-encoder"}
+
+
+@pytest.fixture
+def token_data(tmp_path, monkeypatch):
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "hf_user_data.py").write_text(TOKEN_DATA)
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop("hf_user_data", None)
+    yield "hf_user_data"
+    sys.modules.pop("hf_user_data", None)
 
 
 def run_json(run_cli, *args):
@@ -112,13 +130,8 @@ def test_gpt2_through_every_stage(run_cli, hf_models, tmp_path):
     assert {row["batch"] for row in report["speedups"]} == {1, 2}
 
 
-def test_sharded_bert_classifier_on_user_data(run_cli, hf_models, tmp_path, monkeypatch):
+def test_sharded_bert_classifier_on_user_data(run_cli, hf_models, tmp_path, token_data):
     """A sharded BertForSequenceClassification, classification on the user's padded token data."""
-    folder = tmp_path / "code"
-    folder.mkdir()
-    (folder / "hf_user_data.py").write_text(TOKEN_DATA)
-    monkeypatch.syspath_prepend(str(folder))
-    sys.modules.pop("hf_user_data", None)
     model = f"hf:{hf_models['bert']}"
     pruned = tmp_path / "bert.safetensors"
     args = ["prune", "--model", model, "--data", "hf_user_data:reviews", "--epochs", "1", "--batch-size", "32", "--target-sparsity", "0.5", *QUIET, "-o", pruned]
@@ -135,6 +148,22 @@ def test_sharded_bert_classifier_on_user_data(run_cli, hf_models, tmp_path, monk
         assert parity["passed"] and [o["name"] for o in parity["outputs"]] == ["logits"]
     report = run_json(run_cli, "bench", tmp_path / "bert-torch-sparse-cpu", "--batch", "1", "--batch", "4", "--warmup", "1", "--iterations", "3")
     assert {row["batch"] for row in report["speedups"]} == {1, 4}
+
+
+def test_encoder_with_two_outputs_and_a_user_loss(run_cli, hf_models, tmp_path, token_data):
+    """A BertModel (no head) returns last_hidden_state and pooler_output: a user loss trains it,
+    and both outputs are exported and checked."""
+    pruned = tmp_path / "encoder.safetensors"
+    summary = run_json(
+        run_cli, "prune", "--model", f"hf:{hf_models['encoder']}", "--data", "synthetic", "--loss", "hf_user_data:hidden_energy",
+        "--trust-model-code", "--epochs", "0.125", "--batch-size", "16", "--target-sparsity", "0.5", *QUIET, "-o", pruned,
+    )  # fmt: skip
+    assert summary["task"] == "hf_user_data:hidden_energy" and summary["test_accuracy"] is None
+    for target in ("ort", "torch-sparse-cpu"):
+        result = run_cli("export", pruned, "--target", target, "-o", tmp_path / f"encoder-{target}")
+        assert result.exit_code == 0, result.output
+        parity = json.loads((tmp_path / f"encoder-{target}" / "manifest.json").read_text())["parity"]
+        assert parity["passed"] and [o["name"] for o in parity["outputs"]] == ["last_hidden_state", "pooler_output"]
 
 
 def test_model_directory_is_a_checkpoint(run_cli, hf_models):
