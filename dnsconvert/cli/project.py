@@ -6,26 +6,44 @@ from pathlib import Path
 
 import click
 
-from ._common import checkpoint_argument, console, emit_json, write_report
+from ._common import checkpoint_argument, console, emit_json, layer_options, load_with_model, model_options, trust_option, write_report
 
 
 @click.command("project")
 @checkpoint_argument
 @click.option("--nm", "nm", default="2:4", show_default=True, metavar="N:M", help="The N:M pattern to project onto.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the projected checkpoint.")
+@layer_options
+@model_options
+@trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the projection report as JSON.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report to this file.")
-def project_cmd(checkpoint: Path, nm: str, output: Path, as_json: bool, report: Path | None) -> None:
-    """Project unstructured masks onto N:M along each layer's reduction axis."""
+def project_cmd(
+    checkpoint: Path,
+    nm: str,
+    output: Path,
+    layers: tuple[str, ...],
+    prune_tied: bool,
+    model: str | None,
+    input_shape: str | None,
+    trust_model_code: bool,
+    as_json: bool,
+    report: Path | None,
+) -> None:
+    """Project unstructured masks onto N:M along each layer's reduction axis.
+
+    The layers and their axes come from the model (built in, or with --trust-model-code), else
+    from the checkpoint's record; tensors of a bare state dict, whose kind is only guessed from
+    the shape, are refused unless --model or --layers says what they are.
+    """
     from .._atomic import sha256_file
-    from ..loading import load_checkpoint
     from ..pattern import NMPattern
     from ..project import project_nm
     from ..validate import ensure_usable
 
     pattern = NMPattern.parse(nm)
-    ckpt = ensure_usable(load_checkpoint(checkpoint))
-    result = project_nm(ckpt, pattern)
+    ckpt = ensure_usable(load_with_model(checkpoint, model, input_shape))
+    result = project_nm(ckpt, pattern, layers=list(layers) or None, prune_tied=prune_tied, trust_model_code=trust_model_code)
     result.checkpoint.save(output)
     data = {**result.to_json(), "input": str(checkpoint), "input_sha256": sha256_file(checkpoint), "output": str(output)}
     write_report(report, data)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import console, emit_json, parse_shape, render_sparsity_report, trust_option
+from ._common import console, emit_json, layer_options, parse_shape, render_sparsity_report, trust_option
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, float]:
@@ -40,6 +40,7 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, float]:
 @click.option("--layer-sparsity", multiple=True, help="Per-layer DNS target, NAME=FRACTION (repeatable).")
 @click.option("--nm", default=None, metavar="N:M", help="Constrain DNS masks to N:M along the reduction axis.")
 @click.option("--prune-bias", is_flag=True, help="Also mask biases (the reference code does).")
+@layer_options
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Epochs of DNS / fine-tuning / each IMP round.")
 @click.option("--dense-epochs", type=float, default=0.0, show_default=True, help="Train the dense model this long first.")
 @click.option("--imp-rounds", type=int, default=5, show_default=True)
@@ -83,6 +84,8 @@ def prune_cmd(**o) -> None:
         nm=o["nm"],
         prune_bias=o["prune_bias"],
         seed=o["seed"],
+        layers=list(o["layers"]) or None,
+        prune_tied=o["prune_tied"],
     )
     config = PruneConfig(
         model=spec,
