@@ -69,6 +69,7 @@ class SparseCheckpoint:
         pruning: how the masks were made.
         state: resumable surgery state (nested dicts/lists of JSON values and tensors).
         source: the file this checkpoint was read from, for messages.
+        source_sha256: that file's sha256, taken when it was read (manifests record it).
         layers: what each pruned parameter is (kind, reduction axis, source of that
             knowledge), as recorded when it was pruned; empty when unknown. Prefer
             :func:`dnsconvert.layers.checkpoint_layers`, which asks the model first.
@@ -80,6 +81,7 @@ class SparseCheckpoint:
     pruning: PruningInfo | None = None
     state: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    source_sha256: str | None = None
     layers: dict[str, LayerInfo] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
