@@ -107,12 +107,6 @@ class LayerInfo:
         """The name a tied tensor is pruned under (its first name), or None if not tied."""
         return self.tied[0] if self.tied else None
 
-    def describe(self) -> str:
-        """``linear, axis 1 (module)``, for tables and messages."""
-        axis = "no axis" if self.axis is None else f"axis {self.axis}"
-        guess = "?" if self.source == SOURCE_SHAPE else ""
-        return f"{self.kind}{guess}, {axis} ({self.source})"
-
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": self.kind, "axis": self.axis, "source": self.source, "prunable": self.prunable}
         if self.groups != 1:
@@ -210,12 +204,17 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def kind_of_module(module: nn.Module, kinds: Iterable[LayerKind] | None = None) -> LayerKind | None:
-    """The registered kind of ``module`` (its class, else the nearest base class), or None."""
+def _kind_index(kinds: Iterable[LayerKind]) -> dict[str, LayerKind]:
     index: dict[str, LayerKind] = {}
-    for kind in kinds if kinds is not None else layer_kinds():
+    for kind in kinds:
         for name in kind.module_types:
-            index.setdefault(name, kind)
+            index.setdefault(name, kind)  # the first kind to claim a type wins (precedence order)
+    return index
+
+
+def kind_of_module(module: nn.Module, index: Mapping[str, LayerKind] | None = None) -> LayerKind | None:
+    """The registered kind of ``module`` (its class, else the nearest base class), or None."""
+    index = index if index is not None else _kind_index(layer_kinds())
     for cls in type(module).__mro__:
         kind = index.get(_qualname(cls))
         if kind is not None:
@@ -231,15 +230,13 @@ def describe_model(model: nn.Module) -> dict[str, LayerInfo]:
     listed under each name, whose ``tied`` holds all of them in ``named_parameters`` order.
     """
     model = _unwrap(model)
-    kinds = layer_kinds()
+    index = _kind_index(layer_kinds())
     names_of: dict[int, list[str]] = {}
     infos_of: dict[int, list[LayerInfo]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
-        kind = kind_of_module(module, kinds)
+        kind = kind_of_module(module, index)
         prefix = f"{module_name}." if module_name else ""
-        for attr, param in module._parameters.items():
-            if param is None:
-                continue
+        for attr, param in module.named_parameters(recurse=False, remove_duplicate=False):
             names_of.setdefault(id(param), []).append(prefix + attr)
             infos_of.setdefault(id(param), []).append(_param_info(module, kind, attr))
     infos: dict[str, LayerInfo] = {}
@@ -449,8 +446,12 @@ def checkpoint_layers(ckpt: Any, *, trust_model_code: bool = False) -> dict[str,
         if is_builtin(ckpt.model) or trust_model_code:
             import torch
 
-            with torch.device("meta"):  # structure only: no weights are allocated
-                from_model = describe_model(build_model(ckpt.model, trust_code=trust_model_code))
+            try:
+                with torch.device("meta"):  # structure only: no weights are allocated
+                    model = build_model(ckpt.model, trust_code=trust_model_code)
+            except (RuntimeError, NotImplementedError, TypeError):  # a factory that computes on its tensors
+                model = build_model(ckpt.model, trust_code=trust_model_code)
+            from_model = describe_model(model)
     recorded: Mapping[str, LayerInfo] = getattr(ckpt, "layers", None) or {}
     infos: dict[str, LayerInfo] = {}
     for name, tensor in ckpt.weights.items():
