@@ -31,7 +31,7 @@ from dnsconvert.layers import (
 from dnsconvert.loading import from_state_dict, load_checkpoint
 from dnsconvert.pattern import NMPattern, cannot_hold, complies, from_groups, nm_mask, to_groups, violating_groups
 from dnsconvert.project import project_nm
-from dnsconvert.surgery import DNSConfig, DynamicNetworkSurgery, MaskedSparsifier, prunable_parameters
+from dnsconvert.surgery import DNSConfig, DynamicNetworkSurgery, MaskedSparsifier, prunable_layers, prunable_parameters
 from dnsconvert.validate import validate
 
 TWO_FOUR = NMPattern(2, 4)
@@ -95,6 +95,7 @@ def test_default_selection_leaves_out_embeddings_norms_unknown_and_tied():
     assert chosen["fc.weight"] is model.fc.weight
     with_bias = prunable_parameters(model, prune_bias=True)
     assert set(with_bias) - set(chosen) == {"conv1.bias", "conv2.bias", "depthwise.bias", "conv3.bias", "fc.bias"}
+    assert {n: i.axis for n, i in prunable_layers(model).items()} == dict.fromkeys(chosen, 1)
     tied = prunable_parameters(model, prune_tied=True)
     assert set(tied) - set(chosen) == {"embed.weight"}  # once, under its first name
 

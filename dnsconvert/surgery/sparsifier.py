@@ -60,6 +60,18 @@ def prunable_parameters(
     return {name: params for name, (params, _) in _resolve(model, names, layers, prune_bias, prune_tied).items()}
 
 
+def prunable_layers(
+    model: nn.Module,
+    *,
+    prune_bias: bool = False,
+    layers: Iterable[str] | str | None = None,
+    prune_tied: bool = False,
+    names: Iterable[str] | None = None,
+) -> dict[str, LayerInfo]:
+    """What :func:`prunable_parameters` selects, as the LayerInfo (kind, N:M axis, source) of each."""
+    return {name: info for name, (_, info) in _resolve(model, names, layers, prune_bias, prune_tied).items()}
+
+
 def _resolve(model, names, layers, prune_bias, prune_tied) -> dict[str, tuple[nn.Parameter, LayerInfo]]:
     infos = describe_model(model)
     params = model_parameters(model)

@@ -28,11 +28,10 @@ from ..checkpoint import PruningInfo, SparseCheckpoint
 from ..modelspec import ModelSpec
 from ..data import DataSplits, ImageDataset, resolve_data
 from ..errors import InternalError, UserError
-from ..layers import describe_model
 from ..models import build_model, load_weights_
 from .baselines import magnitude_masks, sparsity_at
 from .dns import DNSConfig, DynamicNetworkSurgery
-from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_parameters
+from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_layers, prunable_parameters
 
 METHODS = ("dns", "magnitude", "imp")
 
@@ -233,7 +232,7 @@ class Trainer:
         selection = dict(layers=c.dns.layers, prune_tied=c.dns.prune_tied)
         masks = self.sparsifier.masks() if self.sparsifier is not None else {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(self.model, **selection).items()}
         # what each masked tensor is (kind, N:M axis), so that later stages need not rebuild the model
-        layers = dict(self.sparsifier.layer_info) if self.sparsifier is not None else {n: i for n, i in describe_model(self.model).items() if n in masks}
+        layers = dict(self.sparsifier.layer_info) if self.sparsifier is not None else prunable_layers(self.model, **selection)
         raw = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         state: dict[str, Any] = {
             "iteration": self.global_step,
