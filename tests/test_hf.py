@@ -110,8 +110,11 @@ def test_gpt2_through_every_stage(run_cli, hf_models, tmp_path):
     ckpt = load_checkpoint(pruned)
     assert ckpt.model.factory == "dnsconvert.hf:pretrained" and [i.name for i in ckpt.model.inputs] == ["input_ids", "attention_mask"]
     assert all(i.keyword and i.dtype == "int64" for i in ckpt.model.inputs)
-    assert ckpt.masks and all(0.3 < 1 - float(m.float().mean()) < 0.7 for m in ckpt.masks.values())
-    assert "transformer.wte.weight" not in ckpt.masks or not ckpt.masks["transformer.wte.weight"].logical_not().any()
+    conv1d = {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(ckpt.masks) == conv1d  # transformers' Conv1D layers: the tied wte/lm_head and wpe are no layers to prune
+    assert all(0.3 < 1 - float(m.float().mean()) < 0.7 for m in ckpt.masks.values())
+    wte = ckpt.weights["transformer.wte.weight"]  # trained, not pruned, still shared with lm_head
+    assert bool((wte != 0).all()) and torch.equal(wte, ckpt.weights["lm_head.weight"])
     assert run_cli("validate", pruned, "--min-sparsity", "0.4").exit_code == 0
     projected = tmp_path / "gpt2-2to4.safetensors"
     assert run_cli("project", pruned, "--nm", "2:4", "-o", projected).exit_code == 0
@@ -124,6 +127,9 @@ def test_gpt2_through_every_stage(run_cli, hf_models, tmp_path):
         parity = manifest["parity"]
         assert parity["passed"] and [o["name"] for o in parity["outputs"]] == ["logits"]
         assert parity["batches"][:2] == [1, 4] and len(parity["batches"]) == 3  # + a feed at the minimum sequence length
+    graph_2_4 = json.loads((tmp_path / "gpt2-ort" / "manifest.json").read_text())["graph_2_4"]
+    checked = {r["initializer"]: r for r in graph_2_4 if r["initializer"] in conv1d}
+    assert set(checked) == conv1d and all(r["compliant"] and r["reduction_axis"] == 0 for r in checked.values())  # Conv1D's [in, out]: axis 0
     dims = onnx_input_dims(tmp_path / "gpt2-ort")
     assert set(dims) == {"input_ids", "attention_mask"} and all(isinstance(d, str) for d in dims["input_ids"])  # dynamic batch and sequence
     report = run_json(run_cli, "bench", tmp_path / "gpt2-ort", "--batch", "1", "--batch", "2", "--warmup", "1", "--iterations", "3")
