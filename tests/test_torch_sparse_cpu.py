@@ -35,10 +35,12 @@ def test_auto_plan_records_timings(tmp_path):
             assert decision["kernels"][regime] == min(timing, key=timing.get)
 
 
-def test_hostile_csr_indices_are_rejected(tmp_path):
+def test_hostile_csr_indices_are_rejected(tmp_path, run_cli):
     import json
 
     from safetensors.torch import load_file, save_file
+
+    from dnsconvert.errors import TargetError
 
     ckpt = masked_checkpoint("lenet300100", 0.95)
     artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m.safetensors", BuildOptions(extra={"plan": "sparsity"}))
@@ -46,14 +48,20 @@ def test_hostile_csr_indices_are_rejected(tmp_path):
 
     with safe_open(str(artifact.path), "pt") as handle:
         meta = handle.metadata()
+    assert json.loads(meta["dnsconvert.torch_sparse_cpu"])["csr_layers"]
     tensors = load_file(str(artifact.path))
     col = tensors["csr/1/col_indices"].clone()
     col[0] = 10_000_000  # points far outside the matrix
     tensors["csr/1/col_indices"] = col
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
-    with pytest.raises(RuntimeError):
+    # a user error naming the file (exit 2), not torch's RuntimeError (exit 3)
+    with pytest.raises(TargetError, match="column index lies outside") as caught:
         load_sparse_model(tmp_path / "bad.safetensors")
-    assert json.loads(meta["dnsconvert.torch_sparse_cpu"])["csr_layers"]
+    assert caught.value.exit_code == 2 and str(tmp_path / "bad.safetensors") in str(caught.value)
+    save_file(tensors, str(artifact.path), metadata=meta)  # the artifact itself corrupted: bench exits 2
+    result = run_cli("bench", artifact.manifest_path, "--iterations", "2", "--warmup", "0", "--batch", "1")
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("kernel", ["dense", "torch", "compiled"])

@@ -68,6 +68,10 @@ def bench_artifact(artifact, *, batches: Sequence[int], warmup: int, iterations:
     target = get_target(artifact.target)
     report.notes[artifact.target] = target.exploits_sparsity
     shape = artifact.manifest["model"]["input_shape"]
+    from ..limits import check_input
+
+    for batch in batches:  # h11 (issue 11): bench inputs bounded before any runner loads
+        check_input((batch, *shape[1:]) if isinstance(shape, list) and shape else [shape], "a bench input", path=artifact.manifest_path)
     options = {"threads": str(threads)} if threads and "threads" in target.option_help else {}
     for variant in ("dense", "sparse"):
         runner = target.load(artifact, variant, options)

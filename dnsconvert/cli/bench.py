@@ -24,9 +24,11 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 @model_options
 def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, threads, min_speedup, as_json, report, plot, model, input_shape) -> None:
     """Time a checkpoint (built for each --target) or an artifact manifest: dense vs sparse."""
+    from .._atomic import check_outputs
     from ..bench import bench
     from ..errors import GateFailed
 
+    check_outputs([report, plot], [source])
     if source.suffix == ".json" or source.with_name(source.name + ".manifest.json").exists():
         subject = source
     else:

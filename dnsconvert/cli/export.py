@@ -31,12 +31,19 @@ def parse_target_options(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_cmd(checkpoint: Path, target_name: str, output: Path, target_options: tuple[str, ...], atol: float, rtol: float, model: str | None, input_shape: str | None, trust_model_code: bool, as_json: bool) -> None:
     """Build a target's sparse artifact (and its dense baseline) from a checkpoint."""
+    from .._atomic import check_outputs
+    from ..export import dense_twin_path
+    from ..export.manifest import manifest_path_for
+    from ..limits import check_input
     from ..targets import BuildOptions, get_target
 
+    check_outputs([output, dense_twin_path(output), manifest_path_for(output)], [checkpoint])
     options = parse_target_options(target_options)
     target = get_target(target_name)
     target.check_options(options)
     ckpt = load_with_model(checkpoint, model, input_shape)
+    if ckpt.model is not None and ckpt.model.input_shape:  # parity runs batches up to 4
+        check_input((4, *ckpt.model.input_shape[1:]), "the parity input", path=checkpoint)
     artifact = target.build(ckpt, output, BuildOptions(atol=atol, rtol=rtol, trust_model_code=trust_model_code, extra=options))
     if as_json:
         emit_json(artifact.manifest)
@@ -74,9 +81,5 @@ def densify_cmd(source: Path, output: Path) -> None:
     """Sparse-initializer ONNX -> dense ONNX (for parsers that read only graph.initializer)."""
     from ..export import densify_file
 
-    if not source.is_file():
-        from ..errors import UserError
-
-        raise UserError("no such file", path=source)
-    densify_file(source, output)
+    densify_file(source, output)  # checks: no overwrite of the input, a checked ONNX read
     click.echo(f"wrote {output}")

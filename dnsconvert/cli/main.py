@@ -31,6 +31,11 @@ COMMANDS = {
 }
 
 
+def _one_line(exc: BaseException) -> str:
+    """The contract is one stderr line: a message quoting a multi-line library error is joined."""
+    return " / ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 class DnsconvertGroup(click.Group):
     """A group that loads sub-commands lazily and is the single error boundary."""
 
@@ -61,10 +66,10 @@ class DnsconvertGroup(click.Group):
         except UserError as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"dnsconvert: error: {exc}", err=True)
+            click.echo(f"dnsconvert: error: {_one_line(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except GateFailed as exc:
-            click.echo(f"dnsconvert: gate failed: {exc}", err=True)
+            click.echo(f"dnsconvert: gate failed: {_one_line(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except DnsconvertError as exc:
             traceback.print_exc()

@@ -17,12 +17,13 @@ from ._common import checkpoint_argument, console, emit_json, write_report
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report to this file.")
 def project_cmd(checkpoint: Path, nm: str, output: Path, as_json: bool, report: Path | None) -> None:
     """Project unstructured masks onto N:M along each layer's reduction axis."""
-    from .._atomic import sha256_file
+    from .._atomic import check_outputs, sha256_file
     from ..loading import load_checkpoint
     from ..pattern import NMPattern
     from ..project import project_nm
     from ..validate import ensure_usable
 
+    check_outputs([output, report], [checkpoint])
     pattern = NMPattern.parse(nm)
     ckpt = ensure_usable(load_checkpoint(checkpoint))
     result = project_nm(ckpt, pattern)

@@ -64,6 +64,10 @@ def prune_cmd(**o) -> None:
     from ..surgery import DNSConfig, PruneConfig, prune
     from ..surgery.train import maybe_init_distributed
 
+    from .._atomic import check_outputs
+
+    # --resume X -o X is how an interrupted run continues; --init X -o X would destroy X
+    check_outputs([o["output"]], [o["init_path"]])
     maybe_init_distributed()
     try:
         kwargs = json.loads(o["model_kwargs"])

@@ -17,11 +17,12 @@ from ._common import checkpoint_argument, emit_json, render_sparsity_report, wri
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report to this file.")
 def validate_cmd(checkpoint: Path, require_nm: str | None, min_sparsity: float | None, as_json: bool, report: Path | None) -> None:
     """Check a checkpoint's sparsity pattern; exit 1 if a rule fails, 2 if it is unusable."""
-    from .._atomic import sha256_file
+    from .._atomic import check_outputs, sha256_file
     from ..loading import load_checkpoint
     from ..errors import GateFailed
     from ..validate import validate
 
+    check_outputs([report], [checkpoint])
     ckpt = load_checkpoint(checkpoint)
     result = validate(ckpt, require_nm=require_nm, min_sparsity=min_sparsity)
     data = {**result.to_json(), "sha256": sha256_file(checkpoint)}

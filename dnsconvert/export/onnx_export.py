@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from ..checkpoint import SparseCheckpoint
 from ..errors import ExportError
+from ..limits import check_input
 from ..models import build_masked_model
 
 DEFAULT_OPSET = 18
@@ -99,10 +100,12 @@ def _name_initializers(proto: onnx.ModelProto, params: dict[str, torch.Tensor]) 
 
 def export_checkpoint(ckpt: SparseCheckpoint, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, trust_code: bool = False) -> OnnxExport:
     """Rebuild the masked model from the checkpoint and export it (dense initializers)."""
-    model = build_masked_model(ckpt, trust_code=trust_code)
-    shape = tuple(ckpt.model.input_shape)
-    if not shape:
+    shape = tuple(ckpt.model.input_shape) if ckpt.model is not None else ()
+    if ckpt.model is not None and not shape:
         raise ExportError("checkpoint's model spec has no input shape", path=ckpt.source, hint="pass --input-shape")
+    if shape:  # h11 (issue 11): bound the example input before building anything
+        check_input((2, *shape[1:]) if dynamic_batch else shape, "the example input", path=ckpt.source)
+    model = build_masked_model(ckpt, trust_code=trust_code)
     # batch 2 for the example: torch.export specialises a size-1 dimension to a constant
     example = torch.randn((2, *shape[1:]) if dynamic_batch else shape, generator=torch.Generator().manual_seed(0))
     proto = torch_to_onnx(model, example, opset=opset, dynamic_batch=dynamic_batch)

@@ -25,6 +25,10 @@ class ParityReport:
 
 
 def parity_inputs(input_shape: Sequence[int], batches: Sequence[int], seed: int = 1234) -> list[np.ndarray]:
+    from ..limits import check_input
+
+    for batch in batches:  # h11 (issue 11): bounded before allocating
+        check_input((batch, *input_shape[1:]), "a parity input")
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn((b, *input_shape[1:]), generator=generator).numpy() for b in batches]
 

@@ -45,4 +45,7 @@ class OnnxTarget(Target):
         return build_onnx_target(self, ckpt, output, options, lambda model: ReferenceRunner(model).run)
 
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None) -> ReferenceRunner:
-        return ReferenceRunner(str(artifact.files[variant]))
+        from ..errors import TargetError
+        from ..export.onnx_check import read_onnx
+
+        return ReferenceRunner(read_onnx(artifact.files[variant], error=TargetError).data)  # issue 11: one checked ONNX read

@@ -21,7 +21,9 @@ COMMON_OPTIONS = {
 }
 
 
-def ort_session(model: bytes | str, threads: int = 0):
+def ort_session(model: bytes | str, threads: int = 0, *, source: Path | None = None):
+    """An ONNX Runtime CPU session; ``source``: the file ``model`` was read from, whose load
+    errors are then the user's (TargetError, exit 2) rather than a bug."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -30,12 +32,20 @@ def ort_session(model: bytes | str, threads: int = 0):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own types (Fail, InvalidGraph, NotImplemented...)
+        if source is None:
+            raise
+        from ..errors import TargetError
+
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise TargetError(f"ONNX Runtime cannot load it ({first})", path=source, hint="the file is corrupt or uses ops this onnxruntime lacks; re-export it") from None
 
 
 class OrtRunner:
-    def __init__(self, model: bytes | str, threads: int = 0):
-        self.session = ort_session(model, threads)
+    def __init__(self, model: bytes | str, threads: int = 0, *, source: Path | None = None):
+        self.session = ort_session(model, threads, source=source)
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -86,4 +96,8 @@ class OrtTarget(Target):
         return build_onnx_target(self, ckpt, output, options, lambda model: OrtRunner(model, threads).run)
 
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None) -> OrtRunner:
-        return OrtRunner(str(artifact.files[variant]), option_number(options or {}, "threads", 0, int))
+        from ..errors import TargetError
+        from ..export.onnx_check import read_onnx
+
+        checked = read_onnx(artifact.files[variant], error=TargetError)  # issue 11: one checked ONNX read
+        return OrtRunner(checked.data, option_number(options or {}, "threads", 0, int), source=checked.path)

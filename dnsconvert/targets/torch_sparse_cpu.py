@@ -32,6 +32,7 @@ from .._atomic import atomic_path, write_json_atomic
 from ..modelspec import ModelSpec
 from ..errors import TargetError
 from ..models import build_masked_model, build_model, load_weights_
+from ..sparse_checks import check_csr_artifact
 from .base import Artifact, BuildOptions, Target, option_number
 
 META_KEY = "dnsconvert.torch_sparse_cpu"
@@ -230,6 +231,7 @@ def load_sparse_model(path: Path, *, dense: bool = False, trust_code: bool = Fal
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise TargetError(f"not a torch-sparse-cpu artifact ({type(exc).__name__}: {exc})", path=path) from None
+    check_csr_artifact(meta, tensors, path)  # h11 (issue 11): types, CSR invariants, dense size, before allocating
     model = build_model(ModelSpec.from_json(meta["model"]), trust_code=trust_code)
     dense_state = {key.removeprefix("dense/"): value for key, value in tensors.items() if key.startswith("dense/")}
     for layer in meta["csr_layers"]:
