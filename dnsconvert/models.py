@@ -185,6 +185,20 @@ def _on_meta_device() -> bool:
     return torch.empty(()).device.type == "meta"
 
 
+def check_model_size(spec: ModelSpec, *, source: str | Path | None = None) -> None:
+    """For a built-in model: check its kwargs and, unless already on the meta device, count its
+    parameters on the meta device against the ``parameters`` limit (nothing is allocated)."""
+    if not is_builtin(spec):
+        return
+    check_builtin_kwargs(spec.factory.split(":", 1)[1], spec.kwargs, source=source)
+    if _on_meta_device():
+        return
+    with torch.device("meta"):
+        probe = build_model(spec, source=source)
+    count = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+    limits.check("parameters", count, f"model {spec.factory} {spec.kwargs}"[:200], path=source)
+
+
 def build_model(spec: ModelSpec, *, trust_code: bool = False, source: str | Path | None = None) -> nn.Module:
     """Instantiate ``spec``. A factory outside dnsconvert is imported only with ``trust_code``,
     because a checkpoint from elsewhere could otherwise name any importable callable.
@@ -195,15 +209,13 @@ def build_model(spec: ModelSpec, *, trust_code: bool = False, source: str | Path
     """
     builtin = is_builtin(spec)
     if builtin:
-        check_builtin_kwargs(spec.factory.split(":", 1)[1], spec.kwargs, source=source)
-        if not _on_meta_device():
-            with torch.device("meta"):
-                probe = build_model(spec, source=source)
-            count = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
-            limits.check("parameters", count, f"model {spec.factory} {spec.kwargs}"[:200], path=source)
-    if not builtin and not trust_code:
+        check_model_size(spec, source=source)
+    elif spec.factory.startswith("dnsconvert.models:"):
+        raise ModelSpecError(f"unknown built-in model {spec.factory.split(':', 1)[1]!r}", path=source, hint=f"choose one of {', '.join(BUILTIN_MODELS)}")
+    elif not trust_code:
         raise ModelSpecError(
             f"model factory {spec.factory!r} is outside dnsconvert and would run its code",
+            path=source,
             hint="pass --trust-model-code if you trust this checkpoint",
         )
     module_name, _, attr = spec.factory.partition(":")

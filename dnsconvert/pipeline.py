@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__
 from ._atomic import sha256_file, write_json_atomic
-from .errors import DnsconvertError, GateFailed, PipelineError
+from .errors import DnsconvertError, GateFailed, PipelineError, UserError
 
 STAGES = ("prune", "validate", "project", "export", "bench")
 STATE_FILE = ".pipeline-state.json"
@@ -95,6 +95,20 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    """The state file of earlier runs: a JSON object of stage name -> record (h11, issue 11)."""
+    from .loading import read_json_file
+
+    state = read_json_file(path, what="pipeline state file", error=PipelineError)
+    records_ok = isinstance(state, dict) and all(
+        isinstance(r, dict) and isinstance(r.get("outputs", {}), dict) and isinstance(r.get("output_sha256", {}), dict) and isinstance(r.get("gates", []), list)
+        for r in state.values()
+    )
+    if not records_ok:
+        raise PipelineError("pipeline state file is malformed (expected stage name -> record objects)", path=path, hint="delete it to re-run every stage")
+    return state
+
+
 def _key(settings: Any, inputs: dict[str, Path]) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"settings": settings, "version": __version__}, sort_keys=True, default=str).encode())
@@ -111,7 +125,7 @@ class _Runner:
         self.base = source.parent
         self.workdir = workdir
         self.state_path = workdir / STATE_FILE
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.state = _read_state(self.state_path) if self.state_path.exists() else {}  # h11 (issue 11): checked read
         self.report = PipelineReport(str(source), str(workdir))
 
     def _fresh(self, name: str, key: str) -> dict[str, Any] | None:
@@ -143,6 +157,9 @@ class _Runner:
             result.gates = [{"gate": name, "passed": False, "detail": str(exc)}]
             raise
         except DnsconvertError as exc:
+            if isinstance(exc, UserError) and exc.path is None:  # h11: a stage's user error names the pipeline file
+                exc.path = str(self.source)
+                exc.message = f"[{name}] {exc.message}"
             result.status, result.error, result.seconds = "failed", str(exc), time.perf_counter() - started
             raise
         result.seconds = time.perf_counter() - started
@@ -190,6 +207,7 @@ def run_pipeline(
     config = load_pipeline(source)
     settings = config.get("pipeline", {})
     work = Path(workdir) if workdir else source.parent / settings.get("workdir", "pipeline-out")
+    _check_stage_outputs(config, source, work)  # h11 (issue 11): no stage may overwrite an input
     work.mkdir(parents=True, exist_ok=True)
     runner = _Runner(config, source, work)
     try:
@@ -201,6 +219,22 @@ def run_pipeline(
     if fail_on_gate and not runner.report.passed:
         raise runner.report.gate_error()
     return runner.report
+
+
+def _check_stage_outputs(config: dict[str, Any], source: Path, work: Path) -> None:
+    """Refuse, before any stage runs, a pipeline whose outputs include one of its inputs (h11)."""
+    from ._atomic import check_outputs
+
+    outputs = [work / "report.json", work / STATE_FILE, work / "pruned.safetensors", work / "projected.safetensors"]
+    export = config.get("export", {})
+    targets = export.get("targets", ["ort"]) if isinstance(export, dict) else []
+    outputs += [work / f"model.{name}.onnx" for name in targets if isinstance(name, str)]
+    outputs += [work / f"model.{name}.safetensors" for name in targets if isinstance(name, str)]
+    inputs = [source]
+    given = config.get("input", {}).get("checkpoint") if isinstance(config.get("input"), dict) else None
+    if isinstance(given, str):
+        inputs.append(Path(given) if Path(given).is_absolute() else source.parent / given)
+    check_outputs(outputs, inputs)
 
 
 def _run_stages(runner: _Runner, config: dict[str, Any], work: Path, progress: bool, load_checkpoint, trust_model_code: bool) -> Path:

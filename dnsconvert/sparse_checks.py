@@ -98,20 +98,35 @@ def check_csr_artifact(meta: Any, tensors: Mapping[str, Any], path: str | Path) 
 
     if not isinstance(meta, Mapping) or not isinstance(meta.get("model"), Mapping) or not isinstance(meta.get("csr_layers"), list):
         raise TargetError("artifact metadata needs a 'model' object and a 'csr_layers' list", path=path, hint="rebuild the artifact with dnsconvert export")
-    total = 0
+    shapes: dict[str, tuple[int, int]] = {}
     for layer in meta["csr_layers"]:
         if not isinstance(layer, Mapping) or not isinstance(layer.get("name"), str) or not isinstance(layer.get("kernels"), Mapping):
             raise TargetError(f"artifact metadata has a malformed CSR layer record ({str(layer)[:80]})", path=path, hint="rebuild the artifact")
         name, shape = layer["name"], layer.get("shape")
         if not isinstance(shape, list) or len(shape) != 2:
             raise TargetError(f"CSR layer {name!r} has shape {str(shape)[:40]}; expected [rows, cols]", path=path)
-        rows, cols = limits.check_shape(shape, f"CSR layer {name!r}", path=path, allow_zero=False)
-        total += rows * cols * 4
+        shapes[name] = limits.check_shape(shape, f"CSR layer {name!r}", path=path, allow_zero=False)
+    # the dense size first: every layer is made dense when the artifact loads
+    limits.check("dense_bytes", sum(rows * cols * 4 for rows, cols in shapes.values()), "the artifact's CSR layers made dense", path=path)
+    for name, (rows, cols) in shapes.items():
         parts = {}
         for part in ("crow_indices", "col_indices", "values"):
             tensor = tensors.get(f"csr/{name}/{part}")
             if tensor is None:
                 raise TargetError(f"CSR layer {name!r} has no {part} tensor", path=path, hint="the artifact is incomplete; rebuild it")
-            parts[part] = tensor.numpy() if hasattr(tensor, "numpy") else np.asarray(tensor)
+            try:
+                parts[part] = tensor.numpy() if hasattr(tensor, "numpy") else np.asarray(tensor)
+            except (TypeError, RuntimeError):
+                raise TargetError(f"CSR layer {name!r}: {part} has dtype {getattr(tensor, 'dtype', '?')}, which no CSR kernel takes", path=path) from None
         check_csr(parts["crow_indices"], parts["col_indices"], parts["values"], (rows, cols), name=name, path=path, error=TargetError)
-    limits.check("dense_bytes", total, "the artifact's CSR layers made dense", path=path)
+    # the model the loader builds before loading the layers: its size, on the meta device
+    from .modelspec import ModelSpec
+    from .models import check_model_size
+
+    try:
+        spec = ModelSpec.from_json(meta["model"])
+        check_model_size(spec, source=path)
+    except UserError as exc:
+        if exc.path is None:
+            exc.path = str(path)
+        raise

@@ -210,7 +210,10 @@ def _check_view(view: _TensorView, path: Path) -> int:
 
 def _check_views(result: Any, storages: dict[str, _Storage], path: Path) -> None:
     views: list[_TensorView] = []
-    _views(result, views)
+    try:
+        _views(result, views)
+    except _Refused as exc:
+        raise CheckpointError(str(exc), path=path) from None
     view_bytes = sum(_check_view(view, path) for view in views)
     storage_bytes = sum(s.nbytes for s in storages.values())
     limits.check("dense_bytes", max(0, view_bytes - storage_bytes), f"tensors sharing storage ({view_bytes:,} bytes of views over {storage_bytes:,} bytes of data)", path=path)

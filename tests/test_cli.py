@@ -114,11 +114,19 @@ def test_inspect(run_cli):
 
 
 def test_every_command_has_help(run_cli):
-    assert run_cli("--help").exit_code == 0
+    result = run_cli("--help")
+    assert result.exit_code == 0
     for name in COMMANDS:
-        if cli.get_command(None, name) is not None:
-            result = run_cli(name, "--help")
-            assert result.exit_code == 0, name
+        assert cli.get_command(None, name) is not None, f"command {name!r}: its module {COMMANDS[name]} is missing"
+        assert name in result.stdout, name
+        result_cmd = run_cli(name, "--help")
+        assert result_cmd.exit_code == 0 and "Usage:" in result_cmd.stdout, name
+
+
+def test_help_test_would_catch_a_missing_command_module(monkeypatch):
+    # the test above relies on get_command returning None for a module that is not there
+    monkeypatch.setitem(COMMANDS, "ghost", "dnsconvert.cli.no_such_module:ghost_cmd")
+    assert cli.get_command(None, "ghost") is None
 
 
 def test_help_does_not_import_torch():
