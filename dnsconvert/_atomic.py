@@ -102,14 +102,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         except OSError as exc:
             raise output_error(exc, target) or exc from None
     except BaseException:
+        _remove(tmp_path)
         for folder in created:  # deepest first; only the empty folders this call made
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
     finally:
-        if tmp_path is not None and tmp_path.exists():
-            with contextlib.suppress(OSError):
-                tmp_path.unlink()
+        _remove(tmp_path)
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None and path.exists():
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

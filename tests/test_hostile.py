@@ -796,6 +796,7 @@ def test_hostile_case(case: Case, tmp_path: Path, monkeypatch, request):
         made = case.make(tmp_path)
     run = made if isinstance(made, Run) else Run(made)
     before = snapshot(tmp_path)
+    folders_before = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_dir())
     if case.patch is not None:
         case.patch(monkeypatch, tmp_path)
         before = snapshot(tmp_path)  # a patch may remove an input on purpose
@@ -816,6 +817,8 @@ def test_hostile_case(case: Case, tmp_path: Path, monkeypatch, request):
     if case.exit != 0:
         left = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name not in case.leaves]
         assert left == [], f"left behind: {left}"
+        if not case.leaves:  # not even a folder the command made for its output
+            assert sorted(p for p in (tmp_path / "out").rglob("*") if p.is_dir()) == folders_before
     assert not (tmp_path / "MARKER").exists(), "a file made dnsconvert run its code"
 
 
