@@ -48,13 +48,27 @@ def _errno_of(exc: BaseException) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def output_error(exc: BaseException, path: str | Path, *, only: Iterable[int] | None = None) -> OutputError | None:
-    """The OutputError for an OS refusal to write ``path``, or None when ``exc`` is not one."""
+def mapped_output_error(exc: BaseException, path: str | Path, *, only: Iterable[int] | None = None) -> OutputError | None:
+    """The OutputError for an OS refusal to write ``path``, or None when ``exc`` is not one
+    (an OSError, or a writer's error quoting ``os error N`` as Rust writers do)."""
     code = _errno_of(exc)
     if code is None or code not in _OUTPUT_ERRNOS or (only is not None and code not in set(only)):
         return None
     what, hint = _OUTPUT_ERRNOS[code]
-    return OutputError(f"cannot write the output: {what}", path=path, hint=hint + ("; nothing was written" if code in _WRITE_ERRNOS else ""))
+    return OutputError(f"cannot write the output: {what}; nothing was written", path=path, hint=hint)
+
+
+@contextlib.contextmanager
+def output_error(path: str | Path) -> Iterator[None]:
+    """Turn the OS refusals of writing an output (disk full, read-only, a folder in the way...)
+    inside the block into one-line user errors naming ``path``."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = mapped_output_error(exc, path)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def _missing_parents(folder: Path) -> list[Path]:
@@ -84,12 +98,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
             os.close(fd)
         except OSError as exc:
-            raise output_error(exc, target) or exc from None
+            raise mapped_output_error(exc, target) or exc from None
         tmp_path = Path(tmp)
         try:
             yield tmp_path
         except Exception as exc:  # the writer failed: map a full disk, re-raise anything else
-            mapped = output_error(exc, target, only=_WRITE_ERRNOS)
+            mapped = mapped_output_error(exc, target, only=_WRITE_ERRNOS)
             if mapped is None:
                 raise
             raise mapped from None
@@ -100,7 +114,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.chmod(tmp_path, 0o666 & ~umask)
             os.replace(tmp_path, target)
         except OSError as exc:
-            raise output_error(exc, target) or exc from None
+            raise mapped_output_error(exc, target) or exc from None
     except BaseException:
         _remove(tmp_path)
         for folder in created:  # deepest first; only the empty folders this call made

@@ -52,7 +52,7 @@ LIMITS: dict[str, Limit] = {
             "parameters",
             "parameters of a model built from a spec before a checkpoint's bytes back them",
         ),
-        Limit("input_elements", "DNSCONVERT_MAX_INPUT_ELEMENTS", 1 << 24, "elements", "elements of one model input (batch included)"),
+        Limit("input_elements", "DNSCONVERT_MAX_INPUT_ELEMENTS", 1 << 26, "elements", "elements of one set of sample inputs (all inputs, batch included)"),
         Limit("layers", "DNSCONVERT_MAX_LAYERS", 1024, "layers", "layers a built-in model's kwargs may ask for"),
         Limit("depth", "DNSCONVERT_MAX_DEPTH", 64, "levels", "nesting depth of JSON metadata in a file"),
     )
