@@ -42,8 +42,8 @@ LIMITS: dict[str, Limit] = {
             "DNSCONVERT_MAX_DENSE_BYTES",
             256 << 20,
             "bytes",
-            "memory one file may make dnsconvert allocate beyond its own bytes (densified sparse "
-            "tensors, CSR layers made dense, inflated gzip/IDX data, views sharing storage)",
+            "memory one file may make dnsconvert allocate beyond its own bytes: densified sparse "
+            "tensors, CSR layers made dense, inflated gzip/IDX data, tensor views sharing storage",
         ),
         Limit(
             "parameters",
@@ -52,7 +52,7 @@ LIMITS: dict[str, Limit] = {
             "parameters",
             "parameters of a model built from a spec before a checkpoint's bytes back them",
         ),
-        Limit("input_elements", "DNSCONVERT_MAX_INPUT_ELEMENTS", 1 << 26, "elements", "elements of one set of sample inputs (all inputs, batch included)"),
+        Limit("input_elements", "DNSCONVERT_MAX_INPUT_ELEMENTS", 1 << 26, "elements", "elements of one set of sample inputs, all inputs and the batch included"),
         Limit("layers", "DNSCONVERT_MAX_LAYERS", 1024, "layers", "layers a built-in model's kwargs may ask for"),
         Limit("depth", "DNSCONVERT_MAX_DEPTH", 64, "levels", "nesting depth of JSON metadata in a file"),
     )
@@ -141,12 +141,7 @@ def check_shape(shape: Iterable[object], what: str, *, path: str | Path | None =
     return dims
 
 
-def check_input(shape: Iterable[int], what: str = "a model input", *, path: str | Path | None = None) -> None:
-    """Refuse an input of zero/negative sizes or more than the ``input_elements`` limit."""
-    dims = check_shape(tuple(shape), what, path=path, allow_zero=False)
-    check("input_elements", numel(dims), f"{what} of shape {list(dims)}", path=path)
-
-
-def describe() -> list[dict[str, object]]:
-    """Every limit with its current value (for documentation and ``--help`` text)."""
-    return [{"name": l.name, "env": l.env, "default": l.default, "value": get(l.name), "unit": l.unit, "what": l.what} for l in LIMITS.values()]
+def help_text() -> str:
+    """One paragraph for ``dnsconvert --help``: each limit, its default and its variable."""
+    parts = [f"{limit.env} (default {_human(limit.default, limit.unit)}): {limit.what}" for limit in LIMITS.values()]
+    return "Limits on what a file may make dnsconvert allocate; raise them with these environment variables. " + "; ".join(parts) + "."

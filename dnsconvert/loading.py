@@ -127,22 +127,6 @@ def read_json_text(text: str | bytes, *, what: str, path: str | Path | None, err
     return data
 
 
-def read_json_file(path: str | Path, *, what: str = "file", error: type[UserError] = UserError) -> Any:
-    """Read a JSON file written by dnsconvert (a manifest, a pipeline's state file...) as one UserError on any fault."""
-    path = Path(path)
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise error(f"{what} does not exist", path=path) from None
-    except IsADirectoryError:
-        raise error(f"{what} is a directory, expected a JSON file", path=path) from None
-    except OSError as exc:
-        raise error(f"cannot read {what} ({exc.strerror})", path=path) from None
-    if not text.strip():
-        raise error(f"{what} is empty", path=path, hint="the write that made it probably failed; re-create it")
-    return read_json_text(text, what=what, path=path, error=error)
-
-
 def _load_torch(path: Path, *, zip_format: bool) -> SparseCheckpoint:
     from .torch_file import scan_torch_file
 

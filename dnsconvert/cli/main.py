@@ -16,6 +16,7 @@ import traceback
 import click
 
 from ..errors import DnsconvertError, GateFailed, UserError
+from ..limits import help_text
 
 # name -> "module:attribute"; loaded on first use (click's LazyGroup recipe).
 COMMANDS = {
@@ -81,7 +82,7 @@ class DnsconvertGroup(click.Group):
             ctx.exit(3)
 
 
-@click.group(cls=DnsconvertGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DnsconvertGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=help_text())
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors too.")
 @click.version_option(package_name="dnsconvert")
 def cli(debug: bool) -> None:
