@@ -40,10 +40,17 @@ LIMITS: dict[str, Limit] = {
         Limit(
             "dense_bytes",
             "DNSCONVERT_MAX_DENSE_BYTES",
-            256 << 20,
+            128 << 20,
             "bytes",
             "memory one file may make dnsconvert allocate beyond its own bytes: densified sparse "
-            "tensors, CSR layers made dense, inflated gzip/IDX data, tensor views sharing storage",
+            "tensors, CSR layers made dense, inflated gzip/IDX data",
+        ),
+        Limit(
+            "shared_view_bytes",
+            "DNSCONVERT_MAX_SHARED_VIEW_BYTES",
+            16 << 20,
+            "bytes",
+            "bytes of tensors in a .pt file beyond twice the data they share (tied weights are free)",
         ),
         Limit(
             "parameters",

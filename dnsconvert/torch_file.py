@@ -11,8 +11,8 @@ against the bytes present and every tensor view against its storage:
   no duplicate names, each storage record exactly as long as the pickle says;
 - legacy format: each storage's bytes follow the pickles, as many as the pickle says;
 - every view lies inside its storage, has no stride-0 (broadcast) dim and is no larger than
-  its storage (so it cannot overlap itself); views sharing storage may add at most the
-  ``dense_bytes`` limit on top of the file's own bytes.
+  its storage (so it cannot overlap itself); views sharing storage may total twice the
+  file's data (tied weights) plus the ``shared_view_bytes`` limit.
 
 Globals other than the tensor-rebuild functions and torch's own weights-only allowlist are
 refused: such a pickle could run code.
@@ -216,7 +216,9 @@ def _check_views(result: Any, storages: dict[str, _Storage], path: Path) -> None
         raise CheckpointError(str(exc), path=path) from None
     view_bytes = sum(_check_view(view, path) for view in views)
     storage_bytes = sum(s.nbytes for s in storages.values())
-    limits.check("dense_bytes", max(0, view_bytes - storage_bytes), f"tensors sharing storage ({view_bytes:,} bytes of views over {storage_bytes:,} bytes of data)", path=path)
+    # tied weights (two names, one storage) double the data at most; more sharing than that is
+    # a small file posing as a large model, held to its own limit
+    limits.check("shared_view_bytes", max(0, view_bytes - 2 * storage_bytes), f"tensors sharing storage ({view_bytes:,} bytes of views over {storage_bytes:,} bytes of data)", path=path)
 
 
 def _unpickle(fh, tables, path: Path, *, legacy: bool) -> tuple[Any, _StubUnpickler]:
