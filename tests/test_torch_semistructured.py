@@ -34,11 +34,23 @@ def test_plan_on_projected_model():
     assert plan and all(d["sparse"] for d in plan.values())
 
 
-def test_listed_with_reason_when_unavailable():
-    entry = {e.name: e for e in list_targets()}["torch-2to4-cuda"]
-    status = entry.target.availability()
-    if not torch.cuda.is_available():
-        assert not status.available and "CUDA" in status.reason
+def test_listed_with_reason_when_unavailable(monkeypatch, run_cli, tmp_path):
+    """Every branch of availability() on any machine: the CUDA queries are patched (a GPU cannot be
+    conjured on a CPU box, nor removed from a GPU one); the logic around them is real."""
+    target = {e.name: e for e in list_targets()}["torch-2to4-cuda"].target
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status = target.availability()
+    assert not status.available and "CUDA" in status.reason
+    result = run_cli("export", "fixtures/tiny_mlp_2to4.safetensors", "--target", "torch-2to4-cuda", "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 2 and "not available here" in result.stderr and not list(tmp_path.iterdir())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    status = target.availability()
+    assert not status.available and "7.5" in status.reason and "8.0" in status.reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    status = target.availability()
+    assert status.available and "H100" in status.reason and "sm90" in status.reason
 
 
 @pytest.mark.gpu

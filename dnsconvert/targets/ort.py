@@ -46,9 +46,18 @@ class OrtRunner:
     def __init__(self, model: bytes | str, threads: int = 0, *, where: Any = None):
         self.session = ort_session(model, threads, where=where)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.where = where
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, {name: feeds[name] for name in self.input_names})
+        try:
+            return self.session.run(None, {name: feeds[name] for name in self.input_names})
+        except KeyError as exc:  # h11 (issue 11): inputs described by a file (a manifest) that do not fit the model
+            raise TargetError(f"the model needs an input {exc.args[0]!r} that its description lacks", path=self.where, hint="re-export the artifact") from None
+        except Exception as exc:
+            if type(exc).__name__ != "InvalidArgument":  # ORT's error for feeds of the wrong shape or dtype
+                raise
+            first = str(exc).strip().splitlines()[0][:200]
+            raise TargetError(f"ONNX Runtime refused the inputs the artifact describes ({first})", path=self.where, hint="the manifest's inputs do not match the model; re-export the artifact") from None
 
     def synchronize(self) -> None:
         pass
@@ -110,4 +119,8 @@ class OrtTarget(Target):
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> OrtRunner:
         if variant not in ("sparse", "dense"):
             raise TargetError(f"unknown variant {variant!r}", hint="sparse or dense")
-        return OrtRunner(artifact.read(variant), option_number(options or {}, "threads", 0, int), where=artifact.files[variant])
+        from ..export.onnx_check import parse_onnx
+
+        data = artifact.read(variant)
+        parse_onnx(data, path=artifact.files[variant], error=TargetError)  # h11 (issue 11): the one checked ONNX read
+        return OrtRunner(data, option_number(options or {}, "threads", 0, int), where=artifact.files[variant])

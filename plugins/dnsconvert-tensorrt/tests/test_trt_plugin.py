@@ -117,13 +117,31 @@ def test_engine_compat_checks():
         check_engine_compat(built, {"tensorrt": None}, "m")
 
 
-def test_listed_unavailable_with_reason(run_cli):
-    entry = {e.name: e for e in list_targets()}["trt"]
-    status = entry.target.availability()
-    if importlib.util.find_spec("tensorrt") is None:
-        assert not status.available and ("tensorrt" in status.reason or "GPU" in status.reason)
-        result = run_cli("export", "fixtures/tiny_mlp_2to4.safetensors", "--target", "trt", "-o", "/tmp/never.engine")
-        assert result.exit_code == 2 and "not available here" in result.stderr
+def test_listed_unavailable_with_reason(run_cli, monkeypatch, tmp_path):
+    """Every branch of availability() on any machine: what cannot exist here (TensorRT, trtexec, a
+    GPU) is patched in or out; the decision logic and the CLI's exit 2 are real."""
+    import dnsconvert_tensorrt.target as trt_target
+
+    target = {e.name: e for e in list_targets()}["trt"].target
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(installed):
+        return lambda name, *a: (object() if installed else None) if name == "tensorrt" else real_find_spec(name, *a)
+
+    monkeypatch.setattr(trt_target.importlib.util, "find_spec", find_spec(False))
+    monkeypatch.setattr(trt_target, "find_trtexec", lambda: None)
+    status = target.availability()
+    assert not status.available and "tensorrt" in status.reason and "trtexec" in status.reason
+    result = run_cli("export", "fixtures/tiny_mlp_2to4.safetensors", "--target", "trt", "-o", tmp_path / "m.engine")
+    assert result.exit_code == 2 and "not available here" in result.stderr and not list(tmp_path.iterdir())
+    monkeypatch.setattr(trt_target, "find_trtexec", lambda: "/usr/bin/trtexec")
+    monkeypatch.setattr(trt_target, "_has_gpu", lambda: (False, "no CUDA GPU"))
+    status = target.availability()
+    assert not status.available and "GPU" in status.reason
+    monkeypatch.setattr(trt_target.importlib.util, "find_spec", find_spec(True))
+    monkeypatch.setattr(trt_target, "_has_gpu", lambda: (True, "NVIDIA H100"))
+    status = target.availability()
+    assert status.available and "Python API" in status.reason and "H100" in status.reason
 
 
 @pytest.mark.tensorrt
