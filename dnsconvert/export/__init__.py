@@ -59,6 +59,9 @@ def build_onnx_artifact(
     min_saving: float = 0.0,
     trust_code: bool = False,
     parity_batches: tuple[int, ...] = (1, 4),
+    precision: str = "fp32",
+    io: str = "fp32",
+    calibration: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Export, check and write ``output`` (sparse), its dense twin and manifest; returns (manifest, files)."""
     timings: dict[str, float] = {}
@@ -68,8 +71,17 @@ def build_onnx_artifact(
     check_finite(ckpt)
     exported = export_checkpoint(ckpt, opset=opset, dynamic_batch=dynamic_batch, trust_code=trust_code)
     timings["torch_onnx_export_s"] = time.perf_counter() - started
-    dense_proto = exported.model
-    sparse_proto, records = sparsify_initializers(dense_proto, exported.names.values(), min_saving=min_saving)
+    dense_proto, names = exported.model, dict(exported.names)
+    fp32_proto = dense_proto
+    # --- precision hook (issue 14): standalone steps in export/precision.py; the step-wise builder takes it over ---
+    step = None
+    if precision != "fp32":
+        from .precision import precision_step
+
+        step = precision_step(dense_proto, names, precision, io=io, calibration=calibration)
+        dense_proto, names = step.model, step.names
+    # --- end of precision hook ---
+    sparse_proto, records = sparsify_initializers(dense_proto, names.values(), min_saving=min_saving)
     try:
         onnx.checker.check_model(sparse_proto)  # full_check's strict shape inference rejects sparse initializers
     except onnx.checker.ValidationError as exc:
@@ -79,16 +91,23 @@ def build_onnx_artifact(
     # The artifact must keep every masked weight at zero. (Values may differ from the
     # checkpoint's where the exporter folded e.g. BatchNorm into a Conv; parity checks those.)
     arrays = initializer_arrays(sparse_proto)
-    for param, init_name in exported.names.items():
-        got = arrays[init_name].T if init_name.endswith(".T") else arrays[init_name]
+    for param, init_name in names.items():
+        got = arrays[init_name].T if init_name.removesuffix("_quantized").endswith(".T") else arrays[init_name]
         mask = (ckpt.masks[param] != 0).numpy()
         if got.shape != mask.shape or np.any(got[~mask] != 0):
             raise ExportError(f"initializer {init_name!r} is nonzero where {param!r} is masked")
     inputs = parity_inputs(ckpt.model.input_shape, parity_batches if dynamic_batch else (ckpt.model.input_shape[0],))
-    parity = compare(torch_runner(exported.torch_model), make_runner(sparse_bytes), inputs, atol=atol, rtol=rtol)
-    graph_nm = check_graph_nm(dense_proto, TWO_FOUR, arrays=arrays)
+    if step is None:
+        parity = compare(torch_runner(exported.torch_model), make_runner(sparse_bytes), inputs, atol=atol, rtol=rtol)
+    else:  # the same dtype in PyTorch vs ONNX Runtime (bf16 emulated there); tolerances per type
+        from .parity import ParityReport
+        from .precision import precision_parity
+
+        checked = precision_parity(exported.torch_model, sparse_proto, precision, inputs)
+        parity = ParityReport(checked.max_abs, checked.max_rel_to_range, checked.atol, checked.rtol, tuple(len(i) for i in inputs), checked.passed)
+    graph_nm = check_graph_nm(fp32_proto, TWO_FOUR, arrays=initializer_arrays(fp32_proto))  # the pattern, before any cast/quantization
     timings["total_s"] = time.perf_counter() - started
-    layer_of = {v: k for k, v in exported.names.items()}
+    layer_of = {v: k for k, v in names.items()}
     manifest = base_manifest(target, ckpt)
     manifest.update(
         {
@@ -118,6 +137,12 @@ def build_onnx_artifact(
             "timings": timings,
         }
     )
+    if step is not None:  # sizes beside fp32, the parity reference, the int8 calibration report
+        fp32_sparse = sparsify_initializers(fp32_proto, exported.names.values(), min_saving=min_saving)[0].ByteSize()
+        manifest["precision"] = {
+            **step.to_json(), "parity_reference": checked.reference, "parity_runtime": "onnxruntime CPU" + (" (bf16 emulated in fp32)" if precision == "bf16" else ""),
+            "sizes": {"fp32": {"sparse_bytes": fp32_sparse, "dense_bytes": fp32_proto.ByteSize()}, precision: {"sparse_bytes": len(sparse_bytes), "dense_bytes": len(dense_bytes)}},
+        }  # fmt: skip
     if not parity.passed:
         raise GateFailed(f"parity failed: max |Δ| {parity.max_abs:.3g} exceeds atol {atol:g} + rtol {rtol:g}·|ref|; nothing was written")
     dense_path = dense_twin_path(output)

@@ -18,7 +18,23 @@ COMMON_OPTIONS = {
     "opset": "ONNX opset (default 18)",
     "dynamic_batch": "export a dynamic batch dimension (default 1)",
     "min_saving": "sparsify a tensor only if this much smaller (default 0)",
+    # precision options (issue 14; dnsconvert/export/precision.py)
+    "precision": "fp32 (default), fp16, bf16 (weights and compute in that type) or int8 (explicit Q/DQ)",
+    "io": "fp16/bf16 inputs and outputs: fp32 (default, Cast at the edges) or native",
+    "calibration": "int8 calibration set: MNIST folder, synthetic, random, FILE.npy or FILE.npz",
+    "calibration_samples": "int8 calibration samples (default 512)",
 }
+
+
+def precision_options(extra, ckpt) -> dict:
+    """The precision keyword arguments of build_onnx_artifact from -T options."""
+    from ..export.precision import load_calibration
+
+    precision = extra.get("precision", "fp32")
+    calibration = None
+    if precision == "int8" and "calibration" in extra and ckpt.model is not None:  # no model spec: the export says so
+        calibration = load_calibration(extra["calibration"], ckpt.model.input_shape, samples=option_number(extra, "calibration_samples", 512, int))
+    return {"precision": precision, "io": extra.get("io", "fp32"), "calibration": calibration}
 
 
 def ort_session(model: bytes | str, threads: int = 0):
@@ -64,6 +80,7 @@ def build_onnx_target(target: Target, ckpt, output: Path, options: BuildOptions,
         dynamic_batch=option_bool(extra, "dynamic_batch", True),
         min_saving=option_number(extra, "min_saving", 0.0),
         trust_code=options.trust_model_code,
+        **precision_options(extra, ckpt),
     )
     return Artifact(target.name, {"sparse": files["sparse"], "dense": files["dense"]}, files["manifest"], manifest)
 
