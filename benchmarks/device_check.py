@@ -138,13 +138,13 @@ def trt_step(out: Path) -> None:
     ckpt = project_nm(masked_checkpoint("transformer_mlp", 0.5, dim=1024, hidden=4096, depth=1), "2:4").checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         started = time.monotonic()
-        artifact = get_target("trt").build(ckpt, Path(tmp) / "m.engine", BuildOptions(extra={"precision": "fp16"}))
-        m = artifact.manifest
+        artifact = get_target("trt").build(ckpt, Path(tmp) / "ffn", BuildOptions(extra={"precision": "fp16"}))
+        m = artifact.manifest.details
         out.write_text(json.dumps({
             "build_seconds": time.monotonic() - started, "tensorrt_api": m["tensorrt_api"], "builder": m["builder"], "sparse_layers": m["sparse_layers"],
-            "evidence": m["evidence"], "unmapped_engine_layers": m["unmapped_engine_layers"], "timing_cache": m["timing_cache"],
-            "parity_vs_ort": m["parity_vs_ort"], "inspector_schema": m["inspector_schema"],
-        }, indent=2))  # fmt: skip
+            "sparsity": m["sparsity"], "timing_cache": m["timing_cache"], "parity_vs_ort": artifact.manifest.parity.to_json(),
+            "inspector_schema": m["inspector_schema"],
+        }, indent=2, default=str))  # fmt: skip
 
 
 def main() -> None:

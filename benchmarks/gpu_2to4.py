@@ -80,11 +80,11 @@ def end_to_end(backend: str, dtype_name: str, iterations: int) -> dict:
     ckpt = project_nm(masked_checkpoint("transformer_mlp", 0.5, dim=1024, hidden=4096, depth=2), "2:4").checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            artifact = TorchSemiStructuredTarget().build(ckpt, Path(tmp) / "m.safetensors", BuildOptions(extra={"dtype": dtype_name, "backend": backend}))
+            artifact = TorchSemiStructuredTarget().build(ckpt, Path(tmp) / "ffn", BuildOptions(extra={"dtype": dtype_name, "backend": backend}))
         except TargetError as exc:
             return {"backend": backend, "dtype": dtype_name, "refused": str(exc)}
-        report = bench(artifact.manifest_path, batches=BATCHES, warmup=20, iterations=iterations)
-    row = {"backend": backend, "dtype": dtype_name, "model": "transformer_mlp dim 1024 hidden 4096 depth 2", "speedups": report.speedups(), "parity": artifact.manifest["parity"]}
+        report = bench(artifact, batches=BATCHES, warmup=20, iterations=iterations)
+    row = {"backend": backend, "dtype": dtype_name, "model": "transformer_mlp dim 1024 hidden 4096 depth 2", "speedups": report.speedups(), "parity": artifact.manifest.parity.to_json()}
     for s in row["speedups"]:
         print(f"FFN {backend} {dtype_name} batch {s['batch']:5d}: dense {s['dense_p50_ms']:.4f} ms  2:4 {s['sparse_p50_ms']:.4f} ms  speedup {s['speedup']:.2f}x", flush=True)
     return row

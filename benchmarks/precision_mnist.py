@@ -30,7 +30,8 @@ from dnsconvert.loading import load_checkpoint
 
 def accuracy(model, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
     run = ort_runner(model, threads=2)
-    correct = sum(int((run(images[i : i + batch]).argmax(-1) == labels[i : i + batch]).sum()) for i in range(0, len(images), batch))
+    name = model.graph.input[0].name
+    correct = sum(int((run({name: images[i : i + batch]})[0].argmax(-1) == labels[i : i + batch]).sum()) for i in range(0, len(images), batch))
     return correct / len(images)
 
 

@@ -65,6 +65,7 @@ class SparseCheckpoint:
         pruning: how the masks were made.
         state: resumable surgery state (nested dicts/lists of JSON values and tensors).
         source: the file this checkpoint was read from, for messages.
+        source_sha256: that file's sha256, taken when it was read (manifests record it).
     """
 
     weights: dict[str, torch.Tensor]
@@ -73,6 +74,7 @@ class SparseCheckpoint:
     pruning: PruningInfo | None = None
     state: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    source_sha256: str | None = None
 
     def __post_init__(self) -> None:
         self.check_structure()

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dnsconvert.errors import DataError, UserError
 from dnsconvert.export.onnx_export import export_checkpoint
-from dnsconvert.export.parity import parity_inputs
+from dnsconvert.model_io import parity_feeds
 from dnsconvert.export.precision import (
     TOLERANCES,
     CalibrationSet,
@@ -29,6 +29,11 @@ from dnsconvert.export.sparse_init import initializer_arrays, sparsify_initializ
 from helpers import masked_checkpoint
 
 MODELS = ["lenet300100", "lenet5", "mlp", "convnet", "transformer_mlp"]
+
+
+def random_calibration(ckpt, samples, seed):
+    shape = (samples, *ckpt.model.input_shape[1:])
+    return CalibrationSet(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), source=f"randn(seed={seed})")
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +103,10 @@ def test_cast_model_types_every_float_tensor(exports, precision, io):
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8"])
 def test_every_builtin_model_passes_parity_and_stays_sparse(exports, name, precision):
     ckpt, exported = exports[name]
-    calibration = CalibrationSet(np.concatenate(parity_inputs(ckpt.model.input_shape, (128,), seed=7)), source="randn") if precision == "int8" else None
+    calibration = random_calibration(ckpt, 128, seed=7) if precision == "int8" else None
     step = precision_step(exported.model, exported.names, precision, calibration=calibration)
     sparse, records = sparsify_initializers(step.model, step.names.values())
-    inputs = parity_inputs(ckpt.model.input_shape, (1, 4))
-    parity = precision_parity(exported.torch_model, sparse, precision, inputs)
+    parity = precision_parity(exported.torch_model, ckpt.model, sparse, precision, parity_feeds(ckpt.model.inputs, (1, 4)), exported.output_names)
     assert parity.passed, parity
     arrays = initializer_arrays(sparse)
     for param, init in step.names.items():  # pruned weights are exactly zero in every type
@@ -123,19 +127,19 @@ def test_parity_fails_on_a_wrong_weight(exports):
     array = numpy_helper.to_array(weight).copy()
     array.flat[np.flatnonzero(array)[0]] += np.float16(0.5)
     weight.CopyFrom(numpy_helper.from_array(array, weight.name))
-    assert not precision_parity(exported.torch_model, model, "fp16", parity_inputs(ckpt.model.input_shape, (4,))).passed
+    assert not precision_parity(exported.torch_model, ckpt.model, model, "fp16", parity_feeds(ckpt.model.inputs, (4,))).passed
 
 
 def test_bf16_emulation_rounds_every_node(exports):
     """The emulated bf16 run equals PyTorch bf16 much more closely than an unrounded fp32 run does."""
     ckpt, exported = exports["transformer_mlp"]
     bf16 = cast_model(exported.model, "bf16")
-    x = parity_inputs(ckpt.model.input_shape, (4,))[0]
-    reference = torch_runner(exported.torch_model, "bf16")(x)
-    emulated = ort_runner(bf16)(x)
+    x = parity_feeds(ckpt.model.inputs, (4,))[0]
+    reference = torch_runner(exported.torch_model, ckpt.model, "bf16")(x)[0]
+    emulated = ort_runner(bf16)(x)[0]
     twin = emulate_in_fp32(bf16)
     assert sum(n.op_type == "Cast" for n in twin.graph.node) > 2 * len(bf16.graph.node) - 4
-    unrounded = ort_runner(exported.model)(x)
+    unrounded = ort_runner(exported.model)(x)[0]
     assert np.mean(emulated == reference) > 0.5 and np.mean(unrounded == reference) < 0.05  # bf16 values, bit for bit mostly
     assert np.abs(emulated - reference).mean() < 0.5 * np.abs(unrounded - reference).mean()
     atol, rtol = TOLERANCES["bf16"]
@@ -144,7 +148,7 @@ def test_bf16_emulation_rounds_every_node(exports):
 
 def test_int8_is_explicit_symmetric_qdq(exports):
     ckpt, exported = exports["lenet5"]
-    calibration = CalibrationSet(np.concatenate(parity_inputs(ckpt.model.input_shape, (64,), seed=3)), source="randn")
+    calibration = random_calibration(ckpt, 64, seed=3)
     step = precision_step(exported.model, exported.names, "int8", calibration=calibration)
     ops = [n.op_type for n in step.model.graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "QLinearConv" not in ops
@@ -172,13 +176,14 @@ def test_calibration_sets(tmp_path):
 
 
 def test_cli_precision_exports(run_cli, tmp_path):
-    out = tmp_path / "m.onnx"
+    out = tmp_path / "m"
     result = run_cli("export", "fixtures/tiny_mlp_unstructured.safetensors", "--target", "ort", "-o", out, "-T", "precision=bf16", "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
-    assert manifest["precision"]["precision"] == "bf16" and manifest["parity"]["passed"]
-    assert manifest["precision"]["sizes"]["fp32"]["dense_bytes"] > manifest["precision"]["sizes"]["bf16"]["dense_bytes"]
-    assert model_precision(onnx.load(str(out))) == "bf16"
-    result = run_cli("export", "fixtures/tiny_mlp_unstructured.safetensors", "--target", "ort", "-o", tmp_path / "q.onnx", "-T", "precision=int8")
+    precision = manifest["details"]["precision"]
+    assert precision["precision"] == "bf16" and manifest["parity"]["passed"]
+    assert precision["sizes"]["fp32"]["dense_bytes"] > precision["sizes"]["bf16"]["dense_bytes"]
+    assert model_precision(onnx.load(str(out / "model.onnx"))) == "bf16"
+    result = run_cli("export", "fixtures/tiny_mlp_unstructured.safetensors", "--target", "ort", "-o", tmp_path / "q", "-T", "precision=int8")
     assert result.exit_code == 2 and "calibration" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "q.onnx").exists()
+    assert not (tmp_path / "q").exists()

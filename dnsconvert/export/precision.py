@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,8 @@ def quantize_int8(
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise UserError(f"calibration method {method!r} is not one of {', '.join(methods)}")
+    if len(model.graph.input) != 1:
+        raise UserError(f"INT8 calibration supports single-input models; this one has {len(model.graph.input)} inputs")
     input_name = model.graph.input[0].name
 
     class Reader(CalibrationDataReader):
@@ -268,8 +270,9 @@ def quantize_int8(
             original = init.name.removesuffix("_quantized")
             if original in before:
                 weights[original] = init.name
-    fp32_out = _run_all(ort_runner(model), calibration.batches(batch_size))
-    int8_out = _run_all(ort_runner(quantized), calibration.batches(batch_size))
+    feeds = [{input_name: b} for b in calibration.batches(batch_size)]
+    fp32_out = _run_all(ort_runner(model), feeds)
+    int8_out = _run_all(ort_runner(quantized), feeds)
     if calibration.labels is not None:
         metric = "accuracy"
         fp32_score = float(np.mean(fp32_out.argmax(-1) == calibration.labels))
@@ -285,8 +288,9 @@ def quantize_int8(
     return quantized, report
 
 
-def _run_all(run: Callable[[np.ndarray], np.ndarray], batches: Iterable[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(run(b), dtype=np.float32) for b in batches])
+def _run_all(run: Callable[[Mapping[str, np.ndarray]], list[np.ndarray]], feeds: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """The first output over all feeds, concatenated."""
+    return np.concatenate([np.asarray(run(f)[0], dtype=np.float32) for f in feeds])
 
 
 # --- running each type: ONNX Runtime (CPU) and the PyTorch reference ----------------------------
@@ -360,8 +364,12 @@ def emulate_in_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def ort_runner(model: onnx.ModelProto | bytes, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
-    """Run a model of any of the four precisions on ONNX Runtime's CPU provider (bf16 emulated)."""
+def ort_runner(model: onnx.ModelProto | bytes, threads: int = 1) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
+    """Run a model of any of the four precisions on ONNX Runtime's CPU provider (bf16 emulated).
+
+    The runner takes named float32/int feeds (cast to each fp16 input's type) and returns every
+    output as float32 (floating outputs) or as is.
+    """
     import onnxruntime as ort
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
@@ -373,69 +381,54 @@ def ort_runner(model: onnx.ModelProto | bytes, threads: int = 1) -> Callable[[np
     # ORT_ENABLE_BASIC keeps the Cast round trips of the bf16 emulation (no cast-chain elimination)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
-    feed = session.get_inputs()[0]
-    wants = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(feed.type)
+    wants = {i.name: {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(i.type) for i in session.get_inputs()}
 
-    def run(x: np.ndarray) -> np.ndarray:
-        if wants is not None:
-            x = np.asarray(x).astype(wants)
-        return np.asarray(session.run(None, {feed.name: x})[0]).astype(np.float32)
+    def run(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        cast = {name: np.asarray(value).astype(wants[name]) if wants.get(name) is not None else np.asarray(value) for name, value in feeds.items()}
+        return [np.asarray(o).astype(np.float32) if np.asarray(o).dtype.kind == "f" else np.asarray(o) for o in session.run(None, cast)]
 
     return run
 
 
-def torch_runner(module: Any, precision: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The PyTorch model run in ``precision`` (a copy; int8 and fp32 run in fp32), outputs as float32."""
+def torch_runner(module: Any, spec: Any, precision: str) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
+    """The PyTorch model run in ``precision`` (a copy; int8 and fp32 run in fp32): named feeds in,
+    floating outputs as float32."""
     import torch
 
+    from ..model_io import FlatIO, to_tensors
+
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    model = copy.deepcopy(module).to(dtype).eval()
+    flat = FlatIO(copy.deepcopy(module).to(dtype), spec.inputs).eval()
 
     @torch.no_grad()
-    def run(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(np.asarray(x, dtype=np.float32)).to(dtype)).float().numpy()
+    def run(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        tensors = [t.to(dtype) if t.is_floating_point() else t for t in to_tensors(feeds, spec.inputs)]
+        return [o.float().numpy() if o.is_floating_point() else o.numpy() for o in flat(*tensors)]
 
     return run
 
 
-@dataclass(frozen=True)
-class PrecisionParity:
-    precision: str
-    max_abs: float
-    max_rel_to_range: float
-    atol: float
-    rtol: float
-    passed: bool
-    reference: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("precision", "max_abs", "max_rel_to_range", "atol", "rtol", "passed", "reference")}
-
-
-def precision_parity(module: Any, model: onnx.ModelProto, precision: str, inputs: Sequence[np.ndarray]) -> PrecisionParity:
+def precision_parity(module: Any, spec: Any, model: onnx.ModelProto, precision: str, feeds: Sequence[Mapping[str, np.ndarray]], output_names: Sequence[str] | None = None):
     """The ONNX model in ONNX Runtime vs the PyTorch model in the same dtype, at :data:`TOLERANCES`.
 
-    INT8 is compared with fp32 PyTorch, passing when max |Δ| <= INT8_RANGE_TOLERANCE * max |ref|.
+    INT8 is compared with fp32 PyTorch and passes when, per output, max |Δ| <=
+    INT8_RANGE_TOLERANCE * max |ref| (reported as atol 0, rtol INT8_RANGE_TOLERANCE).
+    Returns the manifest's ``ParityReport``.
     """
-    reference = torch_runner(module, precision)
+    from ..artifact.manifest import OutputParity, ParityReport
+    from .parity import compare
+
+    reference = torch_runner(module, spec, precision)
     candidate = ort_runner(model)
-    max_abs, scale, passed = 0.0, 0.0, True
-    atol, rtol = TOLERANCES.get(precision, (0.0, 0.0))
-    for x in inputs:
-        ref = reference(x).astype(np.float64)
-        got = candidate(x).astype(np.float64)
-        if ref.shape != got.shape:
-            return PrecisionParity(precision, float("inf"), float("inf"), atol, rtol, False, "shape mismatch")
-        diff = np.abs(got - ref)
-        max_abs = max(max_abs, float(diff.max(initial=0.0)))
-        scale = max(scale, float(np.abs(ref).max(initial=0.0)))
-        if precision != "int8":
-            passed &= bool(np.all(diff <= atol + rtol * np.abs(ref)))
-    rel = max_abs / max(scale, 1e-12)
-    if precision == "int8":
-        passed, atol, rtol = rel <= INT8_RANGE_TOLERANCE, 0.0, INT8_RANGE_TOLERANCE
-    ref_name = "PyTorch fp32" if precision in ("fp32", "int8") else f"PyTorch {precision}"
-    return PrecisionParity(precision, max_abs, rel, atol, rtol, passed, ref_name)
+    if precision != "int8":
+        atol, rtol = TOLERANCES[precision]
+        return compare(reference, candidate, feeds, atol=atol, rtol=rtol, output_names=output_names)
+    loose = compare(reference, candidate, feeds, atol=float("inf"), rtol=0.0, output_names=output_names)  # only the statistics
+    if loose.problem:
+        return loose
+    outputs = tuple(OutputParity(name=o.name, max_abs=o.max_abs, max_rel=o.max_rel, passed=o.max_rel <= INT8_RANGE_TOLERANCE) for o in loose.outputs)
+    return ParityReport(max_abs=loose.max_abs, max_rel=loose.max_rel, atol=0.0, rtol=INT8_RANGE_TOLERANCE, batches=loose.batches,
+                        passed=all(o.passed for o in outputs), outputs=outputs)  # fmt: skip
 
 
 # --- calibration sets and the export step ----------------------------------------------------

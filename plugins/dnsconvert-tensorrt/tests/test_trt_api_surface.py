@@ -16,7 +16,7 @@ from dnsconvert.project import project_nm
 from dnsconvert.targets import BuildOptions
 from dnsconvert_tensorrt.api import BuildPlan, TrtFeatures, detect, plan_build
 from dnsconvert_tensorrt.builder import build_engine, capturing_logger
-from dnsconvert_tensorrt.core import TargetError
+from dnsconvert_tensorrt.core import ParityReport, TargetError
 from dnsconvert_tensorrt.settings import BuildSettings
 from dnsconvert_tensorrt.target import TensorRTTarget
 from dnsconvert_tensorrt.trtexec import trtexec_command, trtexec_features
@@ -180,7 +180,7 @@ def projected_lenet5():
 
 
 @pytest.mark.parametrize("generation,precision,typed", [("10", "fp16", "fp32"), ("11", "fp16", "fp16"), ("11", "bf16", "bf16"), ("11", "int8", "int8"), ("10", "int8", "int8")])
-def test_whole_build_records_the_path_that_ran(tmp_path, monkeypatch, projected_lenet5, generation, precision, typed):
+def test_whole_build_records_the_path_that_ran(tmp_path, projected_lenet5, generation, precision, typed):
     """The target end to end on stand-in TensorRT: typed ONNX where 11.x needs it, sparse layers from the inspector, manifest path."""
     from dnsconvert.export.onnx_export import export_checkpoint
 
@@ -189,19 +189,22 @@ def test_whole_build_records_the_path_that_ran(tmp_path, monkeypatch, projected_
     schema = "trt10" if generation == "10" else "trt11"
     text = sample_text(f"layer_info_{schema}.json", export.model, {v: k for k, v in inits.items()})
     fake = FakeTensorRT(generation, layer_info=text)
-    monkeypatch.setattr(TensorRTTarget, "_parity", lambda *a, **k: {"passed": True, "max_abs": 0.0, "stand_in": "no GPU: engine parity not run"})
+    stand_in = ParityReport(max_abs=0.0, max_rel=0.0, atol=0.0, rtol=0.0, batches=(1,), passed=True, problem="stand-in: no GPU, the engine never ran")
     options = BuildOptions(extra={"precision": precision, "calibration": "random", "calibration_samples": "64"})
     target = TensorRTTarget()
     settings = BuildSettings.from_options(options.extra, tmp_path / "cache")
     features = detect(fake.module)
     plan = plan_build(precision, features)
-    artifact = target.build_with(projected_lenet5, tmp_path / "m.engine", options, settings, features, plan, use_trtexec=False, trt=fake.module)
+    artifact = target.build_with(projected_lenet5, tmp_path / "m", options, settings, features, plan, use_trtexec=False, trt=fake.module,
+                                 engine_parity_check=lambda engine, feeds: stand_in)  # fmt: skip
     assert model_precision(fake.parsed_onnx) == typed and not fake.parsed_onnx.graph.sparse_initializer
-    manifest = artifact.manifest
+    assert artifact.read("sparse") == b"serialized-engine" and artifact.read("onnx") == fake.parsed_onnx.SerializeToString()
+    manifest = {**artifact.manifest.details, **artifact.manifest.details["sparsity"]}
     assert manifest["tensorrt_api"]["plan"]["path"] == ("weak-typing-flags" if typed == "fp32" else "strongly-typed")
     assert manifest["tensorrt_api"]["features"]["weak_typing"] == (generation == "10")
     assert manifest["inspector_schema"].startswith(generation)
     assert manifest["sparse_layers"] == ["fc1.weight"] and manifest["evidence"] == "engine inspector (DETAILED)"
+    assert manifest["timing_cache"]["sparse"]["written"] and manifest["onnx_precision"]["precision"] == typed
     assert [u["engine_layer"] for u in manifest["unmapped_engine_layers"]] == [f"{{ForeignNode[{export.model.graph.node[-1].name}...output]}}"]
     records = {r["param"]: r for r in manifest["layers"]}
     assert records["conv2.weight"]["trt_eligible"] and not records["conv2.weight"]["sparse_picked"]  # HasSparseWeights without a sparse tactic

@@ -30,9 +30,9 @@ def lenet5_export(tmp_path_factory):
     from helpers import masked_checkpoint
 
     ckpt = project_nm(masked_checkpoint("lenet5", 0.5), "2:4").checkpoint
-    artifact = get_target("ort").build(ckpt, tmp_path_factory.mktemp("trt") / "m.onnx", BuildOptions())
+    artifact = get_target("ort").build(ckpt, tmp_path_factory.mktemp("trt") / "m", BuildOptions())
     model = onnx.load(str(artifact.files["dense"]))
-    init_to_param = {layer["initializer"]: layer["param"] for layer in artifact.manifest["layers"]}
+    init_to_param = {layer.initializer: layer.param for layer in artifact.manifest.layers}
     return model, init_to_param
 
 
@@ -178,6 +178,10 @@ def test_build_dense_and_sparse_engines(tmp_path, lenet5_export):
     from helpers import masked_checkpoint
 
     ckpt = project_nm(masked_checkpoint("transformer_mlp", 0.5, dim=1024, hidden=4096, depth=1), "2:4").checkpoint
-    artifact = get_target("trt").build(ckpt, tmp_path / "m.engine", BuildOptions())
-    assert artifact.files["dense"].exists() and artifact.files["sparse"].exists()
-    assert artifact.manifest["parity_vs_ort"]["passed"]
+    for precision in ("fp16", "bf16"):
+        artifact = get_target("trt").build(ckpt, tmp_path / precision, BuildOptions(extra={"precision": precision}))
+        assert artifact.files["dense"].exists() and artifact.files["sparse"].exists()
+        assert artifact.manifest.parity.passed
+        details = artifact.manifest.details
+        assert details["tensorrt_api"]["plan"]["path"] in ("weak-typing-flags", "strongly-typed")
+        assert details["sparse_layers"], details["sparsity"]  # 1024x4096 fp16 2:4 GEMMs: TensorRT should pick sparse tactics

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import BuildPlan
-from .core import TargetError, write_bytes_atomic
+from .core import TargetError
 from .logparse import SparsityLog, parse_builder_log
 from .settings import BuildSettings
 
@@ -77,7 +77,9 @@ def _save_timing_cache(config: Any, path: Path | None, status: dict[str, Any]) -
         status["written"] = False
         status.setdefault("reason", "get_timing_cache() returned None after the build: nothing to write")
         return
-    write_bytes_atomic(path, bytes(cache.serialize()))
+    partial = path.with_name(path.name + ".partial")  # never a half-written cache
+    partial.write_bytes(bytes(cache.serialize()))
+    partial.replace(path)
     status["written"] = True
 
 
@@ -146,19 +148,19 @@ def torch_dtype(trt: Any, trt_dtype: Any):
 class EngineRunner:
     """Runs a serialized engine with torch CUDA tensors as I/O buffers (no pycuda needed).
 
-    Inputs and outputs take the engine's own types (fp16/bf16 where a typed ONNX asked for
-    native I/O); ``run`` takes and returns float32 numpy arrays.
+    The runner protocol: named numpy feeds in (cast to each input's engine type, e.g. fp16 where
+    a typed ONNX asked for native I/O), every output out (floating ones as float32).
     """
 
-    def __init__(self, engine_path: Path):
+    def __init__(self, engine: bytes):
         import tensorrt as trt
         import torch
 
         self.torch = torch
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine_path.read_bytes())
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine)
         if self.engine is None:
-            raise TargetError("TensorRT could not deserialize the engine", path=engine_path, hint="it was built for another TensorRT version or GPU; rebuild it")
+            raise TargetError("TensorRT could not deserialize the engine", hint="it was built for another TensorRT version or GPU; rebuild it")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -166,24 +168,29 @@ class EngineRunner:
         self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.stream = torch.cuda.Stream()
 
-    def prepare(self, x):
-        return self.torch.from_numpy(x).to("cuda", self.dtypes[self.inputs[0]]).contiguous()
+    def prepare(self, feeds):
+        """The named inputs on the GPU in the engine's types (bench uploads once and times run_device alone)."""
+        import numpy as np
 
-    def run_device(self, x):
+        return {name: self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", self.dtypes[name]).contiguous() for name in self.inputs}
+
+    def run_device(self, tensors):
         torch = self.torch
-        name = self.inputs[0]
-        self.context.set_input_shape(name, tuple(x.shape))
-        self.context.set_tensor_address(name, x.data_ptr())
-        out_name = self.outputs[0]
-        out = torch.empty(tuple(self.context.get_tensor_shape(out_name)), dtype=self.dtypes[out_name], device="cuda")
-        self.context.set_tensor_address(out_name, out.data_ptr())
+        for name in self.inputs:
+            self.context.set_input_shape(name, tuple(tensors[name].shape))
+            self.context.set_tensor_address(name, tensors[name].data_ptr())
+        outputs = []
+        for name in self.outputs:
+            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
+            self.context.set_tensor_address(name, out.data_ptr())
+            outputs.append(out)
         self.context.execute_async_v3(self.stream.cuda_stream)
-        return out
+        return outputs
 
-    def run(self, x):
-        out = self.run_device(self.prepare(x))
+    def run(self, feeds):
+        outputs = self.run_device(self.prepare(feeds))
         self.stream.synchronize()
-        return out.float().cpu().numpy()
+        return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outputs]
 
     def synchronize(self) -> None:
         self.stream.synchronize()

@@ -21,7 +21,7 @@ OPTION_HELP = {
     "min_batch": "optimization profile: smallest batch (default 1)",
     "opt_batch": "optimization profile: batch to tune for (default 16)",
     "max_batch": "optimization profile: largest batch (default 64)",
-    "timing_cache": "timing cache file, read and updated (default: beside the artifact)",
+    "timing_cache": "timing cache file, read and updated (default: a fresh one inside the artifact)",
     "use_trtexec": "1: drive trtexec even if the Python API is importable (default 0)",
     "log": "builder log kept in <engine>.build.log: info (default; has the (Sparsity) lines) or verbose",
     "opset": "ONNX opset for the intermediate export (default 18)",
@@ -45,7 +45,7 @@ class BuildSettings:
     opset: int = 18
 
     @classmethod
-    def from_options(cls, options: Mapping[str, str], default_cache: Path) -> BuildSettings:
+    def from_options(cls, options: Mapping[str, str], default_cache: Path | None = None) -> BuildSettings:
         precision = options.get("precision", "fp16")
         if precision not in PRECISIONS:
             raise TargetError(f"precision={precision!r} is not fp16, bf16, tf32, int8 or fp32")

@@ -13,17 +13,19 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as schema
 
 from . import PINNED_TENSORRT
 from .api import BuildPlan, TrtFeatures, detect, plan_build
 from .compat import check_engine_compat, current_setup
 from .core import (
-    Artifact, Availability, BuildOptions, GateFailed, Target, atomic_path, build_onnx_artifact, load_calibration,
-    manifest_helpers, parity_inputs, precision_tolerances, reference_runner, write_json_atomic,
+    Artifact, ArtifactWriter, Availability, BuildOptions, GateFailed, Target, build_onnx, load_calibration, parity_feeds,
+    precision_tolerances, reference_runner,
 )  # fmt: skip
 from .eligibility import layer_eligibility
 from .logparse import parse_engine_info
@@ -42,6 +44,13 @@ def _has_gpu() -> tuple[bool, str]:
     return True, torch.cuda.get_device_name()
 
 
+@schema(frozen=True, config=ConfigDict(extra="allow"))
+class TrtDetails:
+    """The part of a trt artifact's manifest the loader needs."""
+
+    setup: dict[str, Any]
+
+
 def engine_tolerance(plan: BuildPlan, atol: float, rtol: float) -> tuple[float, float, bool]:
     """(atol, rtol, range_relative) of the engine-vs-ONNX-Runtime parity for this plan."""
     tolerances, int8_range = precision_tolerances()
@@ -49,32 +58,29 @@ def engine_tolerance(plan: BuildPlan, atol: float, rtol: float) -> tuple[float, 
         return 0.0, int8_range, True
     if plan.precision == "fp32":
         return atol, rtol, False
-    if plan.onnx_precision in tolerances and plan.onnx_precision != "fp32":  # typed ONNX: same dtype on both sides
+    if plan.onnx_precision in ("fp16", "bf16"):  # typed ONNX: the same dtype on both sides
         a, r = tolerances[plan.onnx_precision]
         return max(atol, a), max(rtol, r), False
     loose = {"fp16": 1e-2, "tf32": 1e-2, "bf16": 5e-2}[plan.precision]  # reduced precision in TensorRT vs an fp32 reference
     return max(atol, loose), max(rtol, loose), False
 
 
-def engine_parity(reference, candidate, inputs, atol: float, rtol: float, range_relative: bool) -> dict:
-    max_abs, scale, passed = 0.0, 0.0, True
-    for x in inputs:
-        ref, got = np.asarray(reference(x), np.float64), np.asarray(candidate(x), np.float64)
-        if ref.shape != got.shape:
-            return {"passed": False, "max_abs": float("inf"), "reason": f"shape {got.shape} vs {ref.shape}"}
-        diff = np.abs(got - ref)
-        max_abs, scale = max(max_abs, float(diff.max(initial=0))), max(scale, float(np.abs(ref).max(initial=0)))
-        if not range_relative:
-            passed &= bool(np.all(diff <= atol + rtol * np.abs(ref)))
-    if range_relative:
-        passed = max_abs <= rtol * max(scale, 1e-12)
-    return {"passed": passed, "max_abs": max_abs, "max_rel_to_range": max_abs / max(scale, 1e-12), "atol": atol, "rtol": rtol, "range_relative": range_relative}
+def engine_parity(reference, candidate, feeds, atol: float, rtol: float, range_relative: bool, output_names=None):
+    """The engine vs ONNX Runtime on the same ONNX; INT8 per output relative to the output's range."""
+    from .core import ParityReport, compare
+
+    if not range_relative:
+        return compare(reference, candidate, feeds, atol=atol, rtol=rtol, output_names=output_names)
+    loose = compare(reference, candidate, feeds, atol=float("inf"), rtol=0.0, output_names=output_names)
+    if loose.problem:
+        return loose
+    passed = all(o.max_rel <= rtol for o in loose.outputs)
+    return ParityReport(max_abs=loose.max_abs, max_rel=loose.max_rel, atol=0.0, rtol=rtol, batches=loose.batches, passed=passed, outputs=loose.outputs)
 
 
 class TensorRTTarget(Target):
     name: ClassVar[str] = "trt"
     description: ClassVar[str] = f"TensorRT engine with BuilderFlag.SPARSE_WEIGHTS (TensorRT {PINNED_TENSORRT}, 10.x and 11.x)"
-    suffix: ClassVar[str] = ".engine"
     exploits_sparsity: ClassVar[str] = "yes where TensorRT picks a sparse tactic (2:4 layers, fp16/bf16/tf32/int8)"
     option_help: ClassVar[dict[str, str]] = OPTION_HELP
 
@@ -100,95 +106,102 @@ class TensorRTTarget(Target):
     def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
         self.check_options(options.extra)
         self.require_available()
-        settings = BuildSettings.from_options(options.extra, output.with_suffix(".timing-cache"))
+        settings = BuildSettings.from_options(options.extra)
         features, use_trtexec = self.features(settings)
         plan = plan_build(settings.precision, features, settings.typing)
         return self.build_with(ckpt, output, options, settings, features, plan, use_trtexec)
 
-    def build_with(self, ckpt, output: Path, options: BuildOptions, settings: BuildSettings, features: TrtFeatures, plan: BuildPlan, use_trtexec: bool, trt=None) -> Artifact:
-        """The build once the TensorRT surface and plan are known (``trt``: a module to use instead of the installed one)."""
-        base_manifest, file_record, manifest_path_for = manifest_helpers()
+    def build_with(self, ckpt, output: Path, options: BuildOptions, settings: BuildSettings, features: TrtFeatures, plan: BuildPlan, use_trtexec: bool, trt=None, engine_parity_check=None) -> Artifact:
+        """The build once the TensorRT surface and plan are known.
+
+        ``trt`` (a module to use instead of the installed ``tensorrt``) and ``engine_parity_check``
+        (engine bytes, feeds -> ParityReport) let tests run this without TensorRT or a GPU.
+        """
         calibration = load_calibration(settings.calibration, ckpt.model.input_shape, samples=settings.calibration_samples) if plan.onnx_precision == "int8" else None
-        onnx_path = output.with_suffix(".onnx")
-        onnx_manifest, onnx_files = build_onnx_artifact(
-            ckpt, onnx_path, target="onnx", make_runner=reference_runner, atol=options.atol, rtol=options.rtol, opset=settings.opset,
-            trust_code=options.trust_model_code, precision=plan.onnx_precision, io=settings.io if plan.onnx_precision in ("fp16", "bf16") else "fp32",
-            calibration=calibration,
+        onnx_build = build_onnx(
+            ckpt, make_runner=reference_runner, atol=options.atol, rtol=options.rtol, opset=settings.opset, trust_code=options.trust_model_code,
+            precision=plan.onnx_precision, io=settings.io if plan.onnx_precision in ("fp16", "bf16") else "fp32", calibration=calibration,
         )  # fmt: skip
+        if not onnx_build.parity.passed:
+            raise GateFailed(f"parity failed between PyTorch and ONNX Runtime ({plan.onnx_precision} ONNX): max |Δ| {onnx_build.parity.max_abs:.3g}; nothing was written")
         # TensorRT's ONNX parser reads only graph.initializer: build from the dense twin.
-        dense_onnx = onnx.load(str(onnx_files["dense"]))
-        fp32_names = {layer["initializer"]: layer["param"] for layer in onnx_manifest["layers"]}
+        dense_onnx = onnx.load_from_string(onnx_build.dense_bytes)
         input_name = dense_onnx.graph.input[0].name
         input_shape = tuple(ckpt.model.input_shape)
         eligibility = layer_eligibility(_fp32_view(dense_onnx), settings.precision)
-        init_to_param = {**fp32_names, **{k.removesuffix("_quantized"): v for k, v in fp32_names.items()}}
+        init_to_param = {layer.initializer: layer.param for layer in onnx_build.layers}
+        init_to_param.update({k.removesuffix("_quantized"): v for k, v in list(init_to_param.items())})
         nodes = node_to_param(dense_onnx, init_to_param)
-        engines = {"dense": output.with_name(f"{output.stem}.dense{output.suffix}"), "sparse": output}
         reports, caches = {}, {}
-        for variant, path in engines.items():
-            with atomic_path(path) as tmp:
-                layer_info_path = path.with_suffix(".layers.json")
+        with ArtifactWriter(output, inputs=[ckpt.source]) as writer:
+            writer.write_bytes("onnx", "model.dense.onnx", onnx_build.dense_bytes)
+            onnx_path = writer.staged_path("model.dense.onnx")
+            settings = BuildSettings(**{**settings.__dict__, "timing_cache": settings.timing_cache or writer.staged_path("timing.cache")})
+            for variant, name in (("dense", "model.dense.engine"), ("sparse", "model.engine")):
+                engine_path = writer.staged_path(name)
+                layer_info_path = writer.staged_path(f"{variant}.layers.json")
+                log_path = writer.staged_path(f"{variant}.build.log")
                 if use_trtexec:
-                    command = trtexec_command(find_trtexec() or "trtexec", onnx_files["dense"], tmp, layer_info_path, settings, input_name, input_shape, sparse=variant == "sparse", plan=plan)
-                    log = run_trtexec(command, path.with_suffix(".build.log"))
+                    command = trtexec_command(find_trtexec() or "trtexec", onnx_path, engine_path, layer_info_path, settings, input_name, input_shape, sparse=variant == "sparse", plan=plan)
+                    log = run_trtexec(command, log_path)
                     layer_info = layer_info_path.read_text()
                     caches[variant] = {"path": str(settings.timing_cache), "handled_by": "trtexec --timingCacheFile"}
                 else:
                     from .builder import build_engine
 
-                    result = build_engine(onnx_files["dense"].read_bytes(), tmp, settings, input_name, input_shape, sparse=variant == "sparse", plan=plan, trt=trt)
+                    result = build_engine(onnx_build.dense_bytes, engine_path, settings, input_name, input_shape, sparse=variant == "sparse", plan=plan, trt=trt)
                     log, layer_info = result.log, result.layer_info
-                    path.with_suffix(".build.log").write_text("\n".join(result.lines))
+                    log_path.write_text("\n".join(result.lines))
                     layer_info_path.write_text(layer_info)
                     caches[variant] = result.timing_cache
-            info = parse_engine_info(layer_info)
-            reports[variant] = (sparsity_record(eligibility, log, info, nodes, init_to_param), info.schema)
-        parity = self._parity(onnx_files["dense"], output, plan, settings, input_shape, options)
-        if not parity["passed"]:
-            for path in engines.values():
-                path.unlink(missing_ok=True)
-            raise GateFailed(f"TensorRT parity failed against ONNX Runtime: max |Δ| {parity['max_abs']:.3g}")
-        sparse_report, schema = reports["sparse"]
-        manifest = base_manifest(self.name, ckpt)
-        manifest.update(
-            {
-                "format": "tensorrt-engine",
-                "setup": current_setup(),
-                "settings": {k: str(v) for k, v in settings.__dict__.items()},
-                "builder": "trtexec" if use_trtexec else "python-api",
-                "tensorrt_api": {"features": features.to_json(), "plan": plan.to_json()},
-                "timing_cache": caches,
-                "inspector_schema": schema,
-                "layers": sparse_report.layers,
-                "sparse_layers": sparse_report.sparse_params(),
-                "unmapped_engine_layers": sparse_report.unmapped_engine_layers,
-                "params_not_located": sparse_report.params_not_located,
-                "evidence": sparse_report.evidence,
-                "parity_vs_ort": parity,
-                "onnx_manifest": onnx_files["manifest"].name,
-                "files": {variant: file_record(path) for variant, path in engines.items()},
-            }
-        )
-        manifest_path = manifest_path_for(output)
-        write_json_atomic(manifest_path, manifest)
-        return Artifact(self.name, engines, manifest_path, manifest)
+                writer.add_file(variant, name)
+                writer.add_file(f"{variant}_layers", layer_info_path.name)
+                writer.add_file(f"{variant}_log", log_path.name)
+                info = parse_engine_info(layer_info)
+                reports[variant] = (sparsity_record(eligibility, log, info, nodes, init_to_param), info.schema)
+            feeds = parity_feeds(ckpt.model.inputs, (settings.min_batch, settings.opt_batch))
+            engine_bytes = writer.staged_path("model.engine").read_bytes()
+            if engine_parity_check is None:
+                from .builder import EngineRunner
 
-    def _parity(self, onnx_path: Path, engine_path: Path, plan: BuildPlan, settings: BuildSettings, input_shape, options: BuildOptions) -> dict:
+                atol, rtol, relative = engine_tolerance(plan, options.atol, options.rtol)
+                runner = EngineRunner(engine_bytes)
+                try:
+                    parity = engine_parity(reference_runner(onnx_build.dense_bytes), runner.run, feeds, atol, rtol, relative, onnx_build.output_names)
+                finally:
+                    runner.close()
+            else:
+                parity = engine_parity_check(engine_bytes, feeds)
+            sparse_report, schema_name = reports["sparse"]
+            return writer.commit(
+                target=self.name,
+                format="tensorrt-engine",
+                ckpt=ckpt,
+                outputs=onnx_build.output_names,
+                parity=parity,
+                layers=onnx_build.layers,
+                graph_2_4=onnx_build.graph_2_4,
+                details={
+                    "setup": current_setup(),
+                    "settings": {k: str(v) for k, v in settings.__dict__.items()},
+                    "builder": "trtexec" if use_trtexec else "python-api",
+                    "tensorrt_api": {"features": features.to_json(), "plan": plan.to_json()},
+                    "onnx_precision": onnx_build.precision or {"precision": "fp32"},
+                    "timing_cache": caches,
+                    "inspector_schema": schema_name,
+                    "sparsity": sparse_report.to_json(),
+                    "sparse_layers": sparse_report.sparse_params(),
+                    "parity_reference": f"onnxruntime CPU on the {plan.onnx_precision} dense ONNX",
+                },
+                extra_tools=("tensorrt",),
+            )
+
+    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False):
+        details = artifact.manifest.details_as(TrtDetails)
+        check_engine_compat(details.setup, current_setup(), str(artifact.manifest_path))
         from .builder import EngineRunner
 
-        atol, rtol, range_relative = engine_tolerance(plan, options.atol, options.rtol)
-        inputs = parity_inputs(input_shape, (settings.min_batch, settings.opt_batch))
-        runner = EngineRunner(engine_path)
-        try:
-            return engine_parity(reference_runner(onnx_path), runner.run, inputs, atol, rtol, range_relative)
-        finally:
-            runner.close()
-
-    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None):
-        check_engine_compat(artifact.manifest.get("setup", {}), current_setup(), str(artifact.manifest_path))
-        from .builder import EngineRunner
-
-        return EngineRunner(artifact.files[variant])
+        return EngineRunner(artifact.read(variant))
 
 
 def _fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
