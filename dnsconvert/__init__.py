@@ -28,6 +28,9 @@ _EXPORTS = {
     "prune": "dnsconvert.surgery",
     "densify": "dnsconvert.export",
     "get_target": "dnsconvert.targets",
+    "build_artifact": "dnsconvert.targets",
+    "load_artifact": "dnsconvert.artifact",
+    "Artifact": "dnsconvert.artifact",
     "list_targets": "dnsconvert.targets",
     "run_pipeline": "dnsconvert.pipeline",
 }

@@ -19,7 +19,7 @@ fix (exit 2) and :class:`GateFailed` for a failed check (exit 1).
 
 from __future__ import annotations
 
-from .artifact import Artifact, ArtifactWriter, FileRecord, GraphNMRecord, LayerRecord, Manifest, ParityReport, SizeRecord, load_artifact
+from .artifact import Artifact, ArtifactWriter, FileRecord, GraphNMRecord, LayerRecord, Manifest, ParityReport, SizeRecord, load_artifact, write_artifact
 from .errors import GateFailed, TargetError, UserError
 from .export.graph_nm import check_graph_nm
 from .export.onnx_build import OnnxBuild, build_onnx
@@ -68,4 +68,5 @@ __all__ = [
     "output_names_of",
     "parity_feeds",
     "sample_feeds",
+    "write_artifact",
 ]

@@ -12,7 +12,7 @@ from dnsconvert.targets import get_target, list_targets, load_artifact, refresh
 def fake_plugins(tmp_path, monkeypatch):
     """A real installed-distribution layout on sys.path: dist-info with entry_points.txt."""
     (tmp_path / "fake_target_plugin.py").write_text(textwrap.dedent('''
-        from dnsconvert.plugin import ArtifactWriter, Availability, Target
+        from dnsconvert.plugin import Availability, Target, write_artifact
 
         class FakeTarget(Target):
             name = "fake"
@@ -23,10 +23,9 @@ def fake_plugins(tmp_path, monkeypatch):
                 return Availability(True, "always")
 
             def build(self, ckpt, output, options):
-                with ArtifactWriter(output, inputs=[ckpt.source]) as writer:
-                    writer.write_bytes("sparse", "greeting.txt", options.extra.get("greeting", "hi").encode())
-                    writer.alias("dense", "sparse")
-                    return writer.commit(target=self.name, format="text", ckpt=ckpt)
+                greeting = options.extra.get("greeting", "hi").encode()
+                files = {"sparse": ("greeting.txt", greeting)}
+                return write_artifact(output, ckpt=ckpt, files=files, aliases={"dense": "sparse"}, target=self.name, format="text")
     '''))
     (tmp_path / "broken_target_plugin.py").write_text("raise ImportError('libnvinfer.so.10: cannot open shared object file')\n")
     dist = tmp_path / "fake_plugins-0.1.dist-info"

@@ -27,7 +27,7 @@ from .manifest import (
     SourceRecord,
     read_manifest,
 )
-from .writer import ArtifactWriter, recover
+from .writer import ArtifactWriter, recover, write_artifact
 
 __all__ = [
     "MANIFEST_NAME",
@@ -42,6 +42,7 @@ __all__ = [
     "SizeRecord",
     "SourceRecord",
     "load_artifact",
+    "write_artifact",
 ]
 
 

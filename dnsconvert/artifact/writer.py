@@ -192,6 +192,24 @@ class ArtifactWriter:
         return Artifact(self.destination, manifest)
 
 
+def write_artifact(
+    destination: str | Path,
+    *,
+    ckpt: Any,
+    files: Mapping[str, tuple[str, bytes]],
+    aliases: Mapping[str, str] | None = None,
+    **commit: Any,
+):
+    """Stage ``files`` (role -> (file name, bytes)), give ``aliases`` (role -> role) and commit:
+    the whole wrap-up of a target whose files are all in memory."""
+    with ArtifactWriter(destination, inputs=[getattr(ckpt, "source", None)]) as writer:
+        for role, (name, data) in files.items():
+            writer.write_bytes(role, name, data)
+        for role, of in (aliases or {}).items():
+            writer.alias(role, of)
+        return writer.commit(ckpt=ckpt, **commit)
+
+
 def _commit(staging: Path, destination: Path) -> None:
     """The one commit point: ``staging`` becomes ``destination`` (see the module docstring)."""
     if destination.is_dir() and not any(destination.iterdir()):

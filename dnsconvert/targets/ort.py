@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..artifact import Artifact, ArtifactWriter
+from ..artifact import Artifact, write_artifact
 from ..errors import TargetError
 from ..export import OnnxBuild, build_onnx
 from .base import Availability, BuildOptions, Target, option_bool, option_number
@@ -91,20 +91,19 @@ def precision_options(extra, ckpt) -> dict:
 
 def write_onnx_artifact(target: Target, ckpt, built: OnnxBuild, output: Path) -> Artifact:
     """Sparse ONNX + dense twin + manifest, committed at once."""
-    with ArtifactWriter(output, inputs=[ckpt.source]) as writer:
-        writer.write_bytes("sparse", SPARSE_FILE, built.sparse_bytes)
-        writer.write_bytes("dense", DENSE_FILE, built.dense_bytes)
-        return writer.commit(
-            target=target.name,
-            format="onnx",
-            ckpt=ckpt,
-            outputs=built.output_names,
-            parity=built.parity,
-            layers=built.layers,
-            graph_2_4=built.graph_2_4,
-            sizes=built.sizes,
-            details={"index_form": "linearized int64 [NNZ]", "timings": built.timings, **({"precision": built.precision} if built.precision else {})},
-        )
+    return write_artifact(
+        output,
+        ckpt=ckpt,
+        files={"sparse": (SPARSE_FILE, built.sparse_bytes), "dense": (DENSE_FILE, built.dense_bytes)},
+        target=target.name,
+        format="onnx",
+        outputs=built.output_names,
+        parity=built.parity,
+        layers=built.layers,
+        graph_2_4=built.graph_2_4,
+        sizes=built.sizes,
+        details={"index_form": "linearized int64 [NNZ]", "timings": built.timings, **({"precision": built.precision} if built.precision else {})},
+    )
 
 
 class OrtTarget(Target):

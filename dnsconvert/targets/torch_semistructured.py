@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifact import Artifact, ArtifactWriter
+from ..artifact import Artifact, write_artifact
 from ..errors import TargetError
 from ..modelspec import ModelSpec
 from ..pattern import TWO_FOUR, cannot_hold, violating_groups
@@ -239,17 +239,17 @@ class TorchSemiStructuredTarget(Target):
         except RuntimeError as exc:  # the kernels refuse this GPU/shape/build: a target limit, not a bug
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TargetError(f"PyTorch's {backend} 2:4 kernels failed on {_device_name()}: {first[:300]}; nothing was written", hint="try -T backend=auto") from None
-        with ArtifactWriter(output, inputs=[ckpt.source]) as writer:
-            writer.write_bytes("sparse", MODEL_FILE, data)
-            writer.alias("dense", "sparse")  # one file: the dense variant skips the conversion
-            return writer.commit(
-                target=self.name,
-                format="safetensors+2:4",
-                ckpt=ckpt,
-                outputs=output_names_of(model, ckpt.model),
-                parity=parity,
-                details={"dtype": dtype_name, "backend": backend, "device": _device_name(), "plan": plan},
-            )
+        return write_artifact(
+            output,
+            ckpt=ckpt,
+            files={"sparse": (MODEL_FILE, data)},
+            aliases={"dense": "sparse"},  # one file: the dense variant skips the conversion
+            target=self.name,
+            format="safetensors+2:4",
+            outputs=output_names_of(model, ckpt.model),
+            parity=parity,
+            details={"dtype": dtype_name, "backend": backend, "device": _device_name(), "plan": plan},
+        )
 
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> CudaRunner:
         self.require_available()

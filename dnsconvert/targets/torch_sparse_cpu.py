@@ -31,7 +31,7 @@ from torch import nn
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as schema
 
-from ..artifact import Artifact, ArtifactWriter
+from ..artifact import Artifact, write_artifact
 from ..errors import TargetError
 from ..model_io import TorchRunner, output_names_of
 from ..models import build_masked_model, build_model, load_weights_
@@ -339,17 +339,17 @@ class TorchSparseCpuTarget(Target):
         from safetensors.torch import save
 
         meta = {"model": ckpt.model.to_json(), "csr_layers": csr_layers, "plan": plan}
-        with ArtifactWriter(output, inputs=[ckpt.source]) as writer:
-            writer.write_bytes("sparse", MODEL_FILE, save(tensors, metadata={META_KEY: json.dumps(meta)}))
-            writer.alias("dense", "sparse")  # one file: the dense variant densifies its CSR layers
-            return writer.commit(
-                target=self.name,
-                format="safetensors+csr",
-                ckpt=ckpt,
-                outputs=output_names_of(reference, ckpt.model),
-                parity=parity,
-                details={"plan": plan, "runner": sparse_runner.mode},
-            )
+        return write_artifact(
+            output,
+            ckpt=ckpt,
+            files={"sparse": (MODEL_FILE, save(tensors, metadata={META_KEY: json.dumps(meta)}))},
+            aliases={"dense": "sparse"},  # one file: the dense variant densifies its CSR layers
+            target=self.name,
+            format="safetensors+csr",
+            outputs=output_names_of(reference, ckpt.model),
+            parity=parity,
+            details={"plan": plan, "runner": sparse_runner.mode},
+        )
 
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> TorchSparseRunner:
         threads = option_number(options or {}, "threads", 0, int)
