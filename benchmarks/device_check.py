@@ -6,9 +6,9 @@ Steps (each one is run, or reported as skipped with its reason; the whole run st
 --budget-s, 7.5 minutes by default):
 
 1. environment: python, torch, CUDA device and compute capability, cuSPARSELt, tensorrt, trtexec;
-2. install: ``pip install -e . -e plugins/dnsconvert-tensorrt`` from this working tree when
-   dnsconvert is not already importable from it (torch is left as installed: a GPU machine
-   keeps its CUDA build);
+2. install: ``pip install --no-deps --no-index -e . -e plugins/dnsconvert-tensorrt`` from this
+   working tree when dnsconvert is not already importable from it (offline: the machine's
+   torch and packages are used as they are; missing dependencies are named);
 3. the ``gpu``-marked tests (``pytest -m gpu``);
 4. ``benchmarks/gpu_2to4.py``: 2:4 vs dense GEMM at batch 1/64/1024 in fp16 and bf16 on every
    backend the GPU supports, and the FFN end to end;
@@ -79,13 +79,22 @@ def environment() -> dict:
     return env
 
 
+REQUIRED = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "click", "safetensors", "rich", "pydantic", "numba", "pytest")
+
+
 def install(budget: Budget) -> dict:
+    """Editable installs of this tree, offline (GPU machines may reach no package index): no
+    dependency resolution, no build isolation; the dependencies must already be importable."""
     spec = importlib.util.find_spec("dnsconvert")
     here = spec is not None and spec.origin is not None and Path(spec.origin).resolve().is_relative_to(ROOT)
     plugin = importlib.util.find_spec("dnsconvert_tensorrt") is not None
+    missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
     if here and plugin:
-        return {"status": "skipped", "reason": f"dnsconvert and the TensorRT plugin are already importable from this tree ({Path(spec.origin).parent})"}
-    result = _run([sys.executable, "-m", "pip", "install", "-q", "-e", ".[test]", "-e", "plugins/dnsconvert-tensorrt"], timeout=min(240, budget.left()))
+        return {"status": "skipped", "reason": f"dnsconvert and the TensorRT plugin are already importable from this tree ({Path(spec.origin).parent})", "missing": missing}
+    if missing:
+        return {"status": "failed", "reason": f"missing dependencies (carry them as wheels): {', '.join(missing)}"}
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", ".", "-e", "plugins/dnsconvert-tensorrt"]
+    result = _run(command, timeout=min(240, budget.left()))
     importlib.invalidate_caches()
     result["status"] = "ok" if result.get("returncode") == 0 else "failed"
     return result
