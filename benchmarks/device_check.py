@@ -16,6 +16,17 @@ Steps (each one is run, or reported as skipped with its reason; the whole run st
    works: the plan that ran (10.x flags or 11.x typed ONNX), sparse layers, parity.
 
 Exit 0 when every step ran or was skipped for a reason, 1 when a step failed.
+
+On this workplace's lent H100/H200 machines (Python 3.12, torch with CUDA and cuSPARSELt, no
+package index, no pydantic, no TensorRT), from the checkout the device tool sends:
+
+    # here, once: the missing wheels into .whl/ (git-ignored)
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 pydantic_core==2.50.5 \
+        annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
+    # there (device run, carry [".whl"], timeout 560 s):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    python3 benchmarks/device_check.py --out $OUT/device_check.json --budget-s 430
 """
 
 from __future__ import annotations
