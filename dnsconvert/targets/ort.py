@@ -21,6 +21,11 @@ COMMON_OPTIONS = {
     "opset": "ONNX opset (default 18)",
     "dynamic_batch": "export the declared dynamic dims (batch, sequence) as dynamic (default 1)",
     "min_saving": "sparsify a tensor only if this much smaller (default 0)",
+    # precision options (issue 14; dnsconvert/export/precision.py)
+    "precision": "fp32 (default), fp16, bf16 (weights and compute in that type) or int8 (explicit Q/DQ)",
+    "io": "fp16/bf16 inputs and outputs: fp32 (default, Cast at the edges) or native",
+    "calibration": "int8 calibration set: MNIST folder, synthetic, random, FILE.npy or FILE.npz",
+    "calibration_samples": "int8 calibration samples (default 512)",
 }
 SPARSE_FILE, DENSE_FILE = "model.onnx", "model.dense.onnx"
 
@@ -78,7 +83,19 @@ def build_onnx_for(target: Target, ckpt, options: BuildOptions, make_runner) -> 
         dynamic_batch=option_bool(extra, "dynamic_batch", True),
         min_saving=option_number(extra, "min_saving", 0.0),
         trust_code=options.trust_model_code,
+        **precision_options(extra, ckpt),
     )
+
+
+def precision_options(extra, ckpt) -> dict:
+    """The precision keyword arguments of build_onnx from -T options (issue 14)."""
+    from ..export.precision import load_calibration
+
+    precision = extra.get("precision", "fp32")
+    calibration = None
+    if precision == "int8" and "calibration" in extra and ckpt.model is not None:  # no model spec: build_onnx says so
+        calibration = load_calibration(extra["calibration"], ckpt.model.input_shape, samples=option_number(extra, "calibration_samples", 512, int))
+    return {"precision": precision, "io": extra.get("io", "fp32"), "calibration": calibration}
 
 
 def write_onnx_artifact(target: Target, ckpt, built: OnnxBuild, output: Path) -> Artifact:
@@ -94,7 +111,7 @@ def write_onnx_artifact(target: Target, ckpt, built: OnnxBuild, output: Path) ->
         layers=built.layers,
         graph_2_4=built.graph_2_4,
         sizes=built.sizes,
-        details={"index_form": "linearized int64 [NNZ]", "timings": built.timings},
+        details={"index_form": "linearized int64 [NNZ]", "timings": built.timings, **({"precision": built.precision} if built.precision else {})},
     )
 
 
