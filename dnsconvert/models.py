@@ -208,11 +208,12 @@ def _on_meta_device() -> bool:
 
 
 def check_model_size(spec: ModelSpec, *, source: str | Path | None = None) -> None:
-    """For a built-in model: check its kwargs and, unless already on the meta device, count its
-    parameters on the meta device against the ``parameters`` limit (nothing is allocated)."""
+    """For a built-in (or hf:) model: check its kwargs and, unless already on the meta device, count
+    its parameters on the meta device against the ``parameters`` limit (nothing is allocated)."""
     if not is_builtin(spec):
         return
-    check_builtin_kwargs(spec.factory.split(":", 1)[1], spec.kwargs, source=source)
+    if spec.factory.startswith("dnsconvert.models:"):  # an hf: model's kwargs are its folder and config overrides
+        check_builtin_kwargs(spec.factory.split(":", 1)[1], spec.kwargs, source=source)
     if _on_meta_device():
         return
     with torch.device("meta"):
