@@ -35,6 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as schema
+
 from ..artifact import Artifact, write_artifact
 from ..errors import TargetError
 from ..modelspec import ModelSpec
@@ -117,6 +120,23 @@ def sparsify_model_(model: nn.Module, plan: Mapping[str, dict], *, backend: str)
             module = model.get_submodule(name)
             module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
     return model
+
+
+@schema(frozen=True, config=ConfigDict(extra="forbid"))
+class LayerDecision:
+    sparse: bool
+    reason: str
+    shape: tuple[int, ...]
+
+
+@schema(frozen=True, config=ConfigDict(extra="forbid"))
+class SemiStructuredDetails:
+    """What the manifest of a torch-2to4-cuda artifact records (``Manifest.details``)."""
+
+    dtype: str
+    backend: str
+    device: str
+    plan: dict[str, LayerDecision]
 
 
 class CudaRunner:
