@@ -147,6 +147,18 @@ def hf_spec(path: str | Path, *, inputs: Sequence[InputSpec] = (), input_shape: 
     return ModelSpec(FACTORY, {"path": str(directory), **overrides}, inputs=tuple(inputs))
 
 
+def check_parameters(spec: ModelSpec, count: int, *, source: str | Path | None = None) -> None:
+    """An hf: model may have as many parameters as its weight files back (a byte each at least),
+    or else as many as the general ``parameters`` limit allows: a config.json cannot ask for a
+    model far larger than the weights beside it before anything is allocated."""
+    from . import limits
+
+    backed = sum(f.stat().st_size for f in model_files(spec.kwargs.get("path", "")) if f.suffix == ".safetensors")
+    if count <= max(limits.get("parameters"), backed):
+        return
+    limits.check("parameters", count, f"the model its config.json describes ({backed:,} bytes of weights beside it)", path=source or spec.kwargs.get("path"))
+
+
 # -- building -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet(transformers) -> Iterator[None]:
@@ -213,11 +225,22 @@ def load_directory(path: str | Path):
     """A model directory as a dense SparseCheckpoint (masks from exact zeros) with its hf: spec."""
     from .loading import from_state_dict
 
+    from .models import check_model_size
+
     directory = model_directory(path)
+    # without a vocabulary the inputs are unknown: the spec still names the model (its layer
+    # kinds), and commands that run it ask for --input
+    spec = hf_spec(directory) if _has_vocab(directory) else ModelSpec(FACTORY, {"path": str(directory)})
+    check_model_size(spec, source=directory)  # sized on the meta device before any weight is allocated
     model = pretrained(str(directory))
     # clone: tied parameters (GPT-2's wte / lm_head) share storage, which safetensors cannot save
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ckpt = from_state_dict(weights, source=directory)
-    ckpt.model = hf_spec(directory)
+    ckpt.model = spec
     ckpt.source_sha256 = directory_sha256(directory)
     return ckpt
+
+
+def _has_vocab(directory: Path) -> bool:
+    vocab = read_config(directory).get("vocab_size")
+    return isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0

@@ -219,6 +219,11 @@ def check_model_size(spec: ModelSpec, *, source: str | Path | None = None) -> No
     with torch.device("meta"):
         probe = build_model(spec, source=source)
     count = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+    if spec.factory == "dnsconvert.hf:pretrained":
+        from .hf import check_parameters
+
+        check_parameters(spec, count, source=source)
+        return
     limits.check("parameters", count, f"model {spec.factory} {spec.kwargs}"[:200], path=source)
 
 

@@ -199,6 +199,7 @@ def test_custom_inputs_are_passed_by_keyword(hf_models):
         ("foreign-architecture", "not a model class of transformers"),
         ("remote-code", "transformers cannot load this model"),
         ("no-vocab", "has no vocab_size"),
+        ("oversized", "over the limit"),
     ],
 )
 def test_directories_dnsconvert_will_not_load(run_cli, hf_models, tmp_path, setup, message):
@@ -215,6 +216,8 @@ def test_directories_dnsconvert_will_not_load(run_cli, hf_models, tmp_path, setu
             (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(tmp_path / 'MARKER')!r}).write_text('ran')\n")
         elif setup == "no-vocab":
             del config["vocab_size"]
+        elif setup == "oversized":  # ~50B parameters declared beside 140 kB of weights: refused on the meta device
+            config.update(n_embd=8192, n_head=64, n_layer=64)
         (folder / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out.safetensors"
     for args in (["prune", "--model", f"hf:{folder}", "--data", "synthetic", *QUIET, "-o", out], ["validate", folder]):
