@@ -61,13 +61,15 @@ def run(dtypes: list[str], backend: str, iterations: int, shapes=SHAPES, batches
                         result["refused"][f"{name}/{dtype_name}/{shape}/{batch}"] = str(exc)
                         continue
                     result["gemm"].append(row)
-                    print(f"{name} {dtype_name} {shape} batch {batch:5d}: dense {row['dense_p50_ms']:.4f} ms  2:4 {row['sparse_p50_ms']:.4f} ms  speedup {row['speedup']:.2f}x", flush=True)
+                    graphs = f"  | CUDA graphs: dense {row['dense_graph_p50_ms']:.4f} ms  2:4 {row['sparse_graph_p50_ms']:.4f} ms  speedup {row['speedup_graphs']:.2f}x" if "speedup_graphs" in row else ""
+                    print(f"{name} {dtype_name} {shape} batch {batch:5d}: dense {row['dense_p50_ms']:.4f} ms  2:4 {row['sparse_p50_ms']:.4f} ms  speedup {row['speedup']:.2f}x{graphs}", flush=True)
             if e2e:
-                result["end_to_end"].append(end_to_end(name, dtype_name, iterations))
+                for graphs in (False, True):
+                    result["end_to_end"].append(end_to_end(name, dtype_name, iterations, cuda_graphs=graphs))
     return result
 
 
-def end_to_end(backend: str, dtype_name: str, iterations: int) -> dict:
+def end_to_end(backend: str, dtype_name: str, iterations: int, *, cuda_graphs: bool = True) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from helpers import masked_checkpoint
 
@@ -80,13 +82,14 @@ def end_to_end(backend: str, dtype_name: str, iterations: int) -> dict:
     ckpt = project_nm(masked_checkpoint("transformer_mlp", 0.5, dim=1024, hidden=4096, depth=2), "2:4").checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            artifact = TorchSemiStructuredTarget().build(ckpt, Path(tmp) / "ffn", BuildOptions(extra={"dtype": dtype_name, "backend": backend}))
+            extra = {"dtype": dtype_name, "backend": backend, "cuda_graphs": "1" if cuda_graphs else "0"}
+            artifact = TorchSemiStructuredTarget().build(ckpt, Path(tmp) / "ffn", BuildOptions(extra=extra))
         except TargetError as exc:
-            return {"backend": backend, "dtype": dtype_name, "refused": str(exc)}
+            return {"backend": backend, "dtype": dtype_name, "cuda_graphs": cuda_graphs, "refused": str(exc)}
         report = bench(artifact, batches=BATCHES, warmup=20, iterations=iterations)
-    row = {"backend": backend, "dtype": dtype_name, "model": "transformer_mlp dim 1024 hidden 4096 depth 2", "speedups": report.speedups(), "parity": artifact.manifest.parity.to_json()}
+    row = {"backend": backend, "dtype": dtype_name, "cuda_graphs": cuda_graphs, "model": "transformer_mlp dim 1024 hidden 4096 depth 2", "speedups": report.speedups(), "parity": artifact.manifest.parity.to_json()}
     for s in row["speedups"]:
-        print(f"FFN {backend} {dtype_name} batch {s['batch']:5d}: dense {s['dense_p50_ms']:.4f} ms  2:4 {s['sparse_p50_ms']:.4f} ms  speedup {s['speedup']:.2f}x", flush=True)
+        print(f"FFN {backend} {dtype_name} graphs={int(cuda_graphs)} batch {s['batch']:5d}: dense {s['dense_p50_ms']:.4f} ms  2:4 {s['sparse_p50_ms']:.4f} ms  speedup {s['speedup']:.2f}x", flush=True)
     return row
 
 
