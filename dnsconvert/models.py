@@ -308,8 +308,10 @@ def build_masked_model(ckpt: Any, *, trust_code: bool = False) -> nn.Module:
     with torch.device("meta"):
         model = build_model(ckpt.model, trust_code=trust_code, source=ckpt.source)
     check_weights_fit(model, weights, where=ckpt.name)  # shapes before any weight is materialised
+    tied = _tied_groups(model)
     try:
         load_weights_(model, weights, where=ckpt.name, assign=True)
+        _retie_(model, tied)  # assign=True gives every name its own tensor; shared ones share again
     except ModelSpecError:
         raise
     except (RuntimeError, TypeError, NotImplementedError):
@@ -318,3 +320,19 @@ def build_masked_model(ckpt: Any, *, trust_code: bool = False) -> nn.Module:
         model = build_model(ckpt.model, trust_code=trust_code, source=ckpt.source)
         load_weights_(model, weights, where=ckpt.name)
     return model.eval()
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor (tied weights, e.g. GPT-2's wte and lm_head)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie_(model: nn.Module, groups: list[list[str]]) -> None:
+    for first, *others in groups:
+        shared = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, shared)
