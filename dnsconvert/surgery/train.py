@@ -179,6 +179,8 @@ class Trainer:
         if self.world > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model)
         self.kill_at = int(os.environ.get("DNSCONVERT_TEST_SIGKILL_AT_STEP", "-1"))  # resume tests
+        self._permutation_key: int | None = None
+        self._permutation = torch.empty(0, dtype=torch.long)
 
     # phase set-up ----------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -213,10 +215,11 @@ class Trainer:
         return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * step / phase.steps))
 
     def _batch_index(self, global_epoch_key: int, offset: int) -> torch.Tensor:
-        n = len(self.data.train)
-        generator = torch.Generator().manual_seed(self.config.seed * 7919 + global_epoch_key)
-        permutation = torch.randperm(n, generator=generator)
-        batch = permutation[offset * self.config.batch_size : (offset + 1) * self.config.batch_size]
+        if self._permutation_key != global_epoch_key:  # one permutation per epoch (randperm costs ~ a LeNet step)
+            generator = torch.Generator().manual_seed(self.config.seed * 7919 + global_epoch_key)
+            self._permutation = torch.randperm(len(self.data.train), generator=generator)
+            self._permutation_key = global_epoch_key
+        batch = self._permutation[offset * self.config.batch_size : (offset + 1) * self.config.batch_size]
         return batch[self.rank :: self.world]
 
     @property
