@@ -81,7 +81,7 @@ def kth_largest(values, n, m, guess):  # pragma: no cover - compiled
         smallest = np.full(d, np.inf, dtype=values.dtype)
         for j in range(n):
             v = values[j]
-            if v >= guess and v < smallest[d - 1]:
+            if (v >= guess) & (v < smallest[d - 1]):  # rarely true: no short-circuit branch
                 k = d - 1
                 while k > 0 and smallest[k - 1] > v:
                     smallest[k] = smallest[k - 1]
@@ -94,7 +94,7 @@ def kth_largest(values, n, m, guess):  # pragma: no cover - compiled
     largest = np.full(d, -np.inf, dtype=values.dtype)
     for j in range(n):
         v = values[j]
-        if v < guess and v > largest[d - 1]:
+        if (v < guess) & (v > largest[d - 1]):
             k = d - 1
             while k > 0 and largest[k - 1] < v:
                 largest[k] = largest[k - 1]
@@ -122,7 +122,7 @@ def apply_thresholds(p, shadow, keep, cut, mask, candidates, candidate_scores, n
     splices = 0
     for j in range(n_candidates):
         r = candidates[j]
-        if candidate_scores[j] > splice_at and not mask[r]:
+        if (candidate_scores[j] > splice_at) & (not mask[r]):  # rarely true: no short-circuit branch
             candidates[splices] = r
             splices += 1
     for j in range(splices):

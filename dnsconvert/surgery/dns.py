@@ -155,6 +155,11 @@ class DynamicNetworkSurgery(MaskedSparsifier):
             # Start dense: the reference begins with all-ones masks on a (pre)trained model.
             initial_masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(model, prune_bias=True).items() if n in names}
         super().__init__(model, names, initial_masks=initial_masks, regrow=True, prune_bias=self.config.prune_bias)
+        # A layer that starts sparse (an imported pruned checkpoint) has lost its cut weights'
+        # values: they restart at 0, so a calibration estimated once would put the threshold
+        # among those zeros (t ≈ 0, every weight that moves is spliced back, and the target is
+        # never reached). Such layers re-calibrate at every update, as with ``reestimate``.
+        self._recalibrate = {n for n in self.params if self._kept[n] < self._masks[n].numel() and self._target(n) is not None}
         self.criterion = make_criterion(self.config.criterion)
         self.reestimate = self.config.reestimate if self.config.reestimate is not None else self.config.criterion != "magnitude"
         self.pattern = NMPattern.parse(self.config.nm) if self.config.nm else None
@@ -224,7 +229,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
     def _update_torch(self, name: str, weight: torch.Tensor) -> None:
         """The update in torch ops: any criterion, N:M, any device."""
         score = self.criterion.score(name, weight)
-        if name not in self.stats or self.reestimate:
+        if name not in self.stats or self.reestimate or name in self._recalibrate:
             self.stats[name] = self._estimate(name, score)
         cut_at, splice_at = self.thresholds(name)
         mask = self._masks[name]
@@ -268,7 +273,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         if buffers is None or buffers.capacity <= max(kept.count, n_over):
             buffers = self._scan_buffers[name] = _ScanBuffers(2 * max(kept.count, n_over) + 1024)
         n_candidates = kernels.collect(flat.shadow, bound, buffers.candidates, buffers.candidate_scores, kept.index, kept.count, buffers.kept_scores)
-        if self.reestimate:
+        if self.reestimate or name in self._recalibrate:
             values = buffers.kept_scores_tensor[: kept.count]  # = score[mask], in the same order
             mean = float(values.mean())
             std = float(values.std()) if kept.count > 1 else 0.0
