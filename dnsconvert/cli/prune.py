@@ -42,6 +42,8 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, float]:
 @click.option("--prune-bias", is_flag=True, help="Also mask biases (the reference code does).")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Epochs of DNS / fine-tuning / each IMP round.")
 @click.option("--dense-epochs", type=float, default=0.0, show_default=True, help="Train the dense model this long first.")
+@click.option("--finetune-epochs", type=float, default=0.0, show_default=True, help="DNS: masked fine-tuning after the DNS phase (masks fixed, learning-rate schedule restarted).")
+@click.option("--finetune-lr", type=float, default=None, help="Peak learning rate of the masked fine-tuning (default: --lr).")
 @click.option("--imp-rounds", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True)
@@ -90,6 +92,8 @@ def prune_cmd(**o) -> None:
         dns=dns,
         epochs=o["epochs"],
         dense_epochs=o["dense_epochs"],
+        finetune_epochs=o["finetune_epochs"],
+        finetune_lr=o["finetune_lr"],
         batch_size=o["batch_size"],
         lr=o["lr"],
         momentum=o["momentum"],
