@@ -359,16 +359,16 @@ TABLE = {"1.weight": 0.975, "3.weight": 0.97, "5.weight": 0.92}
     "make_model, config, lr",
     [
         # the MNIST table's configuration: per-layer targets, re-estimated at every update
-        (_lenet300100, DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=2e-2, iter_stop=150, seed=5), 0.05),
+        (_lenet300100, DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=2e-2, iter_stop=100, seed=5), 0.05),
         # a learning rate high enough that thresholds jump between updates (bound fallbacks)
-        (_mlp, DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=1e-2, iter_stop=150, seed=1), 1.0),
+        (_mlp, DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=1e-2, iter_stop=100, seed=1), 1.0),
         # the reference's default: c, statistics estimated once
-        (_mlp, DNSConfig(c=1.5, gamma=1e-2, iter_stop=150), 0.05),
-        (_mlp, DNSConfig(c=0.5, layer_c={"3.weight": 1.5}, reestimate=True, gamma=0.0, iter_stop=150), 0.05),
-        (_mlp, DNSConfig(target_sparsity=0.9, criterion="taylor", gamma=1e-2, iter_stop=150), 0.05),
-        (_mlp, DNSConfig(target_sparsity=0.7, nm="2:4", reestimate=True, gamma=1e-2, iter_stop=150), 0.05),
-        (_mlp, DNSConfig(target_sparsity=0.95, prune_bias=True, reestimate=True, gamma=0.0, iter_stop=150), 0.05),
-        (_small_lenet5, DNSConfig(target_sparsity=0.9, layer_sparsity={"0.weight": 0.5}, reestimate=True, gamma=1e-2, iter_stop=120), 0.05),
+        (_mlp, DNSConfig(c=1.5, gamma=1e-2, iter_stop=100), 0.05),
+        (_mlp, DNSConfig(c=0.5, layer_c={"3.weight": 1.5}, reestimate=True, gamma=0.0, iter_stop=100), 0.05),
+        (_mlp, DNSConfig(target_sparsity=0.9, criterion="taylor", gamma=1e-2, iter_stop=100), 0.05),
+        (_mlp, DNSConfig(target_sparsity=0.7, nm="2:4", reestimate=True, gamma=1e-2, iter_stop=100), 0.05),
+        (_mlp, DNSConfig(target_sparsity=0.95, prune_bias=True, reestimate=True, gamma=0.0, iter_stop=100), 0.05),
+        (_small_lenet5, DNSConfig(target_sparsity=0.9, layer_sparsity={"0.weight": 0.5}, reestimate=True, gamma=1e-2, iter_stop=80), 0.05),
     ],
     ids=["table", "high-lr", "c-once", "layer-c", "taylor", "nm", "bias", "conv"],
 )

@@ -44,6 +44,13 @@ def fold_(p, shadow, keep, bound):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def mask_(p, mask):  # pragma: no cover - compiled
+    """p ← p·T for fixed masks (``p.mul_(keep)``), reading the boolean mask."""
+    for i in range(p.shape[0]):
+        p[i] = p[i] * np.float32(mask[i])
+
+
+@njit(cache=True, nogil=True)
 def collect(shadow, bound, candidates, candidate_scores, kept, n_kept, kept_scores):  # pragma: no cover - compiled
     """The entries with |W| >= ``bound`` (candidates, in index order) and their scores, and the
     scores of the kept entries listed in ``kept``. ``candidates`` must hold one more entry than

@@ -128,13 +128,17 @@ class MaskedSparsifier:
     def step(self) -> None:
         """Fold the optimizer's update into the shadows, re-mask the model, update masks."""
         bounds = self._fold_bounds()
+        kernels = _kernels()
         for name, param in self.params.items():
-            if not self.regrow:
-                param.mul_(self._keep[name])
-                continue
             flat = self.flat_views(name)
+            if not self.regrow:
+                if flat is not None:
+                    kernels.mask_(flat.param, flat.mask)  # reads the 1-byte mask, not the float one
+                else:
+                    param.mul_(self._keep[name])
+                continue
             if flat is not None:
-                self._fold_result[name] = _kernels().fold_(flat.param, flat.shadow, flat.keep, bounds.get(name, _INF32))
+                self._fold_result[name] = kernels.fold_(flat.param, flat.shadow, flat.keep, bounds.get(name, _INF32))
             else:
                 self._shadow[name].addcmul_(param, self._cut[name])  # where cut: W + (0 + Δ)
                 param.mul_(self._keep[name])
@@ -211,8 +215,14 @@ _MISSING: Any = object()
 _INF32 = np.float32(np.inf)
 
 
+_KERNELS: Any = None
+
+
 def _kernels() -> Any:
     """The compiled passes, imported on first use (numba compiles or loads them from its cache)."""
-    from . import _kernels as kernels
+    global _KERNELS
+    if _KERNELS is None:
+        from . import _kernels as kernels
 
-    return kernels
+        _KERNELS = kernels
+    return _KERNELS
