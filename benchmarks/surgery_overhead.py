@@ -14,7 +14,10 @@ iter_stop are those of the run. DNS-phase ratio = Σ DNS time / Σ plain time (e
 stands for an equal share of the phase). Whole run = the same weighted by step counts, with
 the dense warm-up (no surgery) and the masked fine-tuning (``FixedMaskSparsifier.step()``,
 timed too) included. Everything is repeated ``--repeats`` times, interleaved, in one process;
-prints the median and the range of each ratio, and JSON. Times are the thread's CPU time by
+prints the median and the range of each ratio, and JSON. ``--step bare`` (default) times
+forward, backward and SGD on a ready batch; ``--step trainer`` times the step as ``dnsconvert
+prune`` runs it (the batch drawn and normalised, running loss and accuracy read) — the
+denominator of a whole run's wall time. Times are the thread's CPU time by
 default (``--clock wall`` for wall time): on a machine shared with other processes, wall time
 also counts the time the process waits for a core.
 """
@@ -67,17 +70,28 @@ class Batches:
 CLOCK = time.thread_time  # CPU time of this thread: what the surgery costs, not time spent descheduled
 
 
+TRAINER_STEP = False  # --step trainer: the batch is drawn and normalised, and loss/accuracy read, inside the step
+
+
 def timed_steps(model, optimizer, sparsifier, batches: list, lr_at) -> float:
+    """CPU time of len(batches) training steps. ``batches`` holds (x, y) pairs, or Batches
+    iterators when the step includes drawing the batch (as ``dnsconvert prune``'s does)."""
     started = CLOCK()
-    for i, (x, y) in enumerate(batches):
+    running_loss = running_acc = 0.0
+    for i, item in enumerate(batches):
+        x, y = item.next() if TRAINER_STEP else item
         for group in optimizer.param_groups:
             group["lr"] = lr_at(i)
-        loss = F.cross_entropy(model(x), y)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if sparsifier is not None:
             sparsifier.step()
+        if TRAINER_STEP:  # the trainer's running loss and accuracy
+            running_loss = 0.98 * running_loss + 0.02 * float(loss.detach())
+            running_acc = 0.98 * running_acc + 0.02 * float((logits.detach().argmax(1) == y).float().mean())
     return CLOCK() - started
 
 
@@ -98,6 +112,7 @@ def measure(name: str, s: dict, args) -> dict:
     config = DNSConfig(layer_sparsity=s["layers"], reestimate=True, iter_stop=s["iter_stop"], gamma=s["gamma"], power=1.0, seed=0)
     dns = DynamicNetworkSurgery(surgery, config)
     data = Batches(args.data)
+    plain_data, surgery_data = Batches(args.data), Batches(args.data)  # trainer step: each model draws its own (same) batches
     lr_at = lambda i: s["lr"]  # noqa: E731 - the same for both models; setting it is part of the step
     # warm both up (allocator, caches, numba's compiled kernels)
     warm = [data.next() for _ in range(30)]
@@ -110,13 +125,13 @@ def measure(name: str, s: dict, args) -> dict:
         for start in starts:
             dns.iteration = start
             batches = [data.next() for _ in range(args.steps)]
-            plain_t += timed_steps(plain, plain_opt, None, batches, lr_at)
-            dns_t += timed_steps(surgery, surgery_opt, dns, batches, lr_at)
+            plain_t += timed_steps(plain, plain_opt, None, [plain_data] * args.steps if TRAINER_STEP else batches, lr_at)
+            dns_t += timed_steps(surgery, surgery_opt, dns, [surgery_data] * args.steps if TRAINER_STEP else batches, lr_at)
         # masked fine-tuning: the masks DNS ended with, fixed
         fixed = FixedMaskSparsifier(surgery, dns.masks())
         batches = [data.next() for _ in range(args.steps)]
-        ft_plain = timed_steps(plain, plain_opt, None, batches, lr_at) / args.steps
-        ft_fixed = timed_steps(surgery, surgery_opt, fixed, batches, lr_at) / args.steps
+        ft_plain = timed_steps(plain, plain_opt, None, [plain_data] * args.steps if TRAINER_STEP else batches, lr_at) / args.steps
+        ft_fixed = timed_steps(surgery, surgery_opt, fixed, [surgery_data] * args.steps if TRAINER_STEP else batches, lr_at) / args.steps
         per_plain = plain_t / (args.segments * args.steps)
         per_dns = dns_t / (args.segments * args.steps)
         dns_ratio = dns_t / plain_t
@@ -141,9 +156,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="thread CPU time (default; robust to other processes) or wall time")
+    parser.add_argument("--step", choices=["bare", "trainer"], default="bare", help="bare: forward, backward, SGD on a ready batch; trainer: also draw and normalise the batch and read loss/accuracy, as dnsconvert prune does")
     args = parser.parse_args()
-    global CLOCK
+    global CLOCK, TRAINER_STEP
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
+    TRAINER_STEP = args.step == "trainer"
     torch.set_num_threads(args.threads)
     presets = load_presets()
     results = []
@@ -157,7 +174,7 @@ def main() -> None:
             f"whole run {r['whole_run']['median']:.3f}x ({r['whole_run']['min']:.3f}-{r['whole_run']['max']:.3f})",
             flush=True,
         )
-    print(json.dumps({"preset": args.preset, "clock": args.clock, "threads": args.threads, "segments": args.segments, "steps": args.steps, "repeats": args.repeats, "results": results}, indent=2))
+    print(json.dumps({"preset": args.preset, "clock": args.clock, "step": args.step, "threads": args.threads, "segments": args.segments, "steps": args.steps, "repeats": args.repeats, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
