@@ -74,12 +74,12 @@ def test_bench_cli_json_and_plot(run_cli, tmp_path):
     assert result.exit_code == 1 and "below --min-speedup" in result.stderr
 
 
-def test_bench_manifest(tmp_path):
-    from dnsconvert.checkpoint import load_checkpoint
-    from dnsconvert.export import export
+def test_bench_artifact_folder(tmp_path):
+    from dnsconvert.loading import load_checkpoint
+    from dnsconvert.targets import build_artifact
 
-    artifact = export(load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors"), tmp_path / "m.onnx", target="ort")
-    report = bench(artifact.manifest_path, batches=(2,), warmup=1, iterations=3)
+    artifact = build_artifact(load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors"), tmp_path / "m", target="ort")
+    report = bench(artifact.root, batches=(2,), warmup=1, iterations=3)
     assert len(report.rows) == 2 and report.speedups()[0]["batch"] == 2
 
 
@@ -108,13 +108,17 @@ def test_device_runners_upload_once(tmp_path):
     class DeviceTarget(Target):
         name = "device-double"
 
-        def load(self, artifact, variant="sparse", options=None):
+        def load(self, artifact, variant="sparse", options=None, *, trust_model_code=False):
             return DeviceRunner()
 
     register_target("device-double", DeviceTarget)
     try:
-        artifact = Artifact("device-double", {"sparse": tmp_path, "dense": tmp_path}, tmp_path / "m.json", {"model": {"input_shape": [1, 4]}})
+        from dnsconvert.artifact import Manifest, SourceRecord
         from dnsconvert.bench import BenchReport, bench_artifact
+        from dnsconvert.modelspec import ModelSpec
+
+        manifest = Manifest(target="device-double", format="test", files={}, model=ModelSpec("x:y", {}, (1, 4)).to_json(), source=SourceRecord())
+        artifact = Artifact(tmp_path, manifest)
 
         report = BenchReport("m")
         bench_artifact(artifact, batches=(1, 8), warmup=2, iterations=5, time_budget_s=None, threads=0, report=report)

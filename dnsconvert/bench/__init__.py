@@ -62,20 +62,33 @@ class BenchReport:
         }
 
 
-def bench_artifact(artifact, *, batches: Sequence[int], warmup: int, iterations: int | None, time_budget_s: float | None, threads: int, report: BenchReport) -> None:
+def bench_artifact(
+    artifact,
+    *,
+    batches: Sequence[int],
+    warmup: int,
+    iterations: int | None,
+    time_budget_s: float | None,
+    threads: int,
+    report: BenchReport,
+    trust_model_code: bool = False,
+) -> None:
+    from ..model_io import sample_feeds
     from ..targets import get_target
 
     target = get_target(artifact.target)
     report.notes[artifact.target] = target.exploits_sparsity
-    shape = artifact.manifest["model"]["input_shape"]
+    spec = artifact.manifest.model_spec
+    if spec is None or not spec.inputs:
+        raise UserError("the artifact's manifest has no model inputs to feed", path=artifact.manifest_path, hint="re-export it")
     options = {"threads": str(threads)} if threads and "threads" in target.option_help else {}
     for variant in ("dense", "sparse"):
-        runner = target.load(artifact, variant, options)
+        runner = target.load(artifact, variant, options, trust_model_code=trust_model_code)
         try:
             for batch in batches:
-                x = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
-                # GPU runners take the input on the device once (prepare), so the timing is the model's
-                call = (lambda h=runner.prepare(x): runner.run_device(h)) if hasattr(runner, "prepare") else (lambda: runner.run(x))
+                feeds = sample_feeds(spec.inputs, batch=batch, seed=0, where=artifact.manifest_path)
+                # GPU runners take the inputs on the device once (prepare), so the timing is the model's
+                call = (lambda h=runner.prepare(feeds): runner.run_device(h)) if hasattr(runner, "prepare") else (lambda: runner.run(feeds))
                 stats = measure(call, batch=batch, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, synchronize=runner.synchronize)
                 report.rows.append(BenchRow(artifact.target, variant, stats))
         finally:
@@ -93,28 +106,32 @@ def bench(
     threads: int = 0,
     workdir: str | Path | None = None,
     build_options: dict[str, str] | None = None,
+    trust_model_code: bool = False,
 ) -> BenchReport:
     """Benchmark a SparseCheckpoint (built for each target) or an Artifact (as built).
 
     Args:
-        source: a SparseCheckpoint, or an Artifact / manifest path.
+        source: a SparseCheckpoint, or an Artifact / its folder.
         targets: targets to build for when ``source`` is a checkpoint.
         batches, warmup, iterations, time_budget_s: the timing plan.
         threads: intra-op threads for every runtime (0: each runtime's default).
         workdir: where to build artifacts (default: a temporary directory).
+        trust_model_code: allow rebuilding a model factory outside dnsconvert (the caller's
+            decision, never an artifact's).
     """
     from ..checkpoint import SparseCheckpoint
-    from ..targets import Artifact, BuildOptions, get_target
+    from ..targets import Artifact, build_artifact, get_target, load_artifact
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    timing = {"batches": batches, "warmup": warmup, "iterations": iterations, "time_budget_s": time_budget_s, "threads": threads, "trust_model_code": trust_model_code}
     if isinstance(source, (str, Path)):
-        source = Artifact.from_manifest(source)
+        source = load_artifact(source)
     if isinstance(source, Artifact):
-        report = BenchReport(model=str(source.manifest.get("input", {}).get("checkpoint")), threads=threads)
-        bench_artifact(source, batches=batches, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, threads=threads, report=report)
+        report = BenchReport(model=str(source.manifest.source.checkpoint), threads=threads)
+        bench_artifact(source, report=report, **timing)
         return report
     if not isinstance(source, SparseCheckpoint):
         raise UserError(f"cannot benchmark a {type(source).__name__}")
@@ -122,10 +139,9 @@ def bench(
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(workdir) if workdir else Path(tmp)
         for name in targets:
-            target = get_target(name)
             extra = dict(build_options or {})
-            if threads and "threads" in target.option_help:
+            if threads and "threads" in get_target(name).option_help:
                 extra.setdefault("threads", str(threads))
-            artifact = target.build(source, base / f"model.{name}{target.suffix}", BuildOptions(extra=extra))
-            bench_artifact(artifact, batches=batches, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, threads=threads, report=report)
+            artifact = build_artifact(source, base / f"model-{name}", target=name, options=extra, trust_model_code=trust_model_code)
+            bench_artifact(artifact, report=report, **timing)
     return report

@@ -11,7 +11,7 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 
 @click.command("bench")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--target", "targets", multiple=True, help="Target(s) to build and time (repeatable; default ort). Ignored for a manifest.")
+@click.option("--target", "targets", multiple=True, help="Target(s) to build and time (repeatable; default ort). Ignored for an artifact.")
 @click.option("--batch", "batches", type=int, multiple=True, help="Batch size(s) (repeatable; default 1 and 64).")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--iterations", type=int, default=200, show_default=True, help="Timed iterations (0: use --time-budget).")
@@ -22,15 +22,16 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a latency plot (PNG) here (needs matplotlib).")
 @model_options
-def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, threads, min_speedup, as_json, report, plot, model, input_shape) -> None:
-    """Time a checkpoint (built for each --target) or an artifact manifest: dense vs sparse."""
+def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, threads, min_speedup, as_json, report, plot, model_options) -> None:
+    """Time a checkpoint (built for each --target) or an artifact folder: dense vs sparse."""
+    from ..artifact import MANIFEST_NAME, load_artifact
     from ..bench import bench
     from ..errors import GateFailed
 
-    if source.suffix == ".json" or source.with_name(source.name + ".manifest.json").exists():
-        subject = source
+    if source.is_dir() or source.name == MANIFEST_NAME:
+        subject = load_artifact(source)
     else:
-        subject = load_with_model(source, model, input_shape)
+        subject = load_with_model(source, model_options)
     result = bench(
         subject,
         targets=targets or ("ort",),
@@ -39,6 +40,7 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, t
         iterations=iterations or None,
         time_budget_s=time_budget,
         threads=threads,
+        trust_model_code=model_options.trust_model_code,
     )
     data = result.to_json()
     write_report(report, data)

@@ -11,7 +11,7 @@ PyTorch's per-module overhead: consecutive sparse layers become one compiled cal
 Convolutions stay dense: PyTorch has no sparse convolution kernel on CPU, and im2col + CSR
 would copy the activation K·K times for layers that are small in LeNets.
 
-Artifact: one safetensors file — dense tensors under ``dense/<name>``, CSR layers as
+Artifact: one safetensors file (``model.safetensors`` in the artifact folder) — dense tensors under ``dense/<name>``, CSR layers as
 ``csr/<name>/{crow_indices,col_indices,values}`` — with the model spec and the plan in its
 metadata. The dense baseline is the same model with every layer dense, on the same runtime.
 """
@@ -28,15 +28,38 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._atomic import atomic_path, write_json_atomic
-from ..checkpoint import ModelSpec
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as schema
+
+from ..artifact import Artifact, write_artifact
 from ..errors import TargetError
+from ..model_io import TorchRunner, output_names_of
 from ..models import build_masked_model, build_model, load_weights_
-from .base import Artifact, BuildOptions, Target, option_number
+from ..modelspec import ModelSpec
+from .base import BuildOptions, Target, option_number
 
 META_KEY = "dnsconvert.torch_sparse_cpu"
+MODEL_FILE = "model.safetensors"
 # CSR support is marked beta in PyTorch; the kernels used here (CSR x dense mm) are stable.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+
+@schema(frozen=True, config=ConfigDict(extra="forbid"))
+class LayerPlan:
+    """One Linear layer's kernel per batch regime, and why."""
+
+    kernels: dict[str, str]
+    sparsity: float
+    reason: str
+    timings_ms: dict[str, dict[str, float]] | None = None
+
+
+@schema(frozen=True, config=ConfigDict(extra="forbid"))
+class CsrDetails:
+    """What the manifest of a torch-sparse-cpu artifact records (``Manifest.details``)."""
+
+    plan: dict[str, LayerPlan]
+    runner: str
 
 
 SMALL_BATCH = 8  # plans are made per batch regime: <= this (latency) and above (throughput)
@@ -190,8 +213,10 @@ def _numpy_activation(name: str):
 class TorchSparseRunner:
     """Runs the planned model: as a compiled chain when it is one, else through PyTorch."""
 
-    def __init__(self, model: nn.Module, threads: int = 0, *, fuse: bool = True):
+    def __init__(self, model: nn.Module, spec: ModelSpec, threads: int = 0, *, fuse: bool = True):
         self.model = model.eval()
+        self.torch_runner = TorchRunner(self.model, spec)
+        self.input_name = spec.inputs[0].name
         if threads:
             torch.set_num_threads(threads)
             try:
@@ -202,16 +227,18 @@ class TorchSparseRunner:
                 pass
         planned = fuse and any(isinstance(m, PlannedLinear) for m in self.model.modules())
         self.chains = {regime: compile_chain(self.model, regime) for regime in ("small", "large")} if planned else {}
-        self.mode = "compiled chain" if self.chains and all(c is not None for c in self.chains.values()) else "pytorch modules"
+        single_float_input = len(spec.inputs) == 1 and spec.inputs[0].dtype == "float32"
+        chained = self.chains and all(c is not None for c in self.chains.values())
+        self.mode = "compiled chain" if chained and single_float_input else "pytorch modules"
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if self.mode == "compiled chain":
+            x = feeds[self.input_name]
             h = np.ascontiguousarray(x.reshape(x.shape[0], -1).T, dtype=np.float32)
             for step in self.chains[batch_regime(x.shape[0])]:
                 h = step(h)
-            return h.T
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(x)).numpy()
+            return [h.T]
+        return self.torch_runner.run(feeds)
 
     def synchronize(self) -> None:
         pass
@@ -220,34 +247,45 @@ class TorchSparseRunner:
         pass
 
 
-def load_sparse_model(path: Path, *, dense: bool = False, trust_code: bool = False) -> nn.Module:
-    """Rebuild the planned model from a torch-sparse-cpu artifact (``dense`` densifies CSR layers)."""
-    from safetensors import SafetensorError, safe_open
+def load_sparse_model(data: bytes, *, dense: bool = False, trust_code: bool = False, where: Path | None = None) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the planned model from a torch-sparse-cpu artifact's file (``dense`` densifies
+    CSR layers); returns the model and its spec."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {})[META_KEY])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise TargetError(f"not a torch-sparse-cpu artifact ({type(exc).__name__}: {exc})", path=path) from None
-    model = build_model(ModelSpec.from_json(meta["model"]), trust_code=trust_code)
+        tensors = load(data)
+        meta = json.loads(_metadata(data)[META_KEY])
+        spec = ModelSpec.from_json(meta["model"])
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+        raise TargetError(f"not a torch-sparse-cpu artifact ({type(exc).__name__}: {exc})", path=where) from None
+    model = build_model(spec, trust_code=trust_code)
     dense_state = {key.removeprefix("dense/"): value for key, value in tensors.items() if key.startswith("dense/")}
     for layer in meta["csr_layers"]:
         crow, col, values = (tensors[f"csr/{layer['name']}/{part}"] for part in ("crow_indices", "col_indices", "values"))
-        weight = torch.sparse_csr_tensor(crow, col, values, size=tuple(layer["shape"]), check_invariants=True).to_dense()  # never trust a file's indices
+        try:  # never trust a file's indices
+            weight = torch.sparse_csr_tensor(crow, col, values, size=tuple(layer["shape"]), check_invariants=True).to_dense()
+        except RuntimeError as exc:
+            raise TargetError(f"CSR layer {layer['name']!r} is malformed ({str(exc).splitlines()[0][:200]})", path=where, hint="re-export it with dnsconvert export") from None
         dense_state[f"{layer['name']}.weight"] = weight
-    load_weights_(model, dense_state, where=str(path))
+    load_weights_(model, dense_state, where=str(where))
     if not dense:
         for layer in meta["csr_layers"]:
             module = model.get_submodule(layer["name"])
             _replace(model, layer["name"], PlannedLinear(module.weight.detach(), module.bias, layer["kernels"]))
-    return model.eval()
+    return model.eval(), spec
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in memory."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__") or {}
 
 
 class TorchSparseCpuTarget(Target):
     name: ClassVar[str] = "torch-sparse-cpu"
     description: ClassVar[str] = "PyTorch CPU, unstructured-sparse Linear layers on CSR kernels, planned per layer"
-    suffix: ClassVar[str] = ".safetensors"
     exploits_sparsity: ClassVar[str] = "yes: CSR matmul for Linear layers where it is faster (convs dense)"
     option_help: ClassVar[dict[str, str]] = {
         "plan": "auto (time dense vs CSR per layer, default) or sparsity",
@@ -257,8 +295,8 @@ class TorchSparseCpuTarget(Target):
     }
 
     def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
-        from ..export.manifest import base_manifest, file_record, manifest_path_for
-        from ..export.parity import compare, parity_inputs, torch_runner
+        from ..export.parity import compare
+        from ..model_io import parity_feeds
         from ..validate import ensure_usable
 
         extra = options.extra
@@ -294,25 +332,27 @@ class TorchSparseCpuTarget(Target):
         for key, value in reference.state_dict().items():
             if key not in csr_names:
                 tensors[f"dense/{key}"] = value.detach().contiguous().clone()
-        inputs = parity_inputs(ckpt.model.input_shape, (1, 4))
-        parity = compare(torch_runner(reference), TorchSparseRunner(sparse_model).run, inputs, atol=options.atol, rtol=options.rtol)
-        from ..errors import GateFailed
-
-        if not parity.passed:
-            raise GateFailed(f"parity failed: max |Δ| {parity.max_abs:.3g} exceeds atol {options.atol:g}; nothing was written")
-        from safetensors.torch import save_file
+        feeds = parity_feeds(ckpt.model.inputs, (1, 4), where=ckpt.source)
+        reference_runner = TorchRunner(reference, ckpt.model)
+        sparse_runner = TorchSparseRunner(sparse_model, ckpt.model)
+        parity = compare(reference_runner.run, sparse_runner.run, feeds, atol=options.atol, rtol=options.rtol)
+        from safetensors.torch import save
 
         meta = {"model": ckpt.model.to_json(), "csr_layers": csr_layers, "plan": plan}
-        with atomic_path(output) as tmp:
-            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-        manifest = base_manifest(self.name, ckpt)
-        manifest.update({"format": "safetensors+csr", "plan": plan, "runner": TorchSparseRunner(sparse_model).mode, "parity": parity.to_json(), "files": {"sparse": file_record(output), "dense": file_record(output)}})
-        manifest_path = manifest_path_for(output)
-        write_json_atomic(manifest_path, manifest)
-        return Artifact(self.name, {"sparse": output, "dense": output}, manifest_path, manifest)
+        return write_artifact(
+            output,
+            ckpt=ckpt,
+            files={"sparse": (MODEL_FILE, save(tensors, metadata={META_KEY: json.dumps(meta)}))},
+            aliases={"dense": "sparse"},  # one file: the dense variant densifies its CSR layers
+            target=self.name,
+            format="safetensors+csr",
+            outputs=output_names_of(reference, ckpt.model),
+            parity=parity,
+            details={"plan": plan, "runner": sparse_runner.mode},
+        )
 
-    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None) -> TorchSparseRunner:
+    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> TorchSparseRunner:
         threads = option_number(options or {}, "threads", 0, int)
-        model = load_sparse_model(artifact.files[variant], dense=variant == "dense", trust_code=False)
+        model, spec = load_sparse_model(artifact.read(variant), dense=variant == "dense", trust_code=trust_model_code, where=artifact.files[variant])
         # the dense baseline runs as PyTorch runs any model; the sparse one may be a compiled chain
-        return TorchSparseRunner(model, threads, fuse=variant == "sparse")
+        return TorchSparseRunner(model, spec, threads, fuse=variant == "sparse")
