@@ -6,7 +6,13 @@ splice where T=0 and s > b = 1.1·t; in between the mask stays (hysteresis). A l
 is updated with probability (1 + γ·iter)^(−power) at each iteration, and never after
 ``iter_stop``. μ, σ are computed once at the first update (the reference's choice) unless
 ``reestimate`` is set. Beyond the paper: per-layer c can be *calibrated* from a target
-sparsity, and masks can be constrained to N:M along the engine's reduction axis.
+sparsity, and masks can be constrained to N:M along the engine's reduction axis. A layer that
+starts sparse (an imported pruned checkpoint, whose cut weights have lost their values) and
+has a target re-calibrates at every update, so that the target is reached from any start.
+
+On CPU float32 layers the magnitude update runs through compiled passes (``_kernels``) that
+visit only the kept weights and those near the threshold after one scan; they give the same
+masks bit for bit as the torch update (``tests/test_surgery.py`` keeps a frozen reference).
 """
 
 from __future__ import annotations
