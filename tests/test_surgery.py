@@ -359,16 +359,16 @@ TABLE = {"1.weight": 0.975, "3.weight": 0.97, "5.weight": 0.92}
     "make_model, config, lr",
     [
         # the MNIST table's configuration: per-layer targets, re-estimated at every update
-        (_lenet300100, DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=2e-2, iter_stop=100, seed=5), 0.05),
+        (_lenet300100, DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=2e-2, iter_stop=40, seed=5), 0.05),
         # a learning rate high enough that thresholds jump between updates (bound fallbacks)
-        (_mlp, DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=1e-2, iter_stop=100, seed=1), 1.0),
+        (_mlp, DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=1e-2, iter_stop=60, seed=1), 1.0),
         # the reference's default: c, statistics estimated once
-        (_mlp, DNSConfig(c=1.5, gamma=1e-2, iter_stop=100), 0.05),
-        (_mlp, DNSConfig(c=0.5, layer_c={"3.weight": 1.5}, reestimate=True, gamma=0.0, iter_stop=100), 0.05),
-        (_mlp, DNSConfig(target_sparsity=0.9, criterion="taylor", gamma=1e-2, iter_stop=100), 0.05),
-        (_mlp, DNSConfig(target_sparsity=0.7, nm="2:4", reestimate=True, gamma=1e-2, iter_stop=100), 0.05),
-        (_mlp, DNSConfig(target_sparsity=0.95, prune_bias=True, reestimate=True, gamma=0.0, iter_stop=100), 0.05),
-        (_small_lenet5, DNSConfig(target_sparsity=0.9, layer_sparsity={"0.weight": 0.5}, reestimate=True, gamma=1e-2, iter_stop=80), 0.05),
+        (_mlp, DNSConfig(c=1.5, gamma=1e-2, iter_stop=60), 0.05),
+        (_mlp, DNSConfig(c=0.5, layer_c={"3.weight": 1.5}, reestimate=True, gamma=0.0, iter_stop=60), 0.05),
+        (_mlp, DNSConfig(target_sparsity=0.9, criterion="taylor", gamma=1e-2, iter_stop=40), 0.05),
+        (_mlp, DNSConfig(target_sparsity=0.7, nm="2:4", reestimate=True, gamma=1e-2, iter_stop=40), 0.05),
+        (_mlp, DNSConfig(target_sparsity=0.95, prune_bias=True, reestimate=True, gamma=0.0, iter_stop=60), 0.05),
+        (_small_lenet5, DNSConfig(target_sparsity=0.9, layer_sparsity={"0.weight": 0.5}, reestimate=True, gamma=1e-2, iter_stop=50), 0.05),
     ],
     ids=["table", "high-lr", "c-once", "layer-c", "taylor", "nm", "bias", "conv"],
 )
@@ -407,3 +407,25 @@ def test_dns_from_an_imported_sparse_start_reaches_the_target(start):
         dns.step()
     for name, sparsity in dns.layer_sparsity().items():
         assert 0.84 <= sparsity <= 0.93, (name, sparsity)
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0, 1.3])
+def test_compiled_update_exact_whatever_the_candidate_bound(monkeypatch, margin):
+    """The bound only decides how many weights the compiled update looks at, and when it must
+    fall back to the torch update: 0 (every weight a candidate), 1 (the quantile often below
+    it: frequent fallbacks), 1.3 (above b: always the torch update). The mlp's second layer
+    keeps fewer than 64 weights, which takes kth_largest's short path. Masks stay bitwise those
+    of the reference."""
+    import dnsconvert.surgery.dns as dns_module
+
+    monkeypatch.setattr(dns_module, "BOUND_MARGIN", margin)
+    outcomes = []
+    original = DynamicNetworkSurgery._update_compiled
+    monkeypatch.setattr(DynamicNetworkSurgery, "_update_compiled", lambda self, name: outcomes.append(original(self, name)) or outcomes[-1])
+    config = DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=1e-2, iter_stop=50, seed=2)
+    for step, (dns, ref, model, twin) in enumerate(_twin_runs(_mlp, config, 60)):
+        _assert_twins_equal(dns, ref, model, twin, step)
+    if margin <= 1.0:
+        assert True in outcomes  # the compiled update ran
+    if margin >= 1.0:
+        assert outcomes.count(False) > len(dns.params)  # and fell back beyond the first updates

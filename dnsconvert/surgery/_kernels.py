@@ -78,6 +78,8 @@ def kth_largest(values, n, m, guess):  # pragma: no cover - compiled
     The previous update's quantile is a good guess: count the values at or above it
     (vectorised), then keep the few values nearest to it on the side where the answer lies.
     """
+    if guess != guess:  # no previous quantile
+        return np.float32(np.nan)
     above = 0
     for j in range(n):
         above += values[j] >= guess
