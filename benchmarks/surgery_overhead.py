@@ -116,8 +116,8 @@ def measure(name: str, s: dict, args) -> dict:
     lr_at = lambda i: s["lr"]  # noqa: E731 - the same for both models; setting it is part of the step
     # warm both up (allocator, caches, numba's compiled kernels)
     warm = [data.next() for _ in range(30)]
-    timed_steps(plain, plain_opt, None, warm, lr_at)
-    timed_steps(surgery, surgery_opt, dns, warm, lr_at)
+    timed_steps(plain, plain_opt, None, [plain_data] * 30 if TRAINER_STEP else warm, lr_at)
+    timed_steps(surgery, surgery_opt, dns, [surgery_data] * 30 if TRAINER_STEP else warm, lr_at)
     starts = [round(k * dns_steps / args.segments) for k in range(args.segments)]
     rounds = []
     for _ in range(args.repeats):
