@@ -54,8 +54,11 @@ def test_hostile_csr_indices_are_rejected(tmp_path):
     col[0] = 10_000_000  # points far outside the matrix
     tensors["csr/1/col_indices"] = col
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
-    with pytest.raises(TargetError, match="CSR layer '1' is malformed"):  # a user error (exit 2), not a RuntimeError (exit 3)
-        load_sparse_model((tmp_path / "bad.safetensors").read_bytes())
+    # a user error naming the file (exit 2), not torch's RuntimeError (exit 3)
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(TargetError, match="column index lies outside") as caught:
+        load_sparse_model(bad.read_bytes(), where=bad)
+    assert caught.value.exit_code == 2 and str(bad) in str(caught.value) and "\n" not in str(caught.value)
     assert json.loads(meta["dnsconvert.torch_sparse_cpu"])["csr_layers"]
 
 

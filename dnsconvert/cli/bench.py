@@ -25,9 +25,11 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, threads, min_speedup, as_json, report, plot, model_options) -> None:
     """Time a checkpoint (built for each --target) or an artifact folder: dense vs sparse."""
     from ..artifact import MANIFEST_NAME, load_artifact
+    from .._atomic import check_outputs
     from ..bench import bench
     from ..errors import GateFailed
 
+    check_outputs([report, plot], [source, *(source.iterdir() if source.is_dir() else ())])
     if source.is_dir() or source.name == MANIFEST_NAME:
         subject = load_artifact(source)
     else:

@@ -36,6 +36,7 @@ from ..errors import TargetError
 from ..model_io import TorchRunner, output_names_of
 from ..models import build_masked_model, build_model, load_weights_
 from ..modelspec import ModelSpec
+from ..sparse_checks import check_csr_artifact
 from .base import BuildOptions, Target, option_number
 
 META_KEY = "dnsconvert.torch_sparse_cpu"
@@ -259,6 +260,7 @@ def load_sparse_model(data: bytes, *, dense: bool = False, trust_code: bool = Fa
         spec = ModelSpec.from_json(meta["model"])
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
         raise TargetError(f"not a torch-sparse-cpu artifact ({type(exc).__name__}: {exc})", path=where) from None
+    check_csr_artifact(meta, tensors, where)  # h11 (issue 11): types, CSR invariants, dense size, model size, before allocating
     model = build_model(spec, trust_code=trust_code)
     dense_state = {key.removeprefix("dense/"): value for key, value in tensors.items() if key.startswith("dense/")}
     for layer in meta["csr_layers"]:
