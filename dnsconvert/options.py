@@ -108,6 +108,8 @@ class PruneOptions(ModelChoice):
     prune_tied: bool = Field(False, description="Also prune a tensor several modules share (tied weights, e.g. lm_head and the token embedding), once for all of them; otherwise it is refused.")
     epochs: float = Field(1.0, description="Epochs of DNS / fine-tuning / each IMP round.")
     dense_epochs: float = Field(0.0, description="Train the dense model this long first.")
+    finetune_epochs: float = Field(0.0, description="DNS: masked fine-tuning after the DNS phase (masks fixed, learning-rate schedule restarted).")
+    finetune_lr: float | None = Field(None, description="Peak learning rate of the masked fine-tuning (default: lr).")
     imp_rounds: int = Field(5, description="Rounds of iterative magnitude pruning.")
     batch_size: int = Field(64, description="Training batch size.")
     lr: float = Field(0.01, description="Learning rate.")
@@ -156,6 +158,8 @@ class PruneOptions(ModelChoice):
             dns=dns,
             epochs=self.epochs,
             dense_epochs=self.dense_epochs,
+            finetune_epochs=self.finetune_epochs,
+            finetune_lr=self.finetune_lr,
             batch_size=self.batch_size,
             lr=self.lr,
             momentum=self.momentum,

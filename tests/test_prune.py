@@ -80,3 +80,27 @@ def test_prune_bad_input_is_one_line(tmp_path):
     result = run_prune(["--resume", "fixtures/tiny_mlp_unstructured.safetensors", "-o", tmp_path / "x.safetensors"], check=False)
     assert result.returncode == 2 and "resumable" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_dns_from_an_imported_sparse_checkpoint_reaches_the_target(tmp_path):
+    """Issue 10: DNS started (--init) from an 85%-pruned checkpoint with --target-sparsity 0.85
+    ended far below it, because the cut weights' values are lost (zeros)."""
+    pruned = tmp_path / "pruned.safetensors"
+    run_prune(["--method", "magnitude", "--epochs", "0.2", "--target-sparsity", "0.85", "-o", pruned])
+    out = tmp_path / "dns.safetensors"
+    result = run_prune(["--init", pruned, "--epochs", "0.6", "--target-sparsity", "0.85", "--iter-stop", "100", "--gamma", "1e-2", "-o", out, "--json"])
+    sparsity = {n: 1.0 - float(m.float().mean()) for n, m in load_checkpoint(out).masks.items()}
+    assert all(0.84 <= s <= 0.93 for s in sparsity.values()), sparsity
+
+
+def test_masked_finetune_keeps_the_dns_masks(tmp_path):
+    plain, tuned = tmp_path / "plain.safetensors", tmp_path / "tuned.safetensors"
+    args = ["--epochs", "0.4", "--target-sparsity", "0.8", "--iter-stop", "60", "--gamma", "1e-2", "--checkpoint-every", "0"]
+    plain_steps = json.loads(run_prune([*args, "-o", plain, "--json"]).stdout)["steps"]
+    tuned_steps = json.loads(run_prune([*args, "--finetune-epochs", "0.3", "--finetune-lr", "0.005", "-o", tuned, "--json"]).stdout)["steps"]
+    assert tuned_steps > plain_steps
+    a, b = load_checkpoint(plain), load_checkpoint(tuned)
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name]), name
+        assert not torch.equal(a.weights[name], b.weights[name])  # fine-tuning moved the kept weights
+        assert not bool(b.weights[name][~b.masks[name]].any())  # and the cut ones stayed zero

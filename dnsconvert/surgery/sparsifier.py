@@ -12,7 +12,9 @@ cut weight keeps moving and can be spliced back:
     p ← p⊙T
     W = p⊙T + S⊙(1−T)      (rebuilt only when masks are updated, or for a resume state)
 
-Two fused in-place passes per layer and step when masks do not change; the masks are kept
+On CPU float32 layers the two lines are one compiled pass (``_kernels.fold_``) that also leaves
+S = W at the kept entries (where the formula above never reads S), so that a mask update can
+read W straight from S. Elsewhere they are two fused in-place torch passes. The masks are kept
 as float tensors because boolean ``masked_fill_``/``where`` cost ~15x a multiply on CPU
 (measured: 0.47 ms vs 0.03 ms for LeNet-300-100's first layer). p⊙T leaves −0.0 for
 negative cut weights in the live model, which changes no result; checkpoints store +0.0.
@@ -37,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -115,11 +118,13 @@ class MaskedSparsifier:
         self.layer_info: dict[str, LayerInfo] = {n: info for n, (_, info) in resolved.items()}
         self.regrow = regrow
         self.iteration = 0
-        self._masks: dict[str, torch.Tensor] = {}
+        self._masks: dict[str, torch.Tensor] = {}  # owned: compiled updates change them in place
         self._keep: dict[str, torch.Tensor] = {}  # T as the parameter's dtype
         self._cut: dict[str, torch.Tensor] = {}  # 1 − T as the parameter's dtype
         self._kept: dict[str, int] = {}  # number of kept weights per layer
         self._shadow: dict[str, torch.Tensor] = {}
+        self._flat: dict[str, _FlatViews | None] = {}  # numpy views for the compiled passes (None: torch)
+        self._fold_result: dict[str, tuple[int, int]] = {}  # compiled fold: (NaNs in W, |W| >= bound)
         with torch.no_grad():
             for name, param in self.params.items():
                 given = _initial_mask(initial_masks, name, self.layer_info[name])
@@ -132,11 +137,12 @@ class MaskedSparsifier:
     def set_mask(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> None:
         """Install ``mask`` for ``name`` given the layer's dense weights (which become the shadow)."""
         param = self.params[name]
-        self._masks[name] = mask.bool()
+        self._masks[name] = mask.to(torch.bool, memory_format=torch.contiguous_format, copy=True)
         self._keep[name] = self._masks[name].to(param.dtype)
         self._cut[name] = 1.0 - self._keep[name]
         self._kept[name] = int(self._masks[name].sum())
         self._shadow[name] = weight
+        self._flat.pop(name, None)
         param.copy_(weight).mul_(self._keep[name])
 
     @torch.no_grad()
@@ -147,19 +153,43 @@ class MaskedSparsifier:
     # -- the training-loop hook ---------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
-        """Fold the optimizer's update into the shadows, update masks, re-mask the model."""
-        if self.regrow:
-            for name, param in self.params.items():
-                self._shadow[name].addcmul_(param, self._cut[name])  # where cut: W + (0 + Δ)
-        changed = self.update_masks()
+        """Fold the optimizer's update into the shadows, re-mask the model, update masks."""
+        bounds = self._fold_bounds()
+        kernels = _kernels()
         for name, param in self.params.items():
-            if name not in changed:
+            flat = self.flat_views(name)
+            if not self.regrow:
+                if flat is not None:
+                    kernels.mask_(flat.param, flat.mask)  # reads the 1-byte mask, not the float one
+                else:
+                    param.mul_(self._keep[name])
+                continue
+            if flat is not None:
+                self._fold_result[name] = kernels.fold_(flat.param, flat.shadow, flat.keep, bounds.get(name, _INF32))
+            else:
+                self._shadow[name].addcmul_(param, self._cut[name])  # where cut: W + (0 + Δ)
                 param.mul_(self._keep[name])
+        self.update_masks()
         self.iteration += 1
 
-    def update_masks(self) -> set[str]:
-        """Subclasses change masks here (through :meth:`set_mask`) and return the names changed."""
-        return set()
+    def _fold_bounds(self) -> dict[str, np.float32]:
+        """Layers whose fold should also count the entries with |W| >= a bound (for an update)."""
+        return {}
+
+    def flat_views(self, name: str) -> _FlatViews | None:
+        """Flat numpy views of a layer's tensors for the compiled passes, or None where they do
+        not apply (not contiguous float32 on CPU); rebuilt when the parameter's storage moves."""
+        param = self.params[name]
+        flat = self._flat.get(name, _MISSING)
+        if flat is not _MISSING and (flat is None or flat.data_ptr == param.data_ptr()):
+            return flat
+        tensors = (param, self._shadow[name], self._keep[name], self._cut[name])
+        compiled = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        flat = self._flat[name] = _FlatViews(param, self._shadow[name], self._keep[name], self._cut[name], self._masks[name]) if compiled else None
+        return flat
+
+    def update_masks(self) -> None:
+        """Subclasses change masks here, after the fold (p = W⊙T, and W = p⊙T + S⊙(1−T))."""
 
     # -- results --------------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
@@ -207,3 +237,32 @@ class FixedMaskSparsifier(MaskedSparsifier):
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], **kwargs: Any):
         super().__init__(model, list(masks), initial_masks=masks, regrow=False, **kwargs)
+
+
+class _FlatViews:
+    """Flat numpy views sharing memory with a layer's parameter, shadow, float masks and mask."""
+
+    def __init__(self, param: torch.Tensor, shadow: torch.Tensor, keep: torch.Tensor, cut: torch.Tensor, mask: torch.Tensor):
+        self.data_ptr = param.data_ptr()
+        self.param = param.detach().view(-1).numpy()
+        self.shadow = shadow.view(-1).numpy()
+        self.keep = keep.view(-1).numpy()
+        self.cut = cut.view(-1).numpy()
+        self.mask = mask.view(-1).numpy()
+
+
+_MISSING: Any = object()
+_INF32 = np.float32(np.inf)
+
+
+_KERNELS: Any = None
+
+
+def _kernels() -> Any:
+    """The compiled passes, imported on first use (numba compiles or loads them from its cache)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import _kernels as kernels
+
+        _KERNELS = kernels
+    return _KERNELS

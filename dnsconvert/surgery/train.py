@@ -45,6 +45,8 @@ class PruneConfig:
     dns: DNSConfig = field(default_factory=DNSConfig)
     epochs: float = 1.0  # of the sparse phase (DNS), of fine-tuning (magnitude), per round (IMP)
     dense_epochs: float = 0.0
+    finetune_epochs: float = 0.0  # DNS: masked fine-tuning after the DNS phase (masks fixed, lr schedule restarted)
+    finetune_lr: float | None = None  # its peak learning rate (default: lr)
     batch_size: int = 64
     lr: float = 0.01
     momentum: float = 0.9
@@ -67,7 +69,7 @@ class PruneConfig:
             raise UserError(f"unknown optimizer {self.optimizer!r}", hint="choose sgd, adam or adamw")
         if self.lr_schedule not in ("cosine", "constant"):
             raise UserError(f"unknown lr schedule {self.lr_schedule!r}", hint="choose cosine or constant")
-        if self.batch_size <= 0 or self.epochs < 0 or self.dense_epochs < 0:
+        if self.batch_size <= 0 or self.epochs < 0 or self.dense_epochs < 0 or self.finetune_epochs < 0:
             raise UserError("batch size must be positive and epochs non-negative")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise UserError(f"target sparsity must lie in [0, 1), got {self.target_sparsity}")
@@ -92,7 +94,7 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class Phase:
-    kind: str  # dense | dns | finetune
+    kind: str  # dense | dns | masked (DNS's masks, fixed) | finetune (magnitude masks, fixed)
     steps: int
     progress: float | None = None  # magnitude / IMP: fraction of the way to the target, in keep-ratio exponent
 
@@ -117,6 +119,8 @@ def plan_phases(config: PruneConfig, steps_per_epoch: int) -> list[Phase]:
     phases = [Phase("dense", steps(config.dense_epochs))] if config.dense_epochs > 0 else []
     if config.method == "dns":
         phases.append(Phase("dns", steps(config.epochs)))
+        if config.finetune_epochs > 0:
+            phases.append(Phase("masked", steps(config.finetune_epochs)))
     elif config.method == "magnitude":
         phases.append(Phase("finetune", steps(config.epochs), 1.0))
     else:
@@ -189,6 +193,8 @@ class Trainer:
         if self.world > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model)
         self.kill_at = int(os.environ.get("DNSCONVERT_TEST_SIGKILL_AT_STEP", "-1"))  # resume tests
+        self._permutation_key: int | None = None
+        self._permutation = torch.empty(0, dtype=torch.long)
 
     # phase set-up ----------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -207,6 +213,13 @@ class Trainer:
             self.sparsifier = None
         elif phase.kind == "dns":
             self.sparsifier = DynamicNetworkSurgery(self.ddp_model, c.dns, initial_masks=self.initial_masks)
+        elif phase.kind == "masked":
+            masks = self.sparsifier.masks() if self.sparsifier is not None else self.initial_masks
+            if masks is None:
+                raise InternalError("a masked fine-tuning phase needs the masks of the phase before it")
+            # the same selection as the DNS phase, so that each layer keeps its kind and N:M axis
+            selection = dict(layers=c.dns.layers, prune_tied=c.dns.prune_tied, prune_bias=c.dns.prune_bias)
+            self.sparsifier = FixedMaskSparsifier(self.ddp_model, masks, **selection)
         else:
             previous = self.sparsifier.masks() if self.sparsifier is not None else self.initial_masks
             # finetune phases follow a dense phase or another finetune (fixed-mask) phase, never DNS
@@ -219,15 +232,17 @@ class Trainer:
             self.sparsifier = FixedMaskSparsifier(self.ddp_model, masks, **selection)
 
     def _lr(self, phase: Phase, step: int) -> float:
+        peak = self.config.finetune_lr if phase.kind == "masked" and self.config.finetune_lr is not None else self.config.lr
         if self.config.lr_schedule == "constant" or phase.steps == 0:
-            return self.config.lr
-        return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * step / phase.steps))
+            return peak
+        return peak * 0.5 * (1.0 + math.cos(math.pi * step / phase.steps))
 
     def _batch_index(self, global_epoch_key: int, offset: int) -> torch.Tensor:
-        n = len(self.data.train)
-        generator = torch.Generator().manual_seed(self.config.seed * 7919 + global_epoch_key)
-        permutation = torch.randperm(n, generator=generator)
-        batch = permutation[offset * self.config.batch_size : (offset + 1) * self.config.batch_size]
+        if self._permutation_key != global_epoch_key:  # one permutation per epoch (randperm costs ~ a LeNet step)
+            generator = torch.Generator().manual_seed(self.config.seed * 7919 + global_epoch_key)
+            self._permutation = torch.randperm(len(self.data.train), generator=generator)
+            self._permutation_key = global_epoch_key
+        batch = self._permutation[offset * self.config.batch_size : (offset + 1) * self.config.batch_size]
         return batch[self.rank :: self.world]
 
     @property
