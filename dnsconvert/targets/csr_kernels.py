@@ -1,10 +1,19 @@
-"""Compiled CSR kernels for sparse Linear layers on CPU (numba), in a [features, batch] layout.
+"""Compiled CSR kernels for sparse Linear layers on CPU (numba), in a [features, tokens] layout.
 
-Why not only torch's CSR ops: each ``torch.sparse.mm`` call costs 8-17 µs of dispatch on this
-2-core machine — more than ONNX Runtime needs for the whole dense LeNet-300-100 at batch 1 —
-so small, very sparse models got slower, not faster. These kernels run a whole chain of
-sparse Linear layers and element-wise activations in one compiled call, with activations kept
-as [features, batch] so that each nonzero weight updates one contiguous batch row.
+Activations are kept as [features, tokens] so that each nonzero weight updates one contiguous
+row of tokens (an axpy the compiler vectorises); at one token a row is a gather dot product.
+A whole chain of sparse Linear layers with their activations runs in one compiled call.
+
+Code-generation facts these kernels depend on (measured with ``inspect_asm`` on this machine):
+- a row is read through a slice (``x[c]``), never ``x[o + j]``: numba's negative-index
+  wrap-around turns computed indices into gathers (0.6 -> 25 GMAC/s for a 3k-long axpy);
+- eight nonzeros per pass over the output row (accumulator loads/stores amortised: one per
+  nonzero gave 25-40, four 50-59, eight 54-63 GMAC/s on one core for 784-3248-long rows);
+- ``error_model="numpy"``: with Python's error model a float division checks for zero and the
+  loop is not vectorised (GELU over 393k values: 0.8 ms -> 0.065 ms).
+Parallel variants split output rows over numba's ``workqueue`` pool (see
+:func:`dnsconvert.timing.use_numba_workqueue`: never a second OpenMP runtime); waking that pool
+costs tens of microseconds, so the planner times serial and parallel kernels and keeps the faster.
 """
 
 from __future__ import annotations
@@ -12,82 +21,194 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
+
+from ..timing import use_numba_workqueue
+
+use_numba_workqueue()
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4}
-# Single-threaded on purpose: numba's threaded kernels cost 0.1-8 ms per call here (its OpenMP
-# layer fights PyTorch's and ONNX Runtime's spinning workers for 2 cores; its workqueue layer
-# starts slowly), more than these kernels take. Large layers where threads pay off are planned
-# onto torch's multi-threaded MKL CSR kernel instead.
+F32 = np.float32
+JIT = {"cache": True, "fastmath": True, "error_model": "numpy", "nogil": True}
 
 
-@njit(cache=True, inline="always")
-def _activate(v: float, act: int) -> float:
+@njit(inline="always", **JIT)
+def _erf(a):
+    # Rational approximation of erf on [-4, 4] (the one Eigen and TensorFlow use for float32);
+    # |error| < 1e-6 after GELU, and it vectorises where math.erf (a libm call) does not.
+    x = a if a < F32(4.0) else F32(4.0)
+    x = x if x > F32(-4.0) else F32(-4.0)
+    x2 = x * x
+    p = x2 * F32(-2.72614225801306e-10) + F32(2.77068142495902e-08)
+    p = x2 * p + F32(-2.10102402082508e-06)
+    p = x2 * p + F32(-5.69250639462346e-05)
+    p = x2 * p + F32(-7.34990630326855e-04)
+    p = x2 * p + F32(-2.95459980854025e-03)
+    p = x2 * p + F32(-1.60960333262415e-02)
+    q = x2 * F32(-1.45660718464996e-05) + F32(-2.13374055278905e-04)
+    q = x2 * q + F32(-1.68282697438203e-03)
+    q = x2 * q + F32(-7.37332916720468e-03)
+    q = x2 * q + F32(-1.42647390514189e-02)
+    return x * p / q
+
+
+@njit(inline="always", **JIT)
+def activate(v, act):
     if act == 1:
-        return v if v > 0.0 else 0.0
+        return v if v > F32(0.0) else F32(0.0)
     if act == 2:
-        return 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
+        return F32(0.5) * v * (F32(1.0) + _erf(v * F32(0.7071067811865476)))
     if act == 3:
-        return math.tanh(v)
+        return F32(math.tanh(v))
     if act == 4:
-        return 1.0 / (1.0 + math.exp(-v))
+        return F32(1.0) / (F32(1.0) + F32(math.exp(-v)))
     return v
 
 
-@njit(cache=True, inline="always")
-def _row(indptr, indices, data, bias, x, out, act, r, bias_at):
-    batch = x.shape[1]
-    start, stop = indptr[r], indptr[r + 1]
-    if batch == 1:  # a dot product: no per-nonzero row views
-        acc = bias[bias_at]
-        for k in range(start, stop):
-            acc += data[k] * x[indices[k], 0]
-        out[r, 0] = _activate(acc, act) if act != 0 else acc
-        return
-    acc = out[r]  # contiguous batch row; each nonzero adds a scaled contiguous input row
-    for b in range(batch):
-        acc[b] = bias[bias_at]
-    for k in range(start, stop):
+@njit(inline="always", **JIT)
+def activate_row(row, act):
+    if act == 1:
+        for t in range(row.shape[0]):
+            v = row[t]
+            row[t] = v if v > F32(0.0) else F32(0.0)
+    elif act == 2:
+        for t in range(row.shape[0]):
+            v = row[t]
+            row[t] = F32(0.5) * v * (F32(1.0) + _erf(v * F32(0.7071067811865476)))
+    elif act != 0:
+        for t in range(row.shape[0]):
+            row[t] = activate(row[t], act)
+
+
+@njit(inline="always", **JIT)
+def axpy_rows(acc, src, indices, data, start, stop, stride, shift):
+    """acc += sum over k in [start, stop) of data[k] * src[o : o + len(acc)], o = indices[k] * stride + shift.
+
+    Eight nonzeros per pass: the accumulator is loaded and stored once per eight products."""
+    n = acc.shape[0]
+    k = start
+    while k + 8 <= stop:
+        w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
+        w4, w5, w6, w7 = data[k + 4], data[k + 5], data[k + 6], data[k + 7]
+        o0, o1, o2, o3 = indices[k] * stride + shift, indices[k + 1] * stride + shift, indices[k + 2] * stride + shift, indices[k + 3] * stride + shift
+        o4, o5, o6, o7 = indices[k + 4] * stride + shift, indices[k + 5] * stride + shift, indices[k + 6] * stride + shift, indices[k + 7] * stride + shift
+        s0, s1, s2, s3 = src[o0 : o0 + n], src[o1 : o1 + n], src[o2 : o2 + n], src[o3 : o3 + n]
+        s4, s5, s6, s7 = src[o4 : o4 + n], src[o5 : o5 + n], src[o6 : o6 + n], src[o7 : o7 + n]
+        for t in range(n):
+            acc[t] += (w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t]) + (w4 * s4[t] + w5 * s5[t] + w6 * s6[t] + w7 * s7[t])
+        k += 8
+    while k + 2 <= stop:
+        w0, w1 = data[k], data[k + 1]
+        o0, o1 = indices[k] * stride + shift, indices[k + 1] * stride + shift
+        s0, s1 = src[o0 : o0 + n], src[o1 : o1 + n]
+        for t in range(n):
+            acc[t] += w0 * s0[t] + w1 * s1[t]
+        k += 2
+    if k < stop:
         w = data[k]
-        src = x[indices[k]]
-        for b in range(batch):
-            acc[b] += w * src[b]
-    if act != 0:
-        for b in range(batch):
-            acc[b] = _activate(acc[b], act)
+        o = indices[k] * stride + shift
+        s = src[o : o + n]
+        for t in range(n):
+            acc[t] += w * s[t]
 
 
-@njit(cache=True)
-def csr_chain_serial(x, indptr, indices, data, bias, ip_off, nz_off, b_off, acts):
-    """Several CSR layers back to back in one call (arrays of all layers concatenated)."""
-    h = x
+@njit(**JIT)
+def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi):
+    tokens = x_t.shape[1]
+    flat = x_t.reshape(-1)
+    if tokens == 1:
+        for r in range(r_lo, r_hi):
+            acc = bias[r]
+            for k in range(indptr[r], indptr[r + 1]):
+                acc += data[k] * flat[indices[k]]
+            out_t[r, 0] = activate(acc, act)
+        return
+    for r in range(r_lo, r_hi):
+        acc = out_t[r]
+        b = bias[r]
+        for t in range(tokens):
+            acc[t] = b
+        axpy_rows(acc, flat, indices, data, indptr[r], indptr[r + 1], tokens, 0)
+        activate_row(acc, act)
+
+
+@njit(**JIT)
+def chain_serial(x_t, indptr, indices, data, bias, ip_off, nz_off, b_off, acts):
+    """Several CSR layers back to back in one call (the arrays of all layers concatenated)."""
+    h = x_t
     for i in range(acts.shape[0]):
         ip = indptr[ip_off[i] : ip_off[i + 1]]
-        lo, hi = nz_off[i], nz_off[i + 1]
         rows = ip.shape[0] - 1
-        out = np.empty((rows, h.shape[1]), dtype=h.dtype)
-        for r in range(rows):
-            _row(ip, indices[lo:hi], data[lo:hi], bias, h, out, acts[i], r, b_off[i] + r)
+        out = np.empty((rows, h.shape[1]), dtype=np.float32)
+        _linear_rows(ip, indices[nz_off[i] : nz_off[i + 1]], data[nz_off[i] : nz_off[i + 1]], bias[b_off[i] : b_off[i] + rows], h, out, acts[i], 0, rows)
         h = out
     return h
 
 
-class CsrChain:
-    """Consecutive sparse Linear layers (+ activations) compiled as one kernel call."""
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def chain_parallel(x_t, indptr, indices, data, bias, ip_off, nz_off, b_off, acts, parts):
+    """chain_serial with each layer's rows split into ``parts`` blocks of equal nonzeros."""
+    h = x_t
+    for i in range(acts.shape[0]):
+        ip = indptr[ip_off[i] : ip_off[i + 1]]
+        rows = ip.shape[0] - 1
+        out = np.empty((rows, h.shape[1]), dtype=np.float32)
+        ix = indices[nz_off[i] : nz_off[i + 1]]
+        dt = data[nz_off[i] : nz_off[i + 1]]
+        bs = bias[b_off[i] : b_off[i] + rows]
+        bounds = np.searchsorted(ip, np.linspace(0, ip[rows], parts + 1).astype(np.int64))
+        bounds[0], bounds[parts] = 0, rows
+        for p in prange(parts):
+            _linear_rows(ip, ix, dt, bs, h, out, acts[i], min(bounds[p], rows), min(bounds[p + 1], rows))
+        h = out
+    return h
 
-    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]]):
+
+@njit(**JIT)
+def transpose(x):
+    """[a, b] -> C-contiguous [b, a], in 16x16 tiles (both sides stay in cache)."""
+    rows, cols = x.shape
+    out = np.empty((cols, rows), dtype=x.dtype)
+    for r0 in range(0, rows, 16):
+        r1 = min(r0 + 16, rows)
+        for c0 in range(0, cols, 16):
+            c1 = min(c0 + 16, cols)
+            for c in range(c0, c1):
+                dst = out[c]
+                for r in range(r0, r1):
+                    dst[r] = x[r, c]
+    return out
+
+
+class CsrChain:
+    """Consecutive sparse Linear layers (each with its activation) compiled as one kernel call."""
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]], parts: int = 1):
         # each layer: (indptr, indices, data, bias, activation)
-        # int32 indices halve the index traffic of the gather loop (nonzeros per layer < 2^31)
-        parts = [(ip.astype(np.int64), ix.astype(np.int32), d.astype(np.float32), b.astype(np.float32), ACTIVATIONS[a]) for ip, ix, d, b, a in layers]
-        self.indptr = np.concatenate([ip for ip, *_ in parts])
-        self.indices = np.concatenate([ix for _, ix, *_ in parts])
-        self.data = np.concatenate([d for _, _, d, _, _ in parts])
-        self.bias = np.concatenate([b for *_, b, _ in parts])
-        self.ip_off = np.cumsum([0] + [ip.size for ip, *_ in parts]).astype(np.int64)
-        self.nz_off = np.cumsum([0] + [ix.size for _, ix, *_ in parts]).astype(np.int64)
-        self.b_off = np.cumsum([0] + [b.size for *_, b, _ in parts]).astype(np.int64)
-        self.acts = np.array([a for *_, a in parts], dtype=np.int64)
+        # int32 column indices halve the index traffic (nonzeros per layer < 2^31)
+        parts_ = [(ip.astype(np.int64), ix.astype(np.int32), d.astype(np.float32), b.astype(np.float32), ACTIVATIONS[a]) for ip, ix, d, b, a in layers]
+        self.in_features = int(max(ix.max(initial=-1) for _, ix, *_ in parts_) + 1) if parts_ else 0
+        self.out_features = int(parts_[-1][0].size - 1)
+        self.indptr = np.concatenate([ip for ip, *_ in parts_])
+        self.indices = np.concatenate([ix for _, ix, *_ in parts_])
+        self.data = np.concatenate([d for _, _, d, _, _ in parts_])
+        self.bias = np.concatenate([b for *_, b, _ in parts_])
+        self.ip_off = np.cumsum([0] + [ip.size for ip, *_ in parts_]).astype(np.int64)
+        self.nz_off = np.cumsum([0] + [ix.size for _, ix, *_ in parts_]).astype(np.int64)
+        self.b_off = np.cumsum([0] + [b.size for *_, b, _ in parts_]).astype(np.int64)
+        self.acts = np.array([a for *_, a in parts_], dtype=np.int64)
+        self.parts = parts
 
     def __call__(self, x_t: np.ndarray) -> np.ndarray:
-        """x_t: [in_features, batch] float32, C-contiguous."""
-        return csr_chain_serial(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts)
+        """x_t: [in_features, tokens] float32, C-contiguous -> [out_features, tokens]."""
+        if self.parts > 1:
+            return chain_parallel(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts, self.parts)
+        return chain_serial(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts)
+
+    def rows_major(self, x: np.ndarray) -> np.ndarray:
+        """x: [tokens, in_features] -> [tokens, out_features] (transposes around the chain)."""
+        tokens = x.shape[0]
+        if tokens == 1:
+            return self(np.ascontiguousarray(x.reshape(-1, 1), dtype=np.float32)).reshape(1, -1)
+        out_t = self(transpose(np.ascontiguousarray(x, dtype=np.float32)))
+        return transpose(out_t)
