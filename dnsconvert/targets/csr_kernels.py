@@ -5,8 +5,9 @@ row of tokens (an axpy the compiler vectorises); at one token a row is a gather 
 A whole chain of sparse Linear layers with their activations runs in one compiled call.
 
 Code-generation facts these kernels depend on (measured with ``inspect_asm`` on this machine):
-- a row is read through a slice (``x[c]``), never ``x[o + j]``: numba's negative-index
-  wrap-around turns computed indices into gathers (0.6 -> 25 GMAC/s for a 3k-long axpy);
+- a row is read through a view (``x[c]``) or a slice, never ``x[o + j]``: numba's negative-index
+  wrap-around turns computed indices into gathers (0.6 -> 25 GMAC/s for a 3k-long axpy); for
+  short rows views cost less than slices (LeNet-300-100's first layer at 64 tokens: 22 -> 10 us);
 - eight nonzeros per pass over the output row (accumulator loads/stores amortised: one per
   nonzero gave 25-40, four 50-59, eight 54-63 GMAC/s on one core for 784-3248-long rows);
 - ``error_model="numpy"``: with Python's error model a float division checks for zero and the
@@ -19,6 +20,7 @@ costs tens of microseconds, so the planner times serial and parallel kernels and
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
@@ -115,21 +117,56 @@ def axpy_rows(acc, src, indices, data, start, stop, stride, shift):
 @njit(**JIT)
 def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi):
     tokens = x_t.shape[1]
-    flat = x_t.reshape(-1)
     if tokens == 1:
+        x = x_t[:, 0]
         for r in range(r_lo, r_hi):
-            acc = bias[r]
-            for k in range(indptr[r], indptr[r + 1]):
-                acc += data[k] * flat[indices[k]]
-            out_t[r, 0] = activate(acc, act)
+            # four accumulators: one would serialise on the add latency
+            a0, a1, a2, a3 = F32(0.0), F32(0.0), F32(0.0), F32(0.0)
+            k, stop = indptr[r], indptr[r + 1]
+            while k + 4 <= stop:
+                a0 += data[k] * x[indices[k]]
+                a1 += data[k + 1] * x[indices[k + 1]]
+                a2 += data[k + 2] * x[indices[k + 2]]
+                a3 += data[k + 3] * x[indices[k + 3]]
+                k += 4
+            while k < stop:
+                a0 += data[k] * x[indices[k]]
+                k += 1
+            out_t[r, 0] = activate(bias[r] + ((a0 + a1) + (a2 + a3)), act)
         return
+    # The same eight-way pass as axpy_rows, written out here and through row views: calling a
+    # helper per row (even with inline="always") and slicing doubled the time of short rows.
     for r in range(r_lo, r_hi):
         acc = out_t[r]
         b = bias[r]
         for t in range(tokens):
             acc[t] = b
-        axpy_rows(acc, flat, indices, data, indptr[r], indptr[r + 1], tokens, 0)
-        activate_row(acc, act)
+        k, stop = indptr[r], indptr[r + 1]
+        while k + 8 <= stop:
+            w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
+            w4, w5, w6, w7 = data[k + 4], data[k + 5], data[k + 6], data[k + 7]
+            s0, s1, s2, s3 = x_t[indices[k]], x_t[indices[k + 1]], x_t[indices[k + 2]], x_t[indices[k + 3]]
+            s4, s5, s6, s7 = x_t[indices[k + 4]], x_t[indices[k + 5]], x_t[indices[k + 6]], x_t[indices[k + 7]]
+            for t in range(tokens):
+                acc[t] += (w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t]) + (w4 * s4[t] + w5 * s5[t] + w6 * s6[t] + w7 * s7[t])
+            k += 8
+        while k + 2 <= stop:
+            w0, w1 = data[k], data[k + 1]
+            s0, s1 = x_t[indices[k]], x_t[indices[k + 1]]
+            for t in range(tokens):
+                acc[t] += w0 * s0[t] + w1 * s1[t]
+            k += 2
+        if k < stop:
+            w = data[k]
+            s = x_t[indices[k]]
+            for t in range(tokens):
+                acc[t] += w * s[t]
+        if act == 1:
+            for t in range(tokens):
+                v = acc[t]
+                acc[t] = v if v > F32(0.0) else F32(0.0)
+        elif act != 0:
+            activate_row(acc, act)
 
 
 @njit(**JIT)
@@ -180,35 +217,63 @@ def transpose(x):
     return out
 
 
+@dataclass(frozen=True)
+class CsrLayer:
+    """One sparse Linear layer y = act(W x + b) in CSR form."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    bias: np.ndarray
+    activation: str
+    in_features: int
+
+    @classmethod
+    def from_dense(cls, weight: np.ndarray, bias: np.ndarray | None, activation: str = "identity") -> CsrLayer:
+        rows, cols = np.nonzero(weight)  # row-major order: CSR order
+        indptr = np.zeros(weight.shape[0] + 1, dtype=np.int64)
+        np.add.at(indptr, rows + 1, 1)
+        b = bias if bias is not None else np.zeros(weight.shape[0], dtype=np.float32)
+        return cls(np.cumsum(indptr), cols, weight[rows, cols], np.asarray(b).reshape(-1), activation, int(weight.shape[1]))
+
+    @property
+    def out_features(self) -> int:
+        return int(self.indptr.size - 1)
+
+
 class CsrChain:
     """Consecutive sparse Linear layers (each with its activation) compiled as one kernel call."""
 
-    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]], parts: int = 1):
-        # each layer: (indptr, indices, data, bias, activation)
-        # int32 column indices halve the index traffic (nonzeros per layer < 2^31)
-        parts_ = [(ip.astype(np.int64), ix.astype(np.int32), d.astype(np.float32), b.astype(np.float32), ACTIVATIONS[a]) for ip, ix, d, b, a in layers]
-        self.in_features = int(max(ix.max(initial=-1) for _, ix, *_ in parts_) + 1) if parts_ else 0
-        self.out_features = int(parts_[-1][0].size - 1)
-        self.indptr = np.concatenate([ip for ip, *_ in parts_])
-        self.indices = np.concatenate([ix for _, ix, *_ in parts_])
-        self.data = np.concatenate([d for _, _, d, _, _ in parts_])
-        self.bias = np.concatenate([b for *_, b, _ in parts_])
-        self.ip_off = np.cumsum([0] + [ip.size for ip, *_ in parts_]).astype(np.int64)
-        self.nz_off = np.cumsum([0] + [ix.size for _, ix, *_ in parts_]).astype(np.int64)
-        self.b_off = np.cumsum([0] + [b.size for *_, b, _ in parts_]).astype(np.int64)
-        self.acts = np.array([a for *_, a in parts_], dtype=np.int64)
+    def __init__(self, layers: list[CsrLayer], parts: int = 1):
+        for prev, nxt in zip(layers, layers[1:]):
+            if prev.out_features != nxt.in_features:
+                raise ValueError(f"chained layers do not fit: {prev.out_features} outputs feed {nxt.in_features} inputs")
+        self.in_features, self.out_features = layers[0].in_features, layers[-1].out_features
+        # 32-bit column indices halve the index traffic; unsigned, so indexing needs no wrap-around
+        self.indptr = np.concatenate([layer.indptr.astype(np.int64) for layer in layers])
+        self.indices = np.concatenate([layer.indices.astype(np.uint32) for layer in layers])
+        self.data = np.concatenate([layer.data.astype(np.float32) for layer in layers])
+        self.bias = np.concatenate([layer.bias.astype(np.float32) for layer in layers])
+        self.ip_off = np.cumsum([0] + [layer.indptr.size for layer in layers]).astype(np.int64)
+        self.nz_off = np.cumsum([0] + [layer.indices.size for layer in layers]).astype(np.int64)
+        self.b_off = np.cumsum([0] + [layer.bias.size for layer in layers]).astype(np.int64)
+        self.acts = np.array([ACTIVATIONS[layer.activation] for layer in layers], dtype=np.int64)
         self.parts = parts
 
     def __call__(self, x_t: np.ndarray) -> np.ndarray:
         """x_t: [in_features, tokens] float32, C-contiguous -> [out_features, tokens]."""
+        if x_t.ndim != 2 or x_t.shape[0] != self.in_features or x_t.dtype != np.float32 or not x_t.flags.c_contiguous:
+            raise ValueError(f"expected a C-contiguous float32 [{self.in_features}, tokens] array, got {x_t.dtype} {list(x_t.shape)}")  # the kernels do not bounds-check
         if self.parts > 1:
             return chain_parallel(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts, self.parts)
         return chain_serial(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts)
 
     def rows_major(self, x: np.ndarray) -> np.ndarray:
         """x: [tokens, in_features] -> [tokens, out_features] (transposes around the chain)."""
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"expected [tokens, {self.in_features}] input, got {list(x.shape)}")
         tokens = x.shape[0]
         if tokens == 1:
             return self(np.ascontiguousarray(x.reshape(-1, 1), dtype=np.float32)).reshape(1, -1)
-        out_t = self(transpose(np.ascontiguousarray(x, dtype=np.float32)))
-        return transpose(out_t)
+        out_t = self(np.ascontiguousarray(x.T, dtype=np.float32))
+        return np.ascontiguousarray(out_t.T)

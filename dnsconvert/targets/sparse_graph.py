@@ -68,6 +68,7 @@ class Graph:
     elem_types: dict[str, int]
     producer: dict[str, int] = field(default_factory=dict)
     consumers: dict[str, list[int]] = field(default_factory=dict)
+    taken: set[int] = field(default_factory=set)  # nodes already fused into a sparse op
 
     @property
     def nodes(self):
@@ -133,7 +134,7 @@ def _attr(node, name: str, default=None):
 
 def _sole_consumer(graph: Graph, value: str) -> int | None:
     users = graph.consumers.get(value, [])
-    if len(users) != 1 or value in graph.output_names:
+    if len(users) != 1 or value in graph.output_names or users[0] in graph.taken:
         return None
     return users[0]
 
@@ -214,7 +215,10 @@ def find_sparse_ops(graph: Graph, weights: Sequence[str]) -> list[SparseOp]:
     """Every Gemm / MatMul / Conv whose weight initializer is in ``weights`` and that a kernel can run."""
     wanted = set(weights)
     ops: list[SparseOp] = []
+    graph.taken.clear()
     for i, node in enumerate(graph.nodes):
+        if ops:
+            graph.taken.update(ops[-1].nodes)
         if node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in wanted:
             if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
                 continue
@@ -246,6 +250,7 @@ def find_sparse_ops(graph: Graph, weights: Sequence[str]) -> list[SparseOp]:
             bias = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             fused, y, act, residual = _epilogue(graph, node.output[0], allow_residual=True)
             ops.append(SparseOp(node.input[1], "conv", [i, *fused], node.input[0], y, np.ascontiguousarray(w, np.float32), None if bias is None else bias.astype(np.float32), act, residual, int(strides[0]), (pads[0], pads[1], pads[2], pads[3])))
+    graph.taken.clear()
     return ops
 
 
@@ -256,16 +261,9 @@ class LinearChainStep:
     """Consecutive sparse Linear ops as one compiled call on [tokens, features] input."""
 
     def __init__(self, ops: list[SparseOp], parts: int):
-        from .csr_kernels import CsrChain
+        from .csr_kernels import CsrChain, CsrLayer
 
-        layers = []
-        for op in ops:
-            w = op.weight
-            nz_rows, nz_cols = np.nonzero(w)
-            indptr = np.zeros(w.shape[0] + 1, dtype=np.int64)
-            np.add.at(indptr, nz_rows + 1, 1)
-            bias = op.bias if op.bias is not None else np.zeros(w.shape[0], np.float32)
-            layers.append((np.cumsum(indptr), nz_cols, w[nz_rows, nz_cols], bias, op.activation))
+        layers = [CsrLayer.from_dense(op.weight, op.bias, op.activation) for op in ops]
         self.chain = CsrChain(layers, parts=parts)
         self.ops, self.parts = list(ops), parts
         self.inputs, self.outputs = [ops[0].x], [ops[-1].y]
