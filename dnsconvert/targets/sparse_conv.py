@@ -153,7 +153,13 @@ class SparseConv2d:
         return self._geometry[key]
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected [batch, {self.in_channels}, height, width] input, got {list(x.shape)}")  # the kernels do not bounds-check
+        if min(self.output_hw(x.shape[2], x.shape[3])) < 1:
+            raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is smaller than the {self.kh}x{self.kw} kernel")
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if residual is not None and residual.shape != (x.shape[0], self.out_channels, *self.output_hw(x.shape[2], x.shape[3])):
+            raise ValueError(f"residual of shape {list(residual.shape)} does not match the convolution's output")
         offsets, bufs, accs, plane, ws, oh, ow, bounds = self._layout(x.shape[2], x.shape[3])
         out = np.empty((x.shape[0], self.out_channels, oh, ow), dtype=np.float32)
         has_res = residual is not None
