@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from dnsconvert.bench import bench
-from dnsconvert.checkpoint import load_checkpoint
+from dnsconvert.loading import load_checkpoint
 
 
 def main() -> None:

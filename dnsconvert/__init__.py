@@ -13,9 +13,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SparseCheckpoint": "dnsconvert.checkpoint",
-    "ModelSpec": "dnsconvert.checkpoint",
+    "ModelSpec": "dnsconvert.modelspec",
+    "InputSpec": "dnsconvert.modelspec",
+    "Dim": "dnsconvert.modelspec",
     "PruningInfo": "dnsconvert.checkpoint",
-    "load_checkpoint": "dnsconvert.checkpoint",
+    "load_checkpoint": "dnsconvert.loading",
     "NMPattern": "dnsconvert.pattern",
     "SparsityReport": "dnsconvert.validate",
     "project_nm": "dnsconvert.project",
@@ -26,6 +28,9 @@ _EXPORTS = {
     "prune": "dnsconvert.surgery",
     "densify": "dnsconvert.export",
     "get_target": "dnsconvert.targets",
+    "build_artifact": "dnsconvert.targets",
+    "load_artifact": "dnsconvert.artifact",
+    "Artifact": "dnsconvert.artifact",
     "list_targets": "dnsconvert.targets",
     "run_pipeline": "dnsconvert.pipeline",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,33 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
+
+
+_OUTPUT_ERRORS = {
+    errno.ENOSPC: ("disk full", "free some space and run the command again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run the command again"),
+    errno.EROFS: ("read-only file system", "write the output somewhere writable"),
+    errno.EACCES: ("permission denied", "write the output somewhere you may write"),
+    errno.EPERM: ("operation not permitted", "write the output somewhere you may write"),
+    errno.EISDIR: ("is a directory", "give a file path, not a folder"),
+    errno.ENOTDIR: ("a parent of the path is not a folder", "check the output path"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter output path"),
+}
+
+
+@contextlib.contextmanager
+def output_error(path: str | Path) -> Iterator[None]:
+    """Turn the OSErrors of writing an output (disk full, read-only, a folder in the way...)
+    into one-line user errors naming the output."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRORS:
+            raise
+        reason, hint = _OUTPUT_ERRORS[exc.errno]
+        raise UserError(f"cannot write the output: {reason}; nothing was written", path=path, hint=hint) from None
 
 
 @contextlib.contextmanager

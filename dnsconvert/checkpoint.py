@@ -1,6 +1,6 @@
 """SparseCheckpoint: weights + boolean masks keyed by parameter name + metadata, and its file format.
 
-File format (version 1): one ``.safetensors`` file. Tensors live under three prefixes:
+File format (version 1): one ``.safetensors`` file (read by :func:`dnsconvert.loading.load_checkpoint`). Tensors live under three prefixes:
 ``weight/<name>`` (the model's state dict with zeros where masked), ``mask/<name>``
 (bool, one per pruned parameter) and ``state/<i>`` (tensors of the resumable surgery
 state). The safetensors header's ``__metadata__`` holds one key, ``dnsconvert``: a JSON
@@ -19,28 +19,13 @@ from typing import Any
 import torch
 
 from ._atomic import atomic_path
-from .errors import CheckpointError
+from .errors import CheckpointError, ModelSpecError
+from .modelspec import ModelSpec
 from .pattern import apply_mask
 
 FORMAT_VERSION = 1
 METADATA_KEY = "dnsconvert"
 _PREFIXES = ("weight/", "mask/", "state/")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to rebuild the model: an importable factory ``package.module:function`` plus kwargs."""
-
-    factory: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    input_shape: tuple[int, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"factory": self.factory, "kwargs": dict(self.kwargs), "input_shape": list(self.input_shape)}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ModelSpec:
-        return cls(str(data["factory"]), dict(data.get("kwargs") or {}), tuple(int(d) for d in data.get("input_shape") or ()))
 
 
 @dataclass(frozen=True)
@@ -80,6 +65,7 @@ class SparseCheckpoint:
         pruning: how the masks were made.
         state: resumable surgery state (nested dicts/lists of JSON values and tensors).
         source: the file this checkpoint was read from, for messages.
+        source_sha256: that file's sha256, taken when it was read (manifests record it).
     """
 
     weights: dict[str, torch.Tensor]
@@ -88,6 +74,7 @@ class SparseCheckpoint:
     pruning: PruningInfo | None = None
     state: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    source_sha256: str | None = None
 
     def __post_init__(self) -> None:
         self.check_structure()
@@ -165,13 +152,6 @@ class SparseCheckpoint:
         return target
 
 
-def load_checkpoint(path: str | Path) -> SparseCheckpoint:
-    """Read a checkpoint of any supported kind; see :mod:`dnsconvert.importers`."""
-    from .importers import load_any
-
-    return load_any(path)
-
-
 def read_dnsconvert_safetensors(path: Path, metadata_json: str, tensors: dict[str, torch.Tensor]) -> SparseCheckpoint:
     """Build a SparseCheckpoint from a dnsconvert safetensors file's parts."""
     try:
@@ -208,6 +188,8 @@ def read_dnsconvert_safetensors(path: Path, metadata_json: str, tensors: dict[st
         model = ModelSpec.from_json(meta["model"]) if meta.get("model") else None
         pruning = PruningInfo.from_json(meta["pruning"]) if meta.get("pruning") else None
         state = unflatten_state(meta.get("state") or {}, state_tensors)
+    except ModelSpecError as exc:
+        raise CheckpointError(f"model spec in the metadata is malformed: {exc.message}", path=path) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"metadata is malformed: {exc}", path=path) from None
     return SparseCheckpoint(weights, masks, model=model, pruning=pruning, state=state, source=path)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import ModelSpec
+from .modelspec import InputSpec, ModelSpec
 from .errors import ModelSpecError
 
 MNIST_SHAPE = (1, 1, 28, 28)
@@ -123,14 +123,27 @@ def builtin_spec(name: str, **kwargs: Any) -> ModelSpec:
     return ModelSpec(f"dnsconvert.models:{name}", dict(kwargs), shape)
 
 
-def resolve_spec(text: str, input_shape: Sequence[int] | None = None, **kwargs: Any) -> ModelSpec:
-    """A short built-in name (``lenet5``) or an import path (``pkg.module:factory``) -> ModelSpec."""
+def resolve_spec(text: str, input_shape: Sequence[int] | None = None, *, inputs: Sequence[InputSpec] = (), **kwargs: Any) -> ModelSpec:
+    """A short built-in name (``lenet5``) or an import path (``pkg.module:factory``) -> ModelSpec.
+
+    ``inputs`` (or the legacy single-input ``input_shape``) describe what the model takes; a
+    built-in model knows its own input when neither is given.
+    """
     if ":" not in text:
         spec = builtin_spec(text, **kwargs)
-        return ModelSpec(spec.factory, spec.kwargs, tuple(input_shape) if input_shape else spec.input_shape)
-    if not input_shape:
-        raise ModelSpecError(f"model {text!r} is not built in, so its input shape is unknown", hint="pass --input-shape, e.g. 1,3,224,224")
-    return ModelSpec(text, dict(kwargs), tuple(int(d) for d in input_shape))
+        factory, kwargs = spec.factory, spec.kwargs
+        if not inputs and not input_shape:
+            return spec
+    else:
+        factory, kwargs = text, dict(kwargs)
+        if not inputs and not input_shape:
+            raise ModelSpecError(
+                f"model {text!r} is not built in, so its inputs are unknown",
+                hint="pass --input NAME:SHAPE[:DTYPE[:LOW..HIGH]] (repeatable) or --input-shape, e.g. 1,3,224,224",
+            )
+    if inputs:
+        return ModelSpec(factory, kwargs, inputs=tuple(inputs))
+    return ModelSpec(factory, kwargs, tuple(int(d) for d in input_shape))
 
 
 def is_builtin(spec: ModelSpec) -> bool:

@@ -1,27 +1,69 @@
 """``dnsconvert run pipeline.toml``: prune -> validate -> project -> export -> bench in one file.
 
-Each stage calls the same library function as its sub-command. A stage is skipped when its
-*key* — the sha256 of its settings, the content hashes of its inputs and the dnsconvert
-version — equals the one recorded at its last successful run and its outputs still hash
-to what was recorded. One JSON report covers the run; a failed gate (validation rules,
-parity, minimum speedup) makes the run exit 1 and is named in the report.
+Each section is validated against the same option schema as its sub-command
+(:mod:`dnsconvert.options`), and each stage calls the same library function. The stages are
+a table of functions (:data:`STAGES`); each runs zero or more *steps*. A step is skipped
+when its *key* — the sha256 of its settings, the content hashes of its inputs and the
+dnsconvert version — equals the one recorded at its last successful run and its outputs
+still hash to what was recorded. One JSON report covers the run; a failed gate (validation
+rules, parity, minimum speedup) makes the run exit 1 and is named in the report. Trust to
+run model code comes from the caller (``dnsconvert run --trust-model-code``), never the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as schema
+
 from . import __version__
 from ._atomic import sha256_file, write_json_atomic
-from .errors import DnsconvertError, GateFailed, PipelineError
+from .errors import DnsconvertError, GateFailed, PipelineError, UserError
+from .options import BenchOptions, ExportOptions, ModelChoice, ProjectOptions, PruneOptions, ValidateOptions, parse_options
 
-STAGES = ("prune", "validate", "project", "export", "bench")
 STATE_FILE = ".pipeline-state.json"
+SECTIONS = ("pipeline", "input", "prune", "validate", "project", "export", "bench")
+
+
+@schema(frozen=True, config=ConfigDict(extra="forbid", strict=True))
+class PipelineSettings:
+    workdir: str = Field("pipeline-out", description="Folder of the run's outputs, relative to the pipeline file.")
+
+
+@schema(frozen=True, config=ConfigDict(extra="forbid", strict=True))
+class InputSettings(ModelChoice):
+    checkpoint: str | None = Field(None, description="The checkpoint to start from (instead of a [prune] section).")
+
+
+@dataclass(frozen=True)
+class PipelineFile:
+    """A pipeline file, validated: every section typed, no unknown key."""
+
+    path: Path
+    pipeline: PipelineSettings
+    input: InputSettings | None = None
+    prune: PruneOptions | None = None
+    validate: ValidateOptions | None = None
+    project: ProjectOptions | None = None
+    export: ExportOptions | None = None
+    bench: BenchOptions | None = None
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A pass/fail check a stage recorded (validation rules, parity, minimum speedup)."""
+
+    gate: str
+    passed: bool
+    detail: str
 
 
 @dataclass
@@ -32,8 +74,11 @@ class StageResult:
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)  # name -> path
     result: dict[str, Any] = field(default_factory=dict)
-    gates: list[dict[str, Any]] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
     error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "gates": [asdict(g) for g in self.gates]}
 
 
 @dataclass
@@ -44,7 +89,7 @@ class PipelineReport:
 
     @property
     def failed_gates(self) -> list[dict[str, Any]]:
-        return [dict(gate, stage=s.name) for s in self.stages for gate in s.gates if not gate["passed"]]
+        return [dict(asdict(gate), stage=s.name) for s in self.stages for gate in s.gates if not gate.passed]
 
     @property
     def passed(self) -> bool:
@@ -57,42 +102,66 @@ class PipelineReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": "pipeline-report",
-            "report_version": 1,
+            "report_version": 2,
             "pipeline": self.pipeline,
             "workdir": self.workdir,
             "passed": self.passed,
             "failed_gates": self.failed_gates,
-            "stages": [s.__dict__ for s in self.stages],
+            "stages": [s.to_json() for s in self.stages],
         }
 
 
-def load_pipeline(path: str | Path) -> dict[str, Any]:
+# -- the file ---------------------------------------------------------------------------------
+def load_pipeline(path: str | Path) -> PipelineFile:
+    """Read and validate a pipeline file; any fault is a PipelineError naming the file and key."""
+    import tomllib
+
     path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        raise PipelineError("YAML pipelines are not supported; write TOML", path=path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise PipelineError(f"cannot read ({exc.strerror})", path=path) from None
+    except UnicodeDecodeError:
+        raise PipelineError("is not a text file", path=path, hint="a pipeline is a TOML file") from None
     try:
-        if path.suffix in (".yaml", ".yml"):
-            raise PipelineError("YAML pipelines are not supported; write TOML", path=path)
-        import tomllib
-
         config = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"is not valid TOML ({exc})", path=path) from None
-    unknown = set(config) - {"pipeline", "input", *STAGES}
+    unknown = set(config) - set(SECTIONS)
     if unknown:
-        raise PipelineError(f"unknown section(s) {', '.join(sorted(unknown))}", path=path, hint=f"sections: pipeline, input, {', '.join(STAGES)}")
-    if "prune" not in config and "checkpoint" not in config.get("input", {}):
-        raise PipelineError("needs a [prune] section or [input] checkpoint = ...", path=path)
+        raise PipelineError(f"unknown section(s) {', '.join(sorted(unknown))}", path=path, hint=f"sections: {', '.join(SECTIONS)}")
     for section, values in config.items():
-        if isinstance(values, dict) and "trust_model_code" in values:
+        if not isinstance(values, dict):
+            raise PipelineError(f"{section} must be a [{section}] table", path=path)
+        if "trust_model_code" in values:
             raise PipelineError(
                 f"[{section}] trust_model_code: trust cannot come from a file",
                 path=path,
                 hint="remove the key and pass dnsconvert run --trust-model-code if you trust the model code this pipeline names",
             )
-    return config
+    kinds = {"pipeline": PipelineSettings, "input": InputSettings, "prune": PruneOptions, "validate": ValidateOptions, "project": ProjectOptions, "export": ExportOptions, "bench": BenchOptions}
+    sections = {}
+    for name, values in config.items():
+        try:
+            sections[name] = parse_options(kinds[name], values, where=path, section=name)
+        except UserError as exc:
+            raise PipelineError(exc.message, path=path, hint=exc.hint or "use the option names of the matching dnsconvert command, with _ for -") from None
+    pipeline = PipelineFile(path, sections.pop("pipeline", PipelineSettings()), **sections)
+    if pipeline.prune is None and (pipeline.input is None or pipeline.input.checkpoint is None):
+        raise PipelineError("needs a [prune] section or [input] checkpoint = ...", path=path)
+    if pipeline.prune is not None and pipeline.input is not None and pipeline.input.checkpoint is not None:
+        raise PipelineError("has both a [prune] section and an [input] checkpoint; keep one", path=path)
+    return pipeline
+
+
+# -- running steps ----------------------------------------------------------------------------
+@dataclass
+class StepOutput:
+    outputs: dict[str, Path]
+    summary: dict[str, Any]
+    gates: list[Gate] = field(default_factory=list)
 
 
 def _key(settings: Any, inputs: dict[str, Path]) -> str:
@@ -104,64 +173,228 @@ def _key(settings: Any, inputs: dict[str, Path]) -> str:
     return digest.hexdigest()
 
 
-class _Runner:
-    def __init__(self, config: dict[str, Any], source: Path, workdir: Path):
-        self.config = config
-        self.source = source
-        self.base = source.parent
-        self.workdir = workdir
-        self.state_path = workdir / STATE_FILE
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
-        self.report = PipelineReport(str(source), str(workdir))
+@schema(frozen=True, config=ConfigDict(extra="forbid", strict=True))
+class _RecordedStep:
+    key: str
+    outputs: dict[str, str]
+    output_sha256: dict[str, str]
+    result: dict[str, Any]
+    gates: list[dict[str, Any]]
 
-    def _fresh(self, name: str, key: str) -> dict[str, Any] | None:
+
+def _read_state(path: Path, pipeline_path: Path) -> dict[str, _RecordedStep]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return {str(k): parse_options(_RecordedStep, v, where=path, section=str(k)) for k, v in data.items()}
+    except (OSError, ValueError, UserError) as exc:
+        detail = exc.message if isinstance(exc, UserError) else str(exc)
+        raise PipelineError(f"its state file {path} is unreadable ({detail})", path=pipeline_path, hint=f"delete {path} to re-run every stage") from None
+
+
+class Run:
+    """One pipeline run: the steps' skip logic, their results and the report."""
+
+    def __init__(self, pipeline: PipelineFile, work: Path, *, progress: bool, trust_model_code: bool):
+        self.pipeline = pipeline
+        self.work = work
+        self.progress = progress
+        self.trust_model_code = trust_model_code
+        self.state_path = work / STATE_FILE
+        self.state = _read_state(self.state_path, pipeline.path)
+        self.report = PipelineReport(str(pipeline.path), str(work))
+        self.checkpoint: Path | None = None  # the current checkpoint, as stages pass it on
+        self.artifacts: dict[str, Path] = {}  # target -> artifact folder
+        self.user_inputs: list[Path] = []  # files the user gave: never an output
+
+    def path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else (self.pipeline.path.parent / p)
+
+    def _fresh(self, name: str, key: str) -> _RecordedStep | None:
         recorded = self.state.get(name)
-        if not recorded or recorded.get("key") != key:
+        if recorded is None or recorded.key != key:
             return None
-        for path, digest in recorded.get("output_sha256", {}).items():
-            if not Path(path).exists() or sha256_file(path) != digest:
+        for path, digest in recorded.output_sha256.items():
+            if not Path(path).exists() or (Path(path).is_file() and sha256_file(path) != digest) or (Path(path).is_dir() and _tree_sha256(Path(path)) != digest):
                 return None
         return recorded
 
-    def stage(self, name: str, settings: Any, inputs: dict[str, Path], work) -> StageResult:
+    def step(self, name: str, settings: Any, inputs: dict[str, Path], outputs: list[Path], work: Callable[[], StepOutput]) -> StageResult:
+        """Run (or skip) one step; ``outputs`` are checked against every input before it runs."""
         for role, path in inputs.items():
-            if not Path(path).is_file():
-                raise PipelineError(f"[{name}] needs its {role} {path}, which does not exist", path=self.source, hint="fix the path in the pipeline file")
+            if not Path(path).exists():
+                raise PipelineError(f"[{name}] needs its {role} {path}, which does not exist", path=self.pipeline.path, hint="fix the path in the pipeline file")
+        for out in outputs:
+            for given in [*self.user_inputs, *inputs.values()]:
+                if Path(given).exists() and Path(out).exists() and os.path.samefile(given, out):
+                    raise PipelineError(f"[{name}] would write its output over its input {given}", path=self.pipeline.path, hint="choose another workdir or input path")
         key = _key(settings, inputs)
         recorded = self._fresh(name, key)
         if recorded is not None:
-            result = StageResult(name, "skipped", key, outputs=recorded["outputs"], result=recorded["result"], gates=recorded["gates"])
+            result = StageResult(name, "skipped", key, outputs=dict(recorded.outputs), result=dict(recorded.result), gates=[Gate(**g) for g in recorded.gates])
             self.report.stages.append(result)
             return result
         started = time.perf_counter()
         result = StageResult(name, "ran", key)
         self.report.stages.append(result)
         try:
-            outputs, summary, gates = work()
+            done = work()
         except GateFailed as exc:  # a gate raised inside the library (e.g. parity)
             result.status, result.seconds = "failed", time.perf_counter() - started
-            result.gates = [{"gate": name, "passed": False, "detail": str(exc)}]
+            result.gates = [Gate(name, False, str(exc))]
             raise
         except DnsconvertError as exc:
             result.status, result.error, result.seconds = "failed", str(exc), time.perf_counter() - started
             raise
         result.seconds = time.perf_counter() - started
-        result.outputs = {k: str(v) for k, v in outputs.items()}
-        result.result, result.gates = summary, gates
-        if all(g["passed"] for g in gates):
-            self.state[name] = {
-                "key": key,
-                "outputs": result.outputs,
-                "output_sha256": {str(p): sha256_file(p) for p in outputs.values()},
-                "result": summary,
-                "gates": gates,
-            }
-            write_json_atomic(self.state_path, self.state)
+        result.outputs = {k: str(v) for k, v in done.outputs.items()}
+        result.result, result.gates = done.summary, done.gates
+        if all(g.passed for g in done.gates):
+            self.state[name] = _RecordedStep(
+                key=key,
+                outputs=result.outputs,
+                output_sha256={str(p): (_tree_sha256(p) if Path(p).is_dir() else sha256_file(p)) for p in done.outputs.values()},
+                result=json.loads(json.dumps(done.summary, default=str)),
+                gates=[asdict(g) for g in done.gates],
+            )
+            write_json_atomic(self.state_path, {k: asdict(v) for k, v in self.state.items()})
         return result
 
-    def path(self, value: str) -> Path:
-        p = Path(value)
-        return p if p.is_absolute() else (self.base / p)
+
+def _tree_sha256(folder: Path) -> str:
+    """One digest of a folder's files (an artifact): names and contents."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _load(run: Run, path: Path):
+    from .loading import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if run.pipeline.input is not None:
+        ckpt = run.pipeline.input.apply(ckpt)
+    return ckpt
+
+
+# -- the stages -------------------------------------------------------------------------------
+def stage_input(run: Run) -> None:
+    source = run.pipeline.input
+    if source is not None and source.checkpoint is not None:
+        run.checkpoint = run.path(source.checkpoint)
+        run.user_inputs.append(run.checkpoint)
+
+
+def stage_prune(run: Run) -> None:
+    options = run.pipeline.prune
+    if options is None:
+        return
+    from .surgery import prune
+
+    out = run.work / "pruned.safetensors"
+
+    def work() -> StepOutput:
+        result = prune(options.to_config(), output=out, progress=run.progress, trust_model_code=run.trust_model_code)
+        summary = {"test_accuracy": result.test_accuracy, "sparsity": result.sparsity, "compression": result.compression, "data": result.data_source}
+        return StepOutput({"checkpoint": out}, summary)
+
+    done = run.step("prune", asdict(options), {}, [out], work)
+    run.checkpoint = Path(done.outputs["checkpoint"])
+
+
+def stage_validate(run: Run) -> None:
+    options = run.pipeline.validate
+    if options is None:
+        return
+    from .validate import validate
+
+    checkpoint = run.checkpoint
+
+    def work() -> StepOutput:
+        report = validate(_load(run, checkpoint), require_nm=options.require_nm, min_sparsity=options.min_sparsity)
+        detail = "; ".join(f"{v.rule}: {v.message}" for v in report.violations) or "all rules hold"
+        summary = {"sparsity": report.sparsity, "compression": report.compression, "violations": len(report.violations)}
+        return StepOutput({}, summary, [Gate("validate", report.passed, detail)])
+
+    run.step("validate", asdict(options), {"checkpoint": checkpoint}, [], work)
+
+
+def stage_project(run: Run) -> None:
+    options = run.pipeline.project
+    if options is None:
+        return
+    from .project import project_nm
+
+    checkpoint = run.checkpoint
+    projected = run.work / "projected.safetensors"
+
+    def work() -> StepOutput:
+        result = project_nm(_load(run, checkpoint), options.nm)
+        result.checkpoint.save(projected)
+        return StepOutput({"checkpoint": projected}, {"removed_magnitude_fraction": result.removed_magnitude_fraction})
+
+    done = run.step("project", asdict(options), {"checkpoint": checkpoint}, [projected], work)
+    run.checkpoint = Path(done.outputs["checkpoint"])
+
+
+def stage_export(run: Run) -> None:
+    options = run.pipeline.export
+    if options is None:
+        return
+    from .targets import build_artifact, resolve_target
+
+    checkpoint = run.checkpoint
+    for name in options.targets:
+        extra = {k: str(v) for k, v in options.options.get(name, {}).items()}
+        resolve_target(name, extra)  # unknown target or option: fail before any work
+        output = run.work / f"model-{name}"
+
+        def work(name=name, extra=extra, output=output) -> StepOutput:
+            artifact = build_artifact(_load(run, checkpoint), output, target=name, options=extra, atol=options.atol, rtol=options.rtol, trust_model_code=run.trust_model_code)
+            parity = artifact.manifest.parity
+            summary = {"parity": parity.to_json() if parity else None, "sizes": asdict(artifact.manifest.sizes) if artifact.manifest.sizes else None}
+            gates = [Gate(f"parity:{name}", parity.passed, f"max |Δ| {parity.max_abs:.3g}")] if parity else []
+            return StepOutput({"artifact": output}, summary, gates)
+
+        settings = {"target": name, "extra": extra, "atol": options.atol, "rtol": options.rtol}
+        done = run.step(f"export:{name}", settings, {"checkpoint": checkpoint}, [output], work)
+        run.artifacts[name] = Path(done.outputs["artifact"])
+
+
+def stage_bench(run: Run) -> None:
+    options = run.pipeline.bench
+    if options is None:
+        return
+    from .bench import bench
+
+    for name, folder in run.artifacts.items():
+
+        def work(folder=folder, name=name) -> StepOutput:
+            report = bench(folder, batches=options.batches, warmup=options.warmup, iterations=options.iterations, threads=options.threads, trust_model_code=run.trust_model_code)
+            floor = options.min_speedup.get(name) if isinstance(options.min_speedup, dict) else options.min_speedup
+            gates = []
+            if floor is not None:
+                worst = min(s["speedup"] for s in report.speedups())
+                gates.append(Gate(f"min_speedup:{name}", worst >= floor, f"worst speedup {worst:.2f}x vs required {floor}x"))
+            return StepOutput({}, report.to_json(), gates)
+
+        run.step(f"bench:{name}", asdict(options), {"manifest": folder / "manifest.json"}, [], work)
+
+
+STAGES: tuple[tuple[str, Callable[[Run], None]], ...] = (
+    ("input", stage_input),
+    ("prune", stage_prune),
+    ("validate", stage_validate),
+    ("project", stage_project),
+    ("export", stage_export),
+    ("bench", stage_bench),
+)
 
 
 def run_pipeline(
@@ -175,120 +408,28 @@ def run_pipeline(
     """Run the pipeline file at ``path``; returns the report (also written to workdir/report.json).
 
     A stage whose gate raises (parity) ends the run there; gates that only record a result
-    (validation rules, minimum speedup) let the later stages run.
-
-    ``trust_model_code`` allows model factories outside dnsconvert; it is the caller's
-    decision and never read from the pipeline file.
+    (validation rules, minimum speedup) let the later stages run. ``trust_model_code``
+    allows model factories outside dnsconvert; it is the caller's decision and never read
+    from the pipeline file.
 
     Raises:
         GateFailed: a gate failed (after the report is written), unless ``fail_on_gate`` is False.
         PipelineError / other UserError: the file or a stage's input is unusable.
     """
-    from .checkpoint import load_checkpoint
+    pipeline = load_pipeline(path)
+    work = Path(workdir) if workdir else pipeline.path.parent / pipeline.pipeline.workdir
+    from ._atomic import output_error
 
-    source = Path(path)
-    config = load_pipeline(source)
-    settings = config.get("pipeline", {})
-    work = Path(workdir) if workdir else source.parent / settings.get("workdir", "pipeline-out")
-    work.mkdir(parents=True, exist_ok=True)
-    runner = _Runner(config, source, work)
+    with output_error(work):
+        work.mkdir(parents=True, exist_ok=True)
+    run = Run(pipeline, work, progress=progress, trust_model_code=trust_model_code)
     try:
-        _run_stages(runner, config, work, progress, load_checkpoint, trust_model_code)
+        for _, stage in STAGES:
+            stage(run)
     except GateFailed:
-        pass  # the stage recorded it in the report; the stages after it depend on its output
+        pass  # the step recorded it in the report; the stages after it depend on its output
     finally:
-        write_json_atomic(work / "report.json", runner.report.to_json())
-    if fail_on_gate and not runner.report.passed:
-        raise runner.report.gate_error()
-    return runner.report
-
-
-def _run_stages(runner: _Runner, config: dict[str, Any], work: Path, progress: bool, load_checkpoint, trust_model_code: bool) -> Path:
-    if "prune" in config:
-        from .models import resolve_spec
-        from .surgery import DNSConfig, PruneConfig, prune
-
-        opts = dict(config["prune"])
-        out = work / "pruned.safetensors"
-
-        def do_prune():
-            spec = resolve_spec(opts.pop("model", "lenet300100"), opts.pop("input_shape", None), **opts.pop("model_kwargs", {}))
-            dns_keys = set(DNSConfig.__dataclass_fields__) - {"seed"}
-            dns = DNSConfig(**{k: opts.pop(k) for k in list(opts) if k in dns_keys}, seed=opts.get("seed", 0))
-            try:
-                cfg = PruneConfig(model=spec, dns=dns, **opts)
-            except TypeError as exc:
-                raise PipelineError(f"[prune]: {exc}", path=runner.source, hint="use the option names of dnsconvert prune, with _ for -") from None
-            result = prune(cfg, output=out, progress=progress, trust_model_code=trust_model_code)
-            return {"checkpoint": out}, {"test_accuracy": result.test_accuracy, "sparsity": result.sparsity, "compression": result.compression, "data": result.data_source}, []
-
-        checkpoint = Path(runner.stage("prune", config["prune"], {}, do_prune).outputs["checkpoint"])
-    else:
-        checkpoint = runner.path(config["input"]["checkpoint"])
-
-    if "validate" in config:
-        from .validate import validate
-
-        opts = config["validate"]
-
-        def do_validate():
-            report = validate(load_checkpoint(checkpoint), require_nm=opts.get("require_nm"), min_sparsity=opts.get("min_sparsity"))
-            gates = [{"gate": "validate", "passed": report.passed, "detail": "; ".join(f"{v.rule}: {v.message}" for v in report.violations) or "all rules hold"}]
-            return {}, {"sparsity": report.sparsity, "compression": report.compression, "violations": len(report.violations)}, gates
-
-        runner.stage("validate", opts, {"checkpoint": checkpoint}, do_validate)
-
-    if "project" in config:
-        from .project import project_nm
-
-        opts = config["project"]
-        projected = work / "projected.safetensors"
-
-        def do_project():
-            result = project_nm(load_checkpoint(checkpoint), opts.get("nm", "2:4"))
-            result.checkpoint.save(projected)
-            return {"checkpoint": projected}, {"removed_magnitude_fraction": result.removed_magnitude_fraction}, []
-
-        checkpoint = Path(runner.stage("project", opts, {"checkpoint": checkpoint}, do_project).outputs["checkpoint"])
-
-    artifacts: dict[str, Path] = {}
-    if "export" in config:
-        from .targets import BuildOptions, get_target
-
-        opts = config["export"]
-        for name in opts.get("targets", ["ort"]):
-            target = get_target(name)
-            extra = {k: str(v) for k, v in opts.get("options", {}).get(name, {}).items()}
-            target.check_options(extra)
-            output = work / f"model.{name}{target.suffix}"
-            stage_settings = {"target": name, "extra": extra, "atol": opts.get("atol", 1e-4), "rtol": opts.get("rtol", 1e-4)}
-
-            def do_export(target=target, output=output, extra=extra, name=name):
-                artifact = target.build(load_checkpoint(checkpoint), output, BuildOptions(atol=opts.get("atol", 1e-4), rtol=opts.get("rtol", 1e-4), trust_model_code=trust_model_code, extra=extra))
-                files = {f"file:{k}": v for k, v in artifact.files.items()}
-                files["manifest"] = artifact.manifest_path
-                parity = artifact.manifest.get("parity", {})
-                return files, {"parity": parity, "sizes": artifact.manifest.get("sizes")}, [{"gate": f"parity:{name}", "passed": bool(parity.get("passed", True)), "detail": f"max |Δ| {parity.get('max_abs')}"}]
-
-            result = runner.stage(f"export:{name}", stage_settings, {"checkpoint": checkpoint}, do_export)
-            artifacts[name] = Path(result.outputs["manifest"])
-
-    if "bench" in config:
-        from .bench import bench
-
-        opts = config["bench"]
-        min_speedup = opts.get("min_speedup", {})
-        for name, manifest in artifacts.items():
-
-            def do_bench(manifest=manifest, name=name):
-                report = bench(manifest, batches=opts.get("batches", [1, 64]), warmup=opts.get("warmup", 10), iterations=opts.get("iterations", 100), threads=opts.get("threads", 0))
-                speedups = report.speedups()
-                floor = min_speedup.get(name) if isinstance(min_speedup, dict) else min_speedup
-                gates = []
-                if floor is not None:
-                    worst = min(s["speedup"] for s in speedups)
-                    gates.append({"gate": f"min_speedup:{name}", "passed": worst >= floor, "detail": f"worst speedup {worst:.2f}x vs required {floor}x"})
-                return {}, report.to_json(), gates
-
-            runner.stage(f"bench:{name}", opts, {"manifest": manifest}, do_bench)
-    return checkpoint
+        write_json_atomic(work / "report.json", run.report.to_json())
+    if fail_on_gate and not run.report.passed:
+        raise run.report.gate_error()
+    return run.report

@@ -6,6 +6,7 @@ import pytest
 
 from helpers import FIXTURES
 from dnsconvert.bench import BASELINE, BenchReport, bench, measure, percentile
+from dnsconvert.model_io import sample_feeds
 from dnsconvert.timing import measure_interleaved
 
 
@@ -88,13 +89,13 @@ def _spin(seconds: float) -> None:
 def ort_model(tmp_path_factory):
     """LeNet-300-100 in ONNX Runtime, ~0.1 ms a call at batch 32: long enough that where the
     runtime happens to place its buffers does not dominate (a 7 us model showed 12% A/A gaps)."""
-    from dnsconvert.export import export
+    from dnsconvert.targets import build_artifact
 
     from helpers import masked_checkpoint
 
-    out = tmp_path_factory.mktemp("ort") / "m.onnx"
     ckpt = masked_checkpoint("lenet300100", 0.9)
-    return export(ckpt, out, target="ort").files["dense"], ckpt.model.input_shape
+    artifact = build_artifact(ckpt, tmp_path_factory.mktemp("ort") / "m", target="ort")
+    return artifact.read("dense"), ckpt.model.inputs
 
 
 def test_two_identical_models_time_within_noise(ort_model):
@@ -102,9 +103,9 @@ def test_two_identical_models_time_within_noise(ort_model):
     interval must contain 1.0 and be tight enough to mean something."""
     from dnsconvert.targets.ort import OrtRunner
 
-    path, shape = ort_model
-    a, b = OrtRunner(str(path), 1), OrtRunner(str(path), 1)
-    x = np.random.default_rng(0).standard_normal((32, *shape[1:])).astype(np.float32)
+    model, inputs = ort_model
+    a, b = OrtRunner(model, 1), OrtRunner(model, 1)
+    x = sample_feeds(inputs, batch=32)
     timed = measure_interleaved({"a": lambda: a.run(x), "b": lambda: b.run(x)}, batch=32, rounds=30, iterations=10, warmup=20)
     ratio = timed.ratio("a", "b", confidence=0.99)
     assert ratio.low <= 1.0 <= ratio.high, ratio.text()
@@ -117,9 +118,9 @@ def test_a_deliberately_slowed_dense_side_is_caught(ort_model):
     the comparison must call the sparse side faster, with an interval around 2, and the reverse slower."""
     from dnsconvert.targets.ort import OrtRunner
 
-    path, shape = ort_model
-    runner = OrtRunner(str(path), 1)
-    x = np.random.default_rng(0).standard_normal((32, *shape[1:])).astype(np.float32)
+    model, inputs = ort_model
+    runner = OrtRunner(model, 1)
+    x = sample_feeds(inputs, batch=32)
     base = measure(lambda: runner.run(x), batch=32, warmup=20, iterations=200).p50_ms / 1e3
 
     def slowed():
@@ -133,7 +134,7 @@ def test_a_deliberately_slowed_dense_side_is_caught(ort_model):
 
 
 def test_bench_json_names_the_fastest_dense_baseline(tmp_path):
-    from dnsconvert.checkpoint import load_checkpoint
+    from dnsconvert.loading import load_checkpoint
 
     report = bench(
         load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors"), targets=("ort", "torch-sparse-cpu"), batches=(1, 4),
@@ -190,12 +191,12 @@ def test_bench_cli_table_lists_speedup_first(run_cli):
     assert speed < latency and "dense-int8" not in result.stdout and "OpenMP runtimes" in result.stdout
 
 
-def test_bench_manifest(tmp_path):
-    from dnsconvert.checkpoint import load_checkpoint
-    from dnsconvert.export import export
+def test_bench_artifact_folder(tmp_path):
+    from dnsconvert.loading import load_checkpoint
+    from dnsconvert.targets import build_artifact
 
-    artifact = export(load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors"), tmp_path / "m.onnx", target="ort")
-    report = bench(artifact.manifest_path, batches=(2,), warmup=1, iterations=3, rounds=3, baselines=("fp32",))
+    artifact = build_artifact(load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors"), tmp_path / "m", target="ort")
+    report = bench(artifact.root, batches=(2,), warmup=1, iterations=3, rounds=3, baselines=("fp32",))
     assert {(r.target, r.variant) for r in report.rows} == {(BASELINE, "dense"), ("ort", "sparse")}
     assert report.speedups()[0]["batch"] == 2 and report.speedups()[0]["speedup_vs_own_dense"]["baseline"] == "onnxruntime dense"
 
@@ -222,9 +223,11 @@ def test_device_runners_upload_once():
         def close(self):
             pass
 
+    from dnsconvert.modelspec import ModelSpec
+
     report = BenchReport("m")
     entries = [_Entry("device-double", "dense", DeviceRunner()), _Entry("device-double", "sparse", DeviceRunner())]
-    bench_runners(entries, report, input_shape=[1, 4], batches=(1, 8), warmup=2, iterations=5, time_budget_s=None, rounds=5, confidence=0.95)
+    bench_runners(entries, report, inputs=ModelSpec("x:y", {}, (1, 4)).inputs, batches=(1, 8), warmup=2, iterations=5, time_budget_s=None, rounds=5, confidence=0.95)
     # per batch and runner: 2 warm-up calls, then 5 rounds of (1 round warm-up + 1 timed call)
     assert calls == {"prepare": 4, "run_device": 4 * (2 + 5 * 2), "run": 0}
     assert len(report.comparisons) == 2

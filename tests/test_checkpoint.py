@@ -3,7 +3,9 @@ import torch
 from torch.nn.utils import prune
 
 from helpers import BROKEN, FIXTURES
-from dnsconvert.checkpoint import ModelSpec, PruningInfo, SparseCheckpoint, load_checkpoint
+from dnsconvert.checkpoint import PruningInfo, SparseCheckpoint
+from dnsconvert.loading import load_checkpoint
+from dnsconvert.modelspec import ModelSpec
 from dnsconvert.errors import CheckpointError
 from dnsconvert.models import lenet300100
 

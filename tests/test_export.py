@@ -7,36 +7,36 @@ import pytest
 
 from helpers import FIXTURES, masked_checkpoint, save_torch_pruned_lenet5
 from dnsconvert.errors import GateFailed
-from dnsconvert.export import build_onnx_artifact, densify, sparsify_initializers
+from dnsconvert.export import build_onnx, densify, sparsify_initializers
 from dnsconvert.export.graph_nm import check_graph_nm
 from dnsconvert.export.sparse_init import initializer_arrays
 from dnsconvert.models import BUILTIN_MODELS
 from dnsconvert.pattern import TWO_FOUR
-from dnsconvert.targets import Artifact, BuildOptions, get_target
+from dnsconvert.model_io import sample_feeds
+from dnsconvert.targets import BuildOptions, get_target, load_artifact
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
 def test_ort_matches_torch_for_every_builtin_model(tmp_path, name):
     ckpt = masked_checkpoint(name, 0.9)
-    artifact = get_target("ort").build(ckpt, tmp_path / "m.onnx", BuildOptions(atol=1e-5, rtol=1e-5))
-    parity = artifact.manifest["parity"]
-    assert parity["passed"] and parity["max_abs"] <= 1e-5
+    artifact = get_target("ort").build(ckpt, tmp_path / "m", BuildOptions(atol=1e-5, rtol=1e-5))
+    parity = artifact.manifest.parity
+    assert parity.passed and parity.max_abs <= 1e-5
     # every pruned weight is traceable by name and stored sparse at 90%
-    layers = {layer["param"]: layer for layer in artifact.manifest["layers"]}
+    layers = {layer.param: layer for layer in artifact.manifest.layers}
     assert set(layers) == set(ckpt.masks)
-    assert all(layer["stored_sparse"] for layer in layers.values())
+    assert all(layer.stored_sparse for layer in layers.values())
     sparse = onnx.load(str(artifact.files["sparse"]))
     assert len(sparse.graph.sparse_initializer) == len(ckpt.masks)
-    assert artifact.manifest["sizes"]["ratio"] < 1.0
+    assert artifact.manifest.sizes.ratio < 1.0
     # re-run the ORT runner from the artifact on a new batch size
-    runner = get_target("ort").load(Artifact.from_manifest(artifact.manifest_path))
-    x = np.random.default_rng(0).standard_normal((3, *ckpt.model.input_shape[1:])).astype(np.float32)
-    assert runner.run(x).shape[0] == 3
+    runner = get_target("ort").load(load_artifact(tmp_path / "m"))
+    assert runner.run(sample_feeds(ckpt.model.inputs, batch=3))[0].shape[0] == 3
 
 
 def test_densify_round_trip_is_exact_and_deterministic(tmp_path):
     ckpt = masked_checkpoint("lenet5", 0.95)
-    artifact = get_target("ort").build(ckpt, tmp_path / "m.onnx", BuildOptions())
+    artifact = get_target("ort").build(ckpt, tmp_path / "m", BuildOptions())
     sparse = onnx.load(str(artifact.files["sparse"]))
     dense_bytes = artifact.files["dense"].read_bytes()
     assert densify(sparse).SerializeToString() == dense_bytes
@@ -71,47 +71,52 @@ def test_graph_nm_axes_for_gemm_matmul_and_conv(tmp_path):
 
     for name in ("lenet300100", "transformer_mlp", "convnet"):
         ckpt = project_nm(masked_checkpoint(name, 0.5), TWO_FOUR).checkpoint
-        artifact = get_target("ort").build(ckpt, tmp_path / f"{name}.onnx", BuildOptions())
-        graph = artifact.manifest["graph_2_4"]
-        ops = {g["op"] for g in graph}
-        assert all(g["compliant"] or g["skipped"] for g in graph), graph
+        artifact = get_target("ort").build(ckpt, tmp_path / name, BuildOptions())
+        graph = artifact.manifest.graph_2_4
+        ops = {g.op for g in graph}
+        assert all(g.compliant or g.skipped for g in graph), graph
         if name == "transformer_mlp":
-            assert ops == {"MatMul"} and all(g["initializer"].endswith(".T") for g in graph)
+            assert ops == {"MatMul"} and all(g.initializer.endswith(".T") for g in graph)
         # the same weights transposed must be reported as violating
         model = onnx.load(str(artifact.files["dense"]))
         for init in model.graph.initializer:
             array = onnx.numpy_helper.to_array(init)
-            if init.name in {g["initializer"] for g in graph if g["compliant"]} and array.ndim == 2 and array.shape[0] % 4 == 0 and array.shape[1] % 4 == 0:
+            if init.name in {g.initializer for g in graph if g.compliant} and array.ndim == 2 and array.shape[0] % 4 == 0 and array.shape[1] % 4 == 0:
                 init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(array.T).reshape(array.shape), name=init.name))
         flipped = {r.initializer: r.compliant for r in check_graph_nm(model, TWO_FOUR)}
         assert False in flipped.values() or name == "convnet"
 
 
 def test_parity_failure_writes_nothing(tmp_path):
+    from dnsconvert.targets.ort import write_onnx_artifact
+
     ckpt = masked_checkpoint("lenet300100", 0.9)
+    wrong = lambda model: (lambda feeds: [np.zeros((len(feeds["input"]), 10), np.float32)])  # noqa: E731
+    built = build_onnx(ckpt, make_runner=wrong)
+    assert not built.parity.passed
     with pytest.raises(GateFailed, match="parity"):
-        build_onnx_artifact(ckpt, tmp_path / "m.onnx", target="test", make_runner=lambda model: (lambda x: np.zeros((len(x), 10), np.float32)))
+        write_onnx_artifact(get_target("ort"), ckpt, built, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_export_torch_prune_state_dict(run_cli, tmp_path):
     save_torch_pruned_lenet5(tmp_path / "lenet5.pt", 0.9)
-    out = tmp_path / "lenet5.onnx"
+    out = tmp_path / "lenet5-ort"
     result = run_cli("export", tmp_path / "lenet5.pt", "--target", "ort", "--model", "lenet5", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest["parity"]["passed"]
-    assert manifest["input"]["sha256"] and manifest["files"]["sparse"]["sha256"]
-    assert json.loads((tmp_path / "lenet5.onnx.manifest.json").read_text())["files"] == manifest["files"]
+    assert manifest["source"]["sha256"] and manifest["files"]["sparse"]["sha256"]
+    assert json.loads((out / "manifest.json").read_text())["files"] == manifest["files"]
 
 
 def test_cli_export_prune_output(run_cli, tmp_path):
-    result = run_cli("export", FIXTURES / "tiny_mlp_unstructured.safetensors", "--target", "onnx", "-o", tmp_path / "t.onnx")
+    result = run_cli("export", FIXTURES / "tiny_mlp_unstructured.safetensors", "--target", "onnx", "-o", tmp_path / "t")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "t.dense.onnx").exists()
+    assert (tmp_path / "t" / "model.dense.onnx").exists()
     out = tmp_path / "d.onnx"
-    assert run_cli("densify", tmp_path / "t.onnx", "-o", out).exit_code == 0
-    assert out.read_bytes() == (tmp_path / "t.dense.onnx").read_bytes()
+    assert run_cli("densify", tmp_path / "t" / "model.onnx", "-o", out).exit_code == 0
+    assert out.read_bytes() == (tmp_path / "t" / "model.dense.onnx").read_bytes()
 
 
 def one_line(result):
@@ -121,7 +126,7 @@ def one_line(result):
 
 
 def test_cli_export_bad_inputs(run_cli, tmp_path, monkeypatch):
-    out = tmp_path / "x.onnx"
+    out = tmp_path / "x"
     result = run_cli("export", FIXTURES / "tiny_mlp_unstructured.safetensors", "--target", "nope", "-o", out)
     assert result.exit_code == 2 and "unknown target" in one_line(result)
     result = run_cli("export", FIXTURES / "tiny_mlp_torch_prune.pt", "-o", out)
@@ -159,7 +164,7 @@ def test_export_checkpoint_written_by_prune(run_cli, tmp_path):
 
     config = PruneConfig(builtin_spec("mlp", hidden=[64, 32]), dns=DNSConfig(target_sparsity=0.9, gamma=1e-2), epochs=0.2, checkpoint_every=0)
     prune(config, output=tmp_path / "p.safetensors", data=synthetic_digits(2000, 200), progress=False)
-    result = run_cli("export", tmp_path / "p.safetensors", "--target", "ort", "-o", tmp_path / "p.onnx", "--json")
+    result = run_cli("export", tmp_path / "p.safetensors", "--target", "ort", "-o", tmp_path / "p", "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest["parity"]["passed"] and all(layer["stored_sparse"] for layer in manifest["layers"])

@@ -55,7 +55,7 @@ def test_pipeline_runs_then_skips_unchanged_stages(tmp_path):
         "bench:ort": "ran", "bench:torch-sparse-cpu": "ran",
     }  # fmt: skip
     # a tampered output is noticed and rebuilt
-    (tmp_path / "work" / "model.ort.onnx").write_bytes(b"tampered")
+    (tmp_path / "work" / "model-ort" / "model.onnx").write_bytes(b"tampered")
     fourth = run_pipeline(path)
     assert {s.name: s.status for s in fourth.stages}["export:ort"] == "ran"
 
@@ -91,3 +91,66 @@ def test_bad_pipeline_files(tmp_path, run_cli):
     bad.write_text('[input]\ncheckpoint = "nope.safetensors"\n[validate]\n')
     result = run_cli("run", bad, "--workdir", tmp_path / "work")
     assert result.exit_code == 2 and "nope.safetensors" in result.stderr and "Traceback" not in result.output
+
+
+def test_pipeline_and_cli_mean_the_same_words(tmp_path):
+    """[prune] method = "magnitude", target_sparsity = 0.5 prunes to 0.5, as the CLI does."""
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[prune]\nmodel = "mlp"\nmodel_kwargs = { hidden = [32] }\nmethod = "magnitude"\ntarget_sparsity = 0.5\n'
+        'data = "synthetic"\nepochs = 0.05\ncheckpoint_every = 0\n[validate]\n'
+    )
+    report = run_pipeline(path)
+    assert report.stages[0].result["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ('[prune]\nepochs = "two"\n', "[prune] epochs: Input should be a valid number"),
+        ("[prune]\nepoch = 2\n", "[prune] epoch: Unexpected keyword argument"),
+        ("[prune]\nmethod = 'nope'\n", "[prune] method: Input should be 'dns', 'magnitude' or 'imp'"),
+        ("[bench]\nbatches = 1\n[prune]\n", "[bench] batches"),
+        ("[export]\ntargets = 'ort'\n[prune]\n", "[export] targets"),
+        ("[validate]\nmin_sparsity = true\n[prune]\n", "[validate] min_sparsity"),
+        ("pipeline = 3\n[prune]\n", "pipeline must be a [pipeline] table"),
+        ('[input]\ncheckpoint = "a.safetensors"\n[prune]\n', "both a [prune] section and an [input] checkpoint"),
+    ],
+)
+def test_pipeline_schema_errors_name_the_key(tmp_path, run_cli, body, expected):
+    path = tmp_path / "p.toml"
+    path.write_text(body)
+    result = run_cli("run", path)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and str(path) in lines[0], lines
+
+
+def test_corrupt_state_file_is_a_user_error(tmp_path, run_cli):
+    from helpers import FIXTURES
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".pipeline-state.json").write_text('{"validate": {"key": 3}}')
+    path = tmp_path / "p.toml"
+    path.write_text(f'[pipeline]\nworkdir = "work"\n[input]\ncheckpoint = "{FIXTURES / "tiny_mlp_unstructured.safetensors"}"\n[validate]\n')
+    result = run_cli("run", path)
+    assert result.exit_code == 2 and "state file" in result.stderr and "delete" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_stage_output_over_its_input_is_refused(tmp_path, run_cli):
+    import shutil
+
+    from helpers import FIXTURES
+
+    work = tmp_path / "work"
+    work.mkdir()
+    ckpt = work / "projected.safetensors"  # exactly where the project stage writes
+    shutil.copy(FIXTURES / "tiny_mlp_unstructured.safetensors", ckpt)
+    before = ckpt.read_bytes()
+    path = tmp_path / "p.toml"
+    path.write_text('[pipeline]\nworkdir = "work"\n[input]\ncheckpoint = "work/projected.safetensors"\n[project]\nnm = "2:4"\n')
+    result = run_cli("run", path)
+    assert result.exit_code == 2 and "over its input" in result.stderr
+    assert ckpt.read_bytes() == before

@@ -1,7 +1,8 @@
 import torch
 
 from helpers import FIXTURES
-from dnsconvert.checkpoint import SparseCheckpoint, load_checkpoint
+from dnsconvert.checkpoint import SparseCheckpoint
+from dnsconvert.loading import load_checkpoint
 from dnsconvert.pattern import NMPattern, complies
 from dnsconvert.project import project_nm
 from dnsconvert.validate import validate

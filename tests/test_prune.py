@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dnsconvert.checkpoint import load_checkpoint
+from dnsconvert.loading import load_checkpoint
 
 TINY = ["--model", "mlp", "--model-kwargs", '{"hidden": [64, 32]}', "--data", "synthetic", "--no-progress", "--seed", "3"]
 

@@ -5,15 +5,14 @@ import textwrap
 
 import pytest
 
-from dnsconvert.targets import get_target, list_targets
+from dnsconvert.targets import get_target, list_targets, load_artifact, refresh
 
 
 @pytest.fixture
 def fake_plugins(tmp_path, monkeypatch):
     """A real installed-distribution layout on sys.path: dist-info with entry_points.txt."""
     (tmp_path / "fake_target_plugin.py").write_text(textwrap.dedent('''
-        from pathlib import Path
-        from dnsconvert.targets import Artifact, Availability, Target
+        from dnsconvert.plugin import Availability, Target, write_artifact
 
         class FakeTarget(Target):
             name = "fake"
@@ -24,8 +23,9 @@ def fake_plugins(tmp_path, monkeypatch):
                 return Availability(True, "always")
 
             def build(self, ckpt, output, options):
-                output.write_text(options.extra.get("greeting", "hi"))
-                return Artifact("fake", {"sparse": output, "dense": output}, output, {"target": "fake"})
+                greeting = options.extra.get("greeting", "hi").encode()
+                files = {"sparse": ("greeting.txt", greeting)}
+                return write_artifact(output, ckpt=ckpt, files=files, aliases={"dense": "sparse"}, target=self.name, format="text")
     '''))
     (tmp_path / "broken_target_plugin.py").write_text("raise ImportError('libnvinfer.so.10: cannot open shared object file')\n")
     dist = tmp_path / "fake_plugins-0.1.dist-info"
@@ -35,7 +35,10 @@ def fake_plugins(tmp_path, monkeypatch):
         "[dnsconvert.targets]\nfake = fake_target_plugin:FakeTarget\nbroken = broken_target_plugin:Target\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    refresh()  # targets are discovered once per process: look again now that the plugin exists
     yield tmp_path
+    monkeypatch.undo()
+    refresh()
 
 
 def test_builtin_targets_come_from_entry_points():
@@ -50,10 +53,10 @@ def test_fake_plugin_listed_and_selectable(fake_plugins, run_cli):
     assert rows["fake"]["available"] is True
     assert rows["broken"]["available"] is False and "libnvinfer" in rows["broken"]["reason"]
     assert rows["ort"]["available"] is True  # the broken plugin did not break anything else
-    out = fake_plugins / "out.txt"
+    out = fake_plugins / "out"
     result = run_cli("export", "fixtures/tiny_mlp_unstructured.safetensors", "--target", "fake", "-T", "greeting=hello", "-o", out)
     assert result.exit_code == 0, result.output
-    assert out.read_text() == "hello"
+    assert load_artifact(out).read("sparse") == b"hello"
 
 
 def test_broken_plugin_selected_is_a_clear_error(fake_plugins, run_cli):

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from dnsconvert.errors import TargetError
+from dnsconvert.model_io import sample_feeds
 from dnsconvert.models import BUILTIN_MODELS
-from dnsconvert.targets import Artifact, BuildOptions, get_target
+from dnsconvert.targets import BuildOptions, get_target, load_artifact
 from dnsconvert.targets.csr_kernels import CsrChain, CsrLayer
 from dnsconvert.targets.sparse_conv import SparseConv2d
-from dnsconvert.targets.torch_sparse_cpu import KERNELS, PLAN_KEY
+from dnsconvert.targets.torch_sparse_cpu import KERNELS, PLAN_KEY, SparseCpuDetails, SparseCpuRunner, read_plan
 from helpers import masked_checkpoint
 
 SPARSITY_PLAN = {"plan": "sparsity", "min_sparsity": "0.5"}
@@ -18,96 +19,110 @@ SPARSITY_PLAN = {"plan": "sparsity", "min_sparsity": "0.5"}
 
 def build(tmp_path, ckpt, name="m", **extra):
     options = BuildOptions(atol=1e-5, rtol=1e-5, extra={k: str(v) for k, v in extra.items()})
-    return get_target("torch-sparse-cpu").build(ckpt, tmp_path / f"{name}.onnx", options)
+    return get_target("torch-sparse-cpu").build(ckpt, tmp_path / name, options)
 
 
 def load(artifact, variant="sparse", **options):
-    return get_target("torch-sparse-cpu").load(Artifact.from_manifest(artifact.manifest_path), variant, {k: str(v) for k, v in options.items()})
+    return get_target("torch-sparse-cpu").load(load_artifact(artifact.root), variant, {k: str(v) for k, v in options.items()})
+
+
+def details(artifact) -> SparseCpuDetails:
+    return artifact.manifest.details_as(SparseCpuDetails)
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
 def test_matches_dense_model_within_1e5(tmp_path, name):
     ckpt = masked_checkpoint(name, 0.95)
     artifact = build(tmp_path, ckpt, **SPARSITY_PLAN)
-    assert artifact.manifest["parity"]["passed"] and artifact.manifest["parity"]["max_abs"] <= 1e-5
-    plan = artifact.manifest["plan"]
-    assert plan["ops"] and all(decision["mode"] == "sparse" for decision in plan["regimes"].values())
-    assert set(plan["regimes"]["small"]["kernels"].values()) == {"serial"}
+    assert artifact.manifest.parity.passed and artifact.manifest.parity.max_abs <= 1e-5
+    plan = details(artifact).plan
+    assert plan.ops and all(decision.mode == "sparse" for decision in plan.regimes.values())
+    assert set(plan.regimes["small"].kernels.values()) == {"serial"}
     sparse, dense = load(artifact), load(artifact, "dense")
     assert sparse.modes == {"small": "planned", "large": "planned"}
     for batch in (5, 12):  # both regimes
-        x = np.random.default_rng(batch).standard_normal((batch, *ckpt.model.input_shape[1:])).astype(np.float32)
-        np.testing.assert_allclose(sparse.run(x), dense.run(x), atol=1e-5, rtol=1e-5)
-        assert sparse.run_feeds({sparse.input_names[0]: x})[0].shape == dense.run(x).shape
+        feeds = sample_feeds(ckpt.model.inputs, batch=batch, seed=batch)
+        got, want = sparse.run(feeds), dense.run(feeds)
+        assert len(got) == len(want) == 1
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-5)
 
 
 def test_fully_sparse_lenets_never_call_onnxruntime(tmp_path):
     for name, kinds in (("lenet300100", {"native", "sparse linear chain"}), ("lenet5", {"native", "sparse conv", "sparse linear chain"})):
         artifact = build(tmp_path, masked_checkpoint(name, 0.95), name, **SPARSITY_PLAN)
-        steps = artifact.manifest["steps"]["small"]
+        steps = details(artifact).steps["small"]
         assert {s["step"] for s in steps} == kinds, steps
     # a transformer FFN keeps LayerNorm and the residual Add in ONNX Runtime, the Linear pair is one chain with GELU fused
     artifact = build(tmp_path, masked_checkpoint("transformer_mlp", 0.95), "ffn", **SPARSITY_PLAN)
-    steps = artifact.manifest["steps"]["small"]
+    steps = details(artifact).steps["small"]
     assert [s["step"] for s in steps] == ["onnxruntime", "sparse linear chain", "onnxruntime", "sparse linear chain", "onnxruntime"]
-    assert {op["activation"] for op in artifact.manifest["plan"]["ops"].values()} == {"gelu", "identity"}
+    assert {op.activation for op in details(artifact).plan.ops.values()} == {"gelu", "identity"}
 
 
 def test_auto_plan_records_its_evidence(tmp_path):
     ckpt = masked_checkpoint("lenet300100", 0.99)
     artifact = build(tmp_path, ckpt, batches="1,64", plan_budget=0.05, threads=1)
-    plan = artifact.manifest["plan"]
+    plan = details(artifact).plan
     for regime, batch in (("small", 1), ("large", 64)):
-        decision = plan["regimes"][regime]
-        assert decision["batch"] == batch and decision["mode"] in ("sparse", "dense")
-        assert set(decision["kernels"]) == set(plan["ops"]) and set(decision["kernels"].values()) <= set(KERNELS)
-        for layer, timing in decision["timings_ms"].items():
+        decision = plan.regimes[regime]
+        assert decision.batch == batch and decision.mode in ("sparse", "dense")
+        assert set(decision.kernels) == set(plan.ops) and set(decision.kernels.values()) <= set(KERNELS)
+        assert set(decision.timings_ms) == set(plan.ops)
+        for timing in decision.timings_ms.values():
             assert set(timing) == {"dense", "serial"}  # one thread: no parallel kernel
-        assert decision["candidates"] and "onnxruntime_dense_p50_ms" in decision
-        if decision["mode"] == "dense":
-            assert set(decision["kernels"].values()) == {"dense"}
-        best = max(decision["candidates"].values(), key=lambda r: r["value"])
-        assert (best["value"] >= 1.0) == (decision["mode"] == "sparse")
+        assert decision.candidates and decision.onnxruntime_dense_p50_ms > 0
+        if decision.mode == "dense":
+            assert set(decision.kernels.values()) == {"dense"}
+        best = max(decision.candidates.values(), key=lambda r: r["value"])
+        assert (best["value"] >= 1.0) == (decision.mode == "sparse")
 
 
 def test_auto_plan_falls_back_to_dense_when_sparse_loses(tmp_path):
     """Unpruned layers: a CSR kernel does the dense work with index overhead; the plan must keep ONNX Runtime."""
     ckpt = masked_checkpoint("mlp", 0.0, hidden=[256, 256])
     artifact = build(tmp_path, ckpt, batches="2,64", plan_budget=0.05, threads=1)
-    for decision in artifact.manifest["plan"]["regimes"].values():
-        assert decision["mode"] == "dense", decision["reason"]
+    for decision in details(artifact).plan.regimes.values():
+        assert decision.mode == "dense", decision.reason
     runner = load(artifact)
     assert runner.modes == {"small": "onnxruntime dense", "large": "onnxruntime dense"}
-    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    np.testing.assert_allclose(runner.run(x), load(artifact, "dense").run(x), atol=1e-6)
+    feeds = sample_feeds(ckpt.model.inputs, batch=3)
+    np.testing.assert_allclose(runner.run(feeds)[0], load(artifact, "dense").run(feeds)[0], atol=1e-6)
 
 
-def test_hostile_or_tampered_artifacts_are_rejected(tmp_path):
+def test_hostile_or_tampered_models_are_rejected(tmp_path):
+    """What the hash check cannot catch (a file written by someone else with valid hashes):
+    sparse indices outside their tensor, and plans that do not fit, are TargetErrors."""
     artifact = build(tmp_path, masked_checkpoint("lenet300100", 0.95), **SPARSITY_PLAN)
-    model = onnx.load(str(artifact.path))
+    model = onnx.load_from_string(artifact.read("sparse"))
     bad = onnx.ModelProto()
     bad.CopyFrom(model)
     index = bad.graph.sparse_initializer[0].indices
     values = onnx.numpy_helper.to_array(index).copy()
     values[0] = 10**9  # points far outside the tensor
     index.CopyFrom(onnx.numpy_helper.from_array(values, index.name))
-    onnx.save(bad, str(artifact.path))
     with pytest.raises(TargetError, match="outside"):
-        load(artifact)
-    for tamper in ({"kernels": "gpu"}, {"mode": "fast"}):
+        SparseCpuRunner(bad, read_plan(bad))
+    for tamper in ("kernel", "mode", "layer", "version"):
         bad = onnx.ModelProto()
         bad.CopyFrom(model)
         prop = next(p for p in bad.metadata_props if p.key == PLAN_KEY)
         plan = json.loads(prop.value)
         regime = plan["regimes"]["small"]
-        if "kernels" in tamper:
-            regime["kernels"] = {k: tamper["kernels"] for k in regime["kernels"]}
+        if tamper == "kernel":
+            regime["kernels"] = {k: "gpu" for k in regime["kernels"]}
+        elif tamper == "mode":
+            regime["mode"] = "fast"
+        elif tamper == "layer":
+            regime["kernels"]["no.such.layer"] = "serial"
         else:
-            regime["mode"] = tamper["mode"]
+            plan["version"] = 99
         prop.value = json.dumps(plan)
-        onnx.save(bad, str(artifact.path))
         with pytest.raises(TargetError, match="plan"):
-            load(artifact)
+            SparseCpuRunner(bad, read_plan(bad))
+    # and the artifact's own hash check refuses an edited file before any of this
+    artifact.path.write_bytes(bad.SerializeToString())
+    with pytest.raises(Exception, match="sha256|hash|changed|size"):
+        load(artifact)
 
 
 @pytest.mark.parametrize("stride,pads,kernel,batch", [(1, (1, 1, 1, 1), 3, 1), (2, (1, 1, 1, 1), 3, 3), (2, (0, 0, 0, 0), 1, 2), (2, (3, 3, 3, 3), 7, 1), (1, (0, 0, 0, 0), 5, 4), (3, (2, 1, 0, 2), 4, 2)])

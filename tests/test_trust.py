@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dnsconvert.checkpoint import ModelSpec, PruningInfo, SparseCheckpoint
+from dnsconvert.checkpoint import PruningInfo, SparseCheckpoint
+from dnsconvert.modelspec import ModelSpec
 from dnsconvert.surgery.train import PruneConfig
 
 PLANTED = """

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from helpers import BROKEN, FIXTURES
-from dnsconvert.checkpoint import SparseCheckpoint, load_checkpoint
+from dnsconvert.checkpoint import SparseCheckpoint
+from dnsconvert.loading import load_checkpoint
 from dnsconvert.errors import CheckpointError, ModelSpecError
 from dnsconvert.validate import validate
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import UserError
 from ..timing import Interleaved, LatencyStats, Ratio, ThreadSettings, measure, measure_interleaved, percentile, pin_threads
 
@@ -142,18 +140,21 @@ def compare_rows(timed: Interleaved, entries: Sequence[_Entry], batch: int, conf
 
 
 def bench_runners(
-    entries: Sequence[_Entry], report: BenchReport, *, input_shape: Sequence[int], batches: Sequence[int], warmup: int,
-    iterations: int | None, time_budget_s: float | None, rounds: int, confidence: float,
+    entries: Sequence[_Entry], report: BenchReport, *, inputs: Sequence[Any], batches: Sequence[int], warmup: int,
+    iterations: int | None, time_budget_s: float | None, rounds: int, confidence: float, where: Any = None,
 ) -> None:  # fmt: skip
-    """Time every runner at every batch in the same interleaved rounds; add rows and speedups."""
+    """Time every runner at every batch in the same interleaved rounds (same feeds for all:
+    ``inputs`` are the model's InputSpecs); add rows and speedups to ``report``."""
+    from ..model_io import sample_feeds
+
     for batch in batches:
-        x = np.random.default_rng(0).standard_normal((batch, *input_shape[1:])).astype(np.float32)
+        feeds = sample_feeds(inputs, batch=batch, seed=0, where=where)
         calls, syncs = {}, {}
         for e in entries:
             key = f"{e.target} {e.variant}"
             runner = e.runner
-            # GPU runners take the input on the device once (prepare), so the timing is the model's
-            calls[key] = (lambda r=runner, h=runner.prepare(x): r.run_device(h)) if hasattr(runner, "prepare") else (lambda r=runner: r.run(x))
+            # GPU runners take the inputs on the device once (prepare), so the timing is the model's
+            calls[key] = (lambda r=runner, h=runner.prepare(feeds): r.run_device(h)) if hasattr(runner, "prepare") else (lambda r=runner: r.run(feeds))
             syncs[key] = runner.synchronize
         per_round = max(1, -(-iterations // rounds)) if iterations is not None else None
         budget = time_budget_s * len(calls) if time_budget_s is not None else None
@@ -170,39 +171,44 @@ def baseline_entries(dense_onnx: Path | None, workdir: Path, threads: int, *, in
         return []
     from ..targets.ort import OrtRunner
 
-    entries = [_Entry(BASELINE, DENSE, OrtRunner(str(dense_onnx), threads))]
+    entries = [_Entry(BASELINE, DENSE, OrtRunner(dense_onnx.read_bytes(), threads, where=dense_onnx))]
     if int8:
         try:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantized = workdir / "baseline.int8.onnx"
             quantize_dynamic(str(dense_onnx), str(quantized), weight_type=QuantType.QInt8)
-            entries.append(_Entry(BASELINE, INT8, OrtRunner(str(quantized), threads)))
+            entries.append(_Entry(BASELINE, INT8, OrtRunner(quantized.read_bytes(), threads, where=quantized)))
         except Exception as exc:  # quantization is a courtesy baseline; its failure is reported, not fatal
             notes.append(f"int8 baseline unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     return entries
 
 
-def dense_onnx_of(artifact, workdir: Path, *, notes: list[str]) -> Path | None:
-    """The dense ONNX model behind an artifact: its own dense file if it is ONNX, else an export
-    of the checkpoint its manifest names."""
-    dense = artifact.files.get("dense")
+def dense_onnx_of(artifact, workdir: Path, *, notes: list[str], trust_model_code: bool = False) -> Path | None:
+    """The dense ONNX model behind an artifact: its own dense file if it is ONNX (hash-checked),
+    else an export of the checkpoint its manifest names."""
+    dense = artifact.files.get(DENSE)
     if dense is not None and Path(dense).suffix == ".onnx":
-        return Path(dense)
-    source = (artifact.manifest.get("input") or {}).get("checkpoint")
+        path = workdir / "baseline.dense.onnx"
+        path.write_bytes(artifact.read(DENSE))
+        return path
+    source = artifact.manifest.source.checkpoint
     if source and Path(source).is_file():
-        from ..checkpoint import load_checkpoint
+        from ..loading import load_checkpoint
 
-        return export_dense_onnx(load_checkpoint(source), workdir)
+        return export_dense_onnx(load_checkpoint(source), workdir, trust_model_code=trust_model_code)
     notes.append("onnxruntime dense baseline unavailable: the artifact has no dense ONNX file and its checkpoint is not found")
     return None
 
 
-def _same_file(a, b) -> bool:
-    if a is None or b is None or Path(a).suffix != ".onnx":
+def _same_bytes(artifact, dense_onnx: Path) -> bool:
+    """Is the artifact's dense file the very model the baseline runs?"""
+    record = artifact.manifest.files.get(DENSE)
+    if record is None or not record.path.endswith(".onnx") or record.bytes != dense_onnx.stat().st_size:
         return False
-    a, b = Path(a), Path(b)
-    return a.resolve() == b.resolve() or (a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes())
+    import hashlib
+
+    return hashlib.sha256(dense_onnx.read_bytes()).hexdigest() == record.sha256
 
 
 def export_dense_onnx(ckpt, workdir: Path, *, trust_model_code: bool = False) -> Path:
@@ -233,7 +239,7 @@ def bench(
     """Benchmark a SparseCheckpoint (built for each target) or an Artifact (as built).
 
     Args:
-        source: a SparseCheckpoint, or an Artifact / manifest path.
+        source: a SparseCheckpoint, or an Artifact / its folder.
         targets: targets to build for when ``source`` is a checkpoint.
         batches, warmup: batch sizes, untimed calls per runner before the first round.
         iterations / time_budget_s: timed calls (or seconds) per runner and batch, spread over ``rounds``.
@@ -243,58 +249,65 @@ def bench(
         pin_cpus: also bind the process to the first ``threads`` CPUs.
         workdir: where to build artifacts (default: a temporary directory).
         build_options: ``-T`` options per target name, e.g. ``{"torch-sparse-cpu": {"plan": "sparsity"}}``.
+        trust_model_code: allow rebuilding a model factory outside dnsconvert (the caller's
+            decision, never an artifact's).
     """
     from ..checkpoint import SparseCheckpoint
-    from ..targets import Artifact, BuildOptions, get_target
+    from ..targets import Artifact, build_artifact, get_target, load_artifact
 
     unknown = sorted(set(baselines) - {"fp32", "int8"})
     if unknown:
         raise UserError(f"unknown baseline {', '.join(unknown)}", hint="choose fp32 and/or int8")
     settings = pin_threads(threads, pin_cpus=pin_cpus)
     if isinstance(source, (str, Path)):
-        source = Artifact.from_manifest(source)
+        source = load_artifact(source)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(workdir) if workdir else Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
         if isinstance(source, Artifact):
             artifacts = [source]
-            report = BenchReport(model=str(source.manifest.get("input", {}).get("checkpoint")), threads=threads)
-            input_shape = source.manifest["model"]["input_shape"]
-            dense_onnx = dense_onnx_of(source, base, notes=report.baseline_notes) if baselines else None
+            report = BenchReport(model=str(source.manifest.source.checkpoint), threads=threads)
+            spec, where = source.manifest.model_spec, source.manifest_path
+            dense_onnx = dense_onnx_of(source, base, notes=report.baseline_notes, trust_model_code=trust_model_code) if baselines else None
         elif isinstance(source, SparseCheckpoint):
             report = BenchReport(model=source.name, threads=threads)
-            input_shape = source.model.input_shape if source.model else None
+            spec, where = source.model, source.source
             artifacts = []
             for name in targets:
-                target = get_target(name)
                 extra = dict((build_options or {}).get(name, {}))
-                if threads and "threads" in target.option_help:
+                if threads and "threads" in get_target(name).option_help:
                     extra.setdefault("threads", str(threads))
-                artifacts.append(target.build(source, base / f"model.{name}{target.suffix}", BuildOptions(extra=extra, trust_model_code=trust_model_code)))
-            onnx_dense = [Path(a.files["dense"]) for a in artifacts if Path(a.files.get("dense", "")).suffix == ".onnx"]
-            dense_onnx = (onnx_dense[0] if onnx_dense else export_dense_onnx(source, base, trust_model_code=trust_model_code)) if baselines else None
+                artifacts.append(build_artifact(source, base / f"model-{name}", target=name, options=extra, trust_model_code=trust_model_code))
+            onnx_dense = [a for a in artifacts if Path(a.files.get(DENSE, "")).suffix == ".onnx"]
+            dense_onnx = None
+            if baselines:
+                dense_onnx = dense_onnx_of(onnx_dense[0], base, notes=report.baseline_notes) if onnx_dense else export_dense_onnx(source, base, trust_model_code=trust_model_code)
         else:
             raise UserError(f"cannot benchmark a {type(source).__name__}")
+        if spec is None or not spec.inputs:
+            raise UserError("the model's inputs are unknown, so there is nothing to feed", path=where, hint="re-export it, or pass --input-shape")
         entries: list[_Entry] = []
         try:
-            if "fp32" in baselines:
-                entries += baseline_entries(dense_onnx, base, threads, int8="int8" in baselines, notes=report.baseline_notes)
-            elif "int8" in baselines:
-                entries += baseline_entries(dense_onnx, base, threads, int8=True, notes=report.baseline_notes)[1:]
+            if baselines:
+                found = baseline_entries(dense_onnx, base, threads, int8="int8" in baselines, notes=report.baseline_notes)
+                entries += [e for e in found if (e.variant == DENSE and "fp32" in baselines) or e.variant == INT8]
             same_as_baseline = {}
             for artifact in artifacts:
                 target = get_target(artifact.target)
                 report.notes[artifact.target] = target.exploits_sparsity
                 options = {"threads": str(threads)} if threads and "threads" in target.option_help else {}
                 for variant in (DENSE, SPARSE):
-                    if variant == DENSE and "fp32" in baselines and _same_file(artifact.files.get(DENSE), dense_onnx):
+                    if variant == DENSE and "fp32" in baselines and dense_onnx is not None and _same_bytes(artifact, dense_onnx):
                         # the target's dense variant is the reference model itself: time it once
                         same_as_baseline[artifact.target] = f"{BASELINE} {DENSE}"
                         continue
-                    entries.append(_Entry(artifact.target, variant, target.load(artifact, variant, options)))
+                    entries.append(_Entry(artifact.target, variant, target.load(artifact, variant, options, trust_model_code=trust_model_code)))
             report.own_dense_alias = same_as_baseline
             report.thread_settings = pin_threads(threads) if threads else settings  # after every runtime is loaded
-            bench_runners(entries, report, input_shape=input_shape, batches=batches, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, rounds=rounds, confidence=confidence)
+            bench_runners(
+                entries, report, inputs=spec.inputs, batches=batches, warmup=warmup, iterations=iterations,
+                time_budget_s=time_budget_s, rounds=rounds, confidence=confidence, where=where,
+            )  # fmt: skip
         finally:
             for e in entries:
                 e.runner.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,37 +44,38 @@ def write_report(path: Path | None, data: dict[str, Any]) -> None:
         write_json_atomic(path, data)
 
 
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a shape; write it as 1,3,224,224") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise click.BadParameter(f"{text!r} is not a shape of positive sizes")
-    return shape
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model options of a command (:class:`dnsconvert.options.ModelChoice`) and the trust
+    its user gave: the same on every command that may rebuild a model."""
+
+    choice: Any
+    trust_model_code: bool = False
+
+    def apply(self, ckpt):
+        return self.choice.apply(ckpt)
 
 
-def load_with_model(path: Path, model: str | None, input_shape: str | None, model_kwargs: dict | None = None):
-    """Load a checkpoint; ``--model`` attaches or overrides the model spec (e.g. for a bare state dict)."""
-    from ..checkpoint import load_checkpoint
-    from ..models import resolve_spec
+def load_with_model(path: Path, options: ModelOptions | None = None):
+    """Load a checkpoint; the model options attach or override its model spec (e.g. for a bare state dict)."""
+    from ..loading import load_checkpoint
 
     ckpt = load_checkpoint(path)
-    if model:
-        ckpt.model = resolve_spec(model, parse_shape(input_shape), **(model_kwargs or {}))
-    elif input_shape and ckpt.model is not None:
-        from ..checkpoint import ModelSpec
-
-        ckpt.model = ModelSpec(ckpt.model.factory, ckpt.model.kwargs, parse_shape(input_shape) or ckpt.model.input_shape)
-    return ckpt
+    return options.apply(ckpt) if options is not None else ckpt
 
 
 def model_options(func):
-    func = click.option("--input-shape", default=None, help="Example input shape, e.g. 1,1,28,28 (needed for imported models).")(func)
-    func = click.option("--model", default=None, help="Model spec for a bare state dict: built-in name or pkg.module:factory.")(func)
-    return func
+    """Add the model options (and --trust-model-code); the command gets one ``model_options``."""
+    from ..options import ModelChoice
+    from ._schema import options_from, schema_options
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        trust = kwargs.pop("trust_model_code")
+        choice = options_from(ModelChoice, kwargs)
+        return func(*args, model_options=ModelOptions(choice, trust), **kwargs)
+
+    return schema_options(ModelChoice)(trust_option(wrapper))
 
 
 def render_sparsity_report(report, out=None) -> None:

@@ -11,7 +11,7 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 
 @click.command("bench")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--target", "targets", multiple=True, help="Target(s) to build and time (repeatable; default ort). Ignored for a manifest.")
+@click.option("--target", "targets", multiple=True, help="Target(s) to build and time (repeatable; default ort). Ignored for an artifact.")
 @click.option("--batch", "batches", type=int, multiple=True, help="Batch size(s) (repeatable; default 1 and 64).")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--iterations", type=int, default=200, show_default=True, help="Timed calls per runner and batch, spread over the rounds (0: use --time-budget).")
@@ -26,8 +26,9 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a speedup and latency plot (PNG) here (needs matplotlib).")
 @model_options
-def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, rounds, confidence, baselines, threads, pin_cpus, min_speedup, as_json, report, plot, model, input_shape) -> None:
-    """Time a checkpoint (built for each --target) or an artifact manifest against the fastest dense runtime."""
+def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, rounds, confidence, baselines, threads, pin_cpus, min_speedup, as_json, report, plot, model_options) -> None:
+    """Time a checkpoint (built for each --target) or an artifact folder against the fastest dense runtime."""
+    from ..artifact import MANIFEST_NAME, load_artifact
     from ..bench import bench
     from ..errors import GateFailed, UserError
 
@@ -35,10 +36,10 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
         raise UserError(f"--rounds {rounds} must be at least 1")
     if not 0.5 <= confidence < 1.0:
         raise UserError(f"--confidence {confidence} must be in [0.5, 1)", hint="e.g. 0.95")
-    if source.suffix == ".json" or source.with_name(source.name + ".manifest.json").exists():
-        subject = source
+    if source.is_dir() or source.name == MANIFEST_NAME:
+        subject = load_artifact(source)
     else:
-        subject = load_with_model(source, model, input_shape)
+        subject = load_with_model(source, model_options)
     chosen = () if "none" in baselines else (baselines or ("fp32", "int8"))
     result = bench(
         subject,
@@ -52,6 +53,7 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
         confidence=confidence,
         baselines=chosen,
         pin_cpus=pin_cpus,
+        trust_model_code=model_options.trust_model_code,
     )
     data = result.to_json()
     write_report(report, data)

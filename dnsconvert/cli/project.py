@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import checkpoint_argument, console, emit_json, write_report
+from ._common import checkpoint_argument, console, emit_json, load_with_model, model_options, write_report
 
 
 @click.command("project")
@@ -15,16 +15,16 @@ from ._common import checkpoint_argument, console, emit_json, write_report
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the projected checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the projection report as JSON.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report to this file.")
-def project_cmd(checkpoint: Path, nm: str, output: Path, as_json: bool, report: Path | None) -> None:
+@model_options
+def project_cmd(checkpoint: Path, nm: str, output: Path, as_json: bool, report: Path | None, model_options) -> None:
     """Project unstructured masks onto N:M along each layer's reduction axis."""
     from .._atomic import sha256_file
-    from ..checkpoint import load_checkpoint
     from ..pattern import NMPattern
     from ..project import project_nm
     from ..validate import ensure_usable
 
     pattern = NMPattern.parse(nm)
-    ckpt = ensure_usable(load_checkpoint(checkpoint))
+    ckpt = ensure_usable(load_with_model(checkpoint, model_options))
     result = project_nm(ckpt, pattern)
     result.checkpoint.save(output)
     data = {**result.to_json(), "input": str(checkpoint), "input_sha256": sha256_file(checkpoint), "output": str(output)}

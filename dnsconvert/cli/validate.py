@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import checkpoint_argument, emit_json, render_sparsity_report, write_report
+from ._common import checkpoint_argument, emit_json, load_with_model, model_options, render_sparsity_report, write_report
 
 
 @click.command("validate")
@@ -15,14 +15,14 @@ from ._common import checkpoint_argument, emit_json, render_sparsity_report, wri
 @click.option("--min-sparsity", type=float, default=None, help="Fail unless the pruned parameters are at least this sparse (0..1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report to this file.")
-def validate_cmd(checkpoint: Path, require_nm: str | None, min_sparsity: float | None, as_json: bool, report: Path | None) -> None:
+@model_options
+def validate_cmd(checkpoint: Path, require_nm: str | None, min_sparsity: float | None, as_json: bool, report: Path | None, model_options) -> None:
     """Check a checkpoint's sparsity pattern; exit 1 if a rule fails, 2 if it is unusable."""
     from .._atomic import sha256_file
-    from ..checkpoint import load_checkpoint
     from ..errors import GateFailed
     from ..validate import validate
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_with_model(checkpoint, model_options)
     result = validate(ckpt, require_nm=require_nm, min_sparsity=min_sparsity)
     data = {**result.to_json(), "sha256": sha256_file(checkpoint)}
     write_report(report, data)
@@ -36,16 +36,17 @@ def validate_cmd(checkpoint: Path, require_nm: str | None, min_sparsity: float |
 
 @click.command("inspect")
 @checkpoint_argument
-def inspect_cmd(checkpoint: Path) -> None:
+@model_options
+def inspect_cmd(checkpoint: Path, model_options) -> None:
     """Summarise a checkpoint: metadata and the per-layer sparsity table (no gates)."""
-    from ..checkpoint import load_checkpoint
     from ..validate import validate
     from ._common import console
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_with_model(checkpoint, model_options)
     out = console()
     if ckpt.model:
-        out.print(f"model: {ckpt.model.factory} {ckpt.model.kwargs or ''} input {ckpt.model.input_shape}")
+        inputs = ", ".join(str(i) for i in ckpt.model.inputs) or "unknown"
+        out.print(f"model: {ckpt.model.factory} {ckpt.model.kwargs or ''} inputs {inputs}")
     else:
         out.print("model: (none: a bare state dict; pass --model to commands that rebuild it)")
     if ckpt.pruning:

@@ -14,7 +14,9 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,7 +25,9 @@ from onnx import numpy_helper
 
 from ..checkpoint import SparseCheckpoint
 from ..errors import ExportError
+from ..model_io import FlatIO, example_sizes, output_names_of, sample_feeds, to_tensors
 from ..models import build_masked_model
+from ..modelspec import Dim, InputSpec
 
 DEFAULT_OPSET = 18
 
@@ -32,8 +36,9 @@ DEFAULT_OPSET = 18
 class OnnxExport:
     model: onnx.ModelProto
     names: dict[str, str]  # checkpoint parameter -> ONNX initializer
-    example_input: torch.Tensor
-    torch_model: torch.nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    torch_model: FlatIO  # the masked model, taking and returning flat tensors in graph order
 
 
 @contextlib.contextmanager
@@ -50,28 +55,76 @@ def _quiet():
         logger.setLevel(level)
 
 
-def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> onnx.ModelProto:
-    """The bare export call (also what the overhead benchmark times)."""
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+def dynamic_shapes_for(inputs: Sequence[InputSpec]) -> tuple[tuple[dict[int, Any], ...]]:
+    """torch.export dims for every dynamic dim; dims sharing a label share one symbol."""
+    symbols: dict[str, Any] = {}
+    per_input = []
+    for spec in inputs:
+        axes = {}
+        for axis, dim in enumerate(spec.shape):
+            if not dim.dynamic:
+                continue
+            label = dim.label or f"{spec.name}_dim{axis}"
+            if label not in symbols:
+                symbols[label] = torch.export.Dim(_symbol(label), min=dim.min, max=dim.max)
+            axes[axis] = symbols[label]
+        per_input.append(axes)
+    return (tuple(per_input),)  # FlatIO.forward(*args): one positional argument, the args tuple
+
+
+def _symbol(label: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in label)
+
+
+def torch_to_onnx(
+    model: torch.nn.Module,
+    example: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    inputs: Sequence[InputSpec] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> onnx.ModelProto:
+    """The bare export call (also what the overhead benchmark times).
+
+    ``model`` takes the example tensors positionally. ``inputs`` names them and gives their
+    dynamic dims (without it: one input ``input`` with a dynamic batch, as before).
+    """
+    if isinstance(example, torch.Tensor):
+        example = (example,)
+    if inputs is None:
+        from ..modelspec import legacy_input
+
+        inputs = [legacy_input(tuple(example[0].shape))]
+        model = FlatIO(model, inputs)
+    flat = model if isinstance(model, FlatIO) else FlatIO(model, inputs)
+    dynamic = dynamic_shapes_for(inputs) if dynamic_batch and any(d.dynamic for i in inputs for d in i.shape) else None
     with _quiet():
         try:
             program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=["input"], output_names=["output"],
-                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
+                flat, tuple(example), dynamo=True, input_names=[i.name for i in inputs],
+                output_names=list(output_names) if output_names else None,
+                dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False,
             )  # fmt: skip
         except Exception as exc:  # the exporter raises many types; all mean "cannot export"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"torch.onnx.export failed: {first[:300]}", hint="the model uses an op or construct the ONNX exporter does not support") from None
+            raise ExportError(f"torch.onnx.export failed: {first[:300]}", hint="the model uses an op or construct the ONNX exporter does not support, or an input's declared dims do not fit it") from None
     return program.model_proto
+
+
+_WRAPPER_PREFIX = "model."  # FlatIO holds the user's model as .model
 
 
 def _name_initializers(proto: onnx.ModelProto, params: dict[str, torch.Tensor]) -> dict[str, str]:
     """Map checkpoint parameters to initializers, renaming anonymous ones found by value."""
     graph = proto.graph
-    by_name = {init.name: init for init in graph.initializer}
-    mapping: dict[str, str] = {}
-    anonymous = [init for init in graph.initializer if init.name not in params]
     renames: dict[str, str] = {}
+    for init in graph.initializer:  # drop the wrapper's prefix: initializers carry checkpoint names
+        if init.name.startswith(_WRAPPER_PREFIX) and init.name[len(_WRAPPER_PREFIX) :] not in {i.name for i in graph.initializer}:
+            renames[init.name] = init.name[len(_WRAPPER_PREFIX) :]
+    by_name = {renames.get(init.name, init.name): init for init in graph.initializer}
+    mapping: dict[str, str] = {}
+    anonymous = [init for name, init in by_name.items() if name not in params]
     for name, tensor in params.items():
         if name in by_name:
             mapping[name] = name
@@ -87,25 +140,49 @@ def _name_initializers(proto: onnx.ModelProto, params: dict[str, torch.Tensor]) 
             if array.ndim == 2 and value.shape == array.T.shape and np.array_equal(value, array.T):
                 renames[init.name] = f"{name}.T"
                 break
+    olds = {init.name: init for init in graph.initializer}
     for old, new in renames.items():
-        by_name[old].name = new
-        for node in graph.node:
+        olds[old].name = new
+    if renames:
+        for node in _all_nodes(graph):
             for i, value in enumerate(node.input):
-                if value == old:
-                    node.input[i] = new
-        mapping[new.removesuffix(".T")] = new
+                if value in renames:
+                    node.input[i] = renames[value]
+        for value_info in graph.value_info:
+            if value_info.name in renames:
+                value_info.name = renames[value_info.name]
+    for new in renames.values():
+        if new.removesuffix(".T") in params:
+            mapping[new.removesuffix(".T")] = new
     return mapping
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    """Every node, including those of subgraphs (If/Loop bodies) that may read an initializer."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for sub in attribute.graphs:
+                    yield from _all_nodes(sub)
 
 
 def export_checkpoint(ckpt: SparseCheckpoint, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, trust_code: bool = False) -> OnnxExport:
     """Rebuild the masked model from the checkpoint and export it (dense initializers)."""
-    model = build_masked_model(ckpt, trust_code=trust_code)
-    shape = tuple(ckpt.model.input_shape)
-    if not shape:
-        raise ExportError("checkpoint's model spec has no input shape", path=ckpt.source, hint="pass --input-shape")
-    # batch 2 for the example: torch.export specialises a size-1 dimension to a constant
-    example = torch.randn((2, *shape[1:]) if dynamic_batch else shape, generator=torch.Generator().manual_seed(0))
-    proto = torch_to_onnx(model, example, opset=opset, dynamic_batch=dynamic_batch)
+    model = build_masked_model(ckpt, trust_code=trust_code)  # refuses a checkpoint without a model spec
+    if not ckpt.model.inputs:
+        raise ExportError("checkpoint's model spec has no inputs", path=ckpt.source, hint="pass --input NAME:SHAPE[:DTYPE] or --input-shape")
+    inputs = ckpt.model.inputs
+    sizes = {i.name: example_sizes(i, dynamic=dynamic_batch) for i in inputs}
+    flat = FlatIO(model, inputs).eval()
+    example = to_tensors(sample_feeds(inputs, sizes=sizes, seed=0, where=ckpt.source), inputs)
+    names_out = output_names_of(model, ckpt.model, sizes=sizes)
+    if not dynamic_batch:
+        inputs = [InputSpec(i.name, tuple(Dim.static(s) for s in sizes[i.name]), i.dtype, i.low, i.high, i.keyword) for i in inputs]
+    proto = torch_to_onnx(flat, example, opset=opset, dynamic_batch=dynamic_batch, inputs=inputs, output_names=names_out)
     params = {name: value for name, value in model.state_dict().items() if name in ckpt.masks}
     names = _name_initializers(proto, params)
-    return OnnxExport(proto, names, example, model)
+    graph_outputs = [o.name for o in proto.graph.output]
+    return OnnxExport(proto, names, [i.name for i in inputs], graph_outputs, flat)

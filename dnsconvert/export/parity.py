@@ -1,61 +1,57 @@
-"""Parity: the same fixed inputs through the PyTorch model and an exported artifact's runner."""
+"""Parity: the same fixed inputs through the PyTorch model and an exported artifact's runner,
+every output compared."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-
+from collections.abc import Callable, Mapping, Sequence
 import numpy as np
-import torch
 
+from ..artifact.manifest import OutputParity, ParityReport
 
-@dataclass(frozen=True)
-class ParityReport:
-    max_abs: float
-    max_rel: float
-    atol: float
-    rtol: float
-    batches: tuple[int, ...]
-    passed: bool
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["batches"] = list(self.batches)
-        return data
-
-
-def parity_inputs(input_shape: Sequence[int], batches: Sequence[int], seed: int = 1234) -> list[np.ndarray]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn((b, *input_shape[1:]), generator=generator).numpy() for b in batches]
+RunFn = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
 
 
 def compare(
-    reference: Callable[[np.ndarray], np.ndarray],
-    candidate: Callable[[np.ndarray], np.ndarray],
-    inputs: Sequence[np.ndarray],
+    reference: RunFn,
+    candidate: RunFn,
+    feeds: Sequence[Mapping[str, np.ndarray]],
     *,
     atol: float = 1e-4,
     rtol: float = 1e-4,
+    output_names: Sequence[str] | None = None,
 ) -> ParityReport:
-    """max |Δ| and max |Δ|/max|ref| over all inputs; passes when allclose(candidate, ref, rtol, atol)."""
-    max_abs, max_rel, passed = 0.0, 0.0, True
-    for x in inputs:
-        ref = np.asarray(reference(x), dtype=np.float64)
-        got = np.asarray(candidate(x), dtype=np.float64)
-        if ref.shape != got.shape:
-            return ParityReport(float("inf"), float("inf"), atol, rtol, tuple(len(i) for i in inputs), False)
-        diff = np.abs(got - ref)
-        max_abs = max(max_abs, float(diff.max(initial=0.0)))
-        max_rel = max(max_rel, float(diff.max(initial=0.0) / max(np.abs(ref).max(initial=0.0), 1e-12)))
-        passed &= bool(np.all(diff <= atol + rtol * np.abs(ref)))
-    return ParityReport(max_abs, max_rel, atol, rtol, tuple(len(i) for i in inputs), passed)
+    """Per output, max |Δ| and max |Δ|/max|ref| over all feeds; passes when every output is
+    allclose(candidate, ref, rtol, atol) for every feed."""
+    batches = tuple(int(next(iter(f.values())).shape[0]) if f and next(iter(f.values())).ndim else 1 for f in feeds)
+    stats: dict[int, list[float]] = {}  # output index -> [max_abs, max_rel, passed]
+    for x in feeds:
+        refs, gots = list(reference(x)), list(candidate(x))
+        if len(refs) != len(gots):
+            return _failed(atol, rtol, batches, f"{len(gots)} output(s), the reference has {len(refs)}")
+        for k, (ref, got) in enumerate(zip(refs, gots)):
+            ref, got = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+            if ref.shape != got.shape:
+                return _failed(atol, rtol, batches, f"output {k} has shape {got.shape}, the reference {ref.shape}")
+            diff = np.abs(got - ref)
+            worst = float(diff.max(initial=0.0))
+            rel = worst / max(float(np.abs(ref).max(initial=0.0)), 1e-12)
+            ok = bool(np.all(diff <= atol + rtol * np.abs(ref))) and not bool(np.isnan(got).any() != np.isnan(ref).any())
+            entry = stats.setdefault(k, [0.0, 0.0, 1.0])
+            entry[0], entry[1], entry[2] = max(entry[0], worst), max(entry[1], rel), float(entry[2] and ok)
+    names = list(output_names) if output_names else [f"output_{k}" for k in range(len(stats))]
+    outputs = tuple(
+        OutputParity(name=names[k] if k < len(names) else f"output_{k}", max_abs=v[0], max_rel=v[1], passed=bool(v[2])) for k, v in sorted(stats.items())
+    )
+    return ParityReport(
+        max_abs=max((o.max_abs for o in outputs), default=0.0),
+        max_rel=max((o.max_rel for o in outputs), default=0.0),
+        atol=atol,
+        rtol=rtol,
+        batches=batches,
+        passed=all(o.passed for o in outputs),
+        outputs=outputs,
+    )
 
 
-def torch_runner(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    model.eval()
-
-    @torch.no_grad()
-    def run(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(x)).numpy()
-
-    return run
+def _failed(atol: float, rtol: float, batches: tuple[int, ...], problem: str) -> ParityReport:
+    return ParityReport(max_abs=float("inf"), max_rel=float("inf"), atol=atol, rtol=rtol, batches=batches, passed=False, problem=problem)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import ModelSpec, PruningInfo, SparseCheckpoint
+from ..checkpoint import PruningInfo, SparseCheckpoint
+from ..modelspec import ModelSpec
 from ..data import DataSplits, ImageDataset, resolve_data
 from ..errors import InternalError, UserError
 from ..models import build_model, load_weights_

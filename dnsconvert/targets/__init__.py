@@ -1,7 +1,10 @@
-"""Targets (runtimes): the interface, the entry-point registry and the built-in targets."""
+"""Targets (runtimes): the interface, the entry-point registry, the one build path and the
+built-in targets."""
 
-from .base import Artifact, Availability, BuildOptions, Runner, Target
-from .registry import GROUP, TargetEntry, get_target, list_targets, register_target, unregister_target
+from ..artifact import Artifact, load_artifact
+from .base import Availability, BuildOptions, Runner, Target, option_bool, option_number
+from .build import build_artifact, resolve_target
+from .registry import GROUP, TargetEntry, get_target, list_targets, refresh, register_target, unregister_target
 
 __all__ = [
     "GROUP",
@@ -11,8 +14,14 @@ __all__ = [
     "Runner",
     "Target",
     "TargetEntry",
+    "build_artifact",
     "get_target",
     "list_targets",
+    "load_artifact",
+    "option_bool",
+    "option_number",
+    "refresh",
     "register_target",
+    "resolve_target",
     "unregister_target",
 ]

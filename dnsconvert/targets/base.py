@@ -1,8 +1,8 @@
 """The Target interface: one class per runtime, found through the ``dnsconvert.targets`` entry points.
 
 A target builds, from a SparseCheckpoint, a *sparse* artifact and its *dense baseline* for
-the same runtime (so that benchmarks compare like with like), records both in a manifest,
-and loads either as a Runner.
+the same runtime (so that benchmarks compare like with like), writes them through the
+artifact writer (one commit point, a typed manifest), and loads either as a Runner.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from ..artifact import Artifact
 from ..errors import TargetError
 
 
@@ -33,51 +34,15 @@ class BuildOptions:
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class Artifact:
-    """What a build produced: files by variant (``sparse``, ``dense``) and the manifest."""
-
-    target: str
-    files: dict[str, Path]
-    manifest_path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def path(self) -> Path:
-        return self.files["sparse"]
-
-    @classmethod
-    def from_manifest(cls, manifest_path: str | Path) -> Artifact:
-        """Read an artifact back from its manifest (files are resolved beside it)."""
-        import json
-
-        from ..errors import UserError
-
-        path = Path(manifest_path)
-        if path.suffix != ".json" and path.with_name(path.name + ".manifest.json").exists():
-            path = path.with_name(path.name + ".manifest.json")
-        try:
-            manifest = json.loads(path.read_text())
-            files = {variant: path.parent / record["path"] for variant, record in manifest["files"].items()}
-            target = manifest["target"]
-        except FileNotFoundError:
-            raise UserError("no such artifact manifest", path=path, hint="pass the .manifest.json written by dnsconvert export") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"not a dnsconvert artifact manifest ({type(exc).__name__}: {exc})", path=path) from None
-        missing = [str(f) for f in files.values() if not f.exists()]
-        if missing:
-            raise UserError(f"artifact file(s) missing: {', '.join(missing)}", path=path, hint="re-run dnsconvert export")
-        return cls(target, files, path, manifest)
-
-
 class Runner(Protocol):
-    """Runs one input batch; ``synchronize`` waits for asynchronous devices (no-op on CPU).
+    """Runs one set of named inputs and returns the model's outputs in graph order;
+    ``synchronize`` waits for asynchronous devices (no-op on CPU).
 
-    GPU runners may also offer ``prepare(x) -> handle`` and ``run_device(handle)``: the bench then
-    uploads the input once and times the model alone.
+    GPU runners may also offer ``prepare(feeds) -> handle`` and ``run_device(handle)``: the
+    bench then uploads the inputs once and times the model alone.
     """
 
-    def run(self, x: np.ndarray) -> np.ndarray: ...
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
 
     def synchronize(self) -> None: ...
 
@@ -89,7 +54,6 @@ class Target:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    suffix: ClassVar[str] = ".onnx"
     exploits_sparsity: ClassVar[str] = "no"  # what a benchmark reader should expect
     option_help: ClassVar[dict[str, str]] = {}
 
@@ -108,9 +72,12 @@ class Target:
             raise TargetError(f"target {self.name!r} has no option {', '.join(unknown)}", hint=f"its -T options: {known}")
 
     def build(self, ckpt: Any, output: Path, options: BuildOptions) -> Artifact:
+        """Build the artifact folder ``output`` (through :class:`~dnsconvert.artifact.ArtifactWriter`)."""
         raise NotImplementedError
 
-    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None) -> Runner:
+    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> Runner:
+        """A runner for one variant; files come from :meth:`Artifact.read` (hash-checked).
+        ``trust_model_code`` is the current caller's, never a file's."""
         raise NotImplementedError
 
 

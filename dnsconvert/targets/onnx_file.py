@@ -10,23 +10,24 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from .base import Artifact, BuildOptions, Target
-from .ort import COMMON_OPTIONS, build_onnx_target
+from ..artifact import Artifact
+from .base import BuildOptions, Target
+from .ort import COMMON_OPTIONS, build_onnx_for, write_onnx_artifact
 
 
 class ReferenceRunner:
-    def __init__(self, model: bytes | str):
+    def __init__(self, model: bytes):
         from onnx.reference import ReferenceEvaluator
 
         from ..export.sparse_init import densify
 
-        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+        proto = onnx.load_from_string(model)
         # The reference evaluator reads graph.initializer only; densify is exact.
         self.evaluator = ReferenceEvaluator(densify(proto))
-        self.input_name = proto.graph.input[0].name
+        self.input_names = [i.name for i in proto.graph.input]
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.evaluator.run(None, {self.input_name: x})[0]
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.evaluator.run(None, {name: feeds[name] for name in self.input_names}))
 
     def synchronize(self) -> None:
         pass
@@ -42,7 +43,8 @@ class OnnxTarget(Target):
     option_help: ClassVar[dict[str, str]] = dict(COMMON_OPTIONS)
 
     def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
-        return build_onnx_target(self, ckpt, output, options, lambda model: ReferenceRunner(model).run)
+        built = build_onnx_for(self, ckpt, options, lambda model: ReferenceRunner(model).run)
+        return write_onnx_artifact(self, ckpt, built, output)
 
-    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None) -> ReferenceRunner:
-        return ReferenceRunner(str(artifact.files[variant]))
+    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> ReferenceRunner:
+        return ReferenceRunner(artifact.read(variant))

@@ -8,20 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import Artifact, Availability, BuildOptions, Target, option_bool, option_number
+from ..artifact import Artifact, write_artifact
+from ..errors import TargetError
+from ..export import OnnxBuild, build_onnx
+from .base import Availability, BuildOptions, Target, option_bool, option_number
 
 COMMON_OPTIONS = {
     "opset": "ONNX opset (default 18)",
-    "dynamic_batch": "export a dynamic batch dimension (default 1)",
+    "dynamic_batch": "export the declared dynamic dims (batch, sequence) as dynamic (default 1)",
     "min_saving": "sparsify a tensor only if this much smaller (default 0)",
 }
+SPARSE_FILE, DENSE_FILE = "model.onnx", "model.dense.onnx"
 
 
-def ort_session(model: bytes | str, threads: int = 0):
+def ort_session(model: bytes | str, threads: int = 0, *, where: Any = None):
+    """An ONNX Runtime CPU session; a model ORT refuses is a user error naming ``where``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -30,16 +35,20 @@ def ort_session(model: bytes | str, threads: int = 0):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types for a bad model
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise TargetError(f"ONNX Runtime cannot load the model: {first}", path=where, hint="re-export it with dnsconvert export") from None
 
 
 class OrtRunner:
-    def __init__(self, model: bytes | str, threads: int = 0):
-        self.session = ort_session(model, threads)
-        self.input_name = self.session.get_inputs()[0].name
+    def __init__(self, model: bytes | str, threads: int = 0, *, where: Any = None):
+        self.session = ort_session(model, threads, where=where)
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, {name: feeds[name] for name in self.input_names})
 
     def synchronize(self) -> None:
         pass
@@ -48,15 +57,11 @@ class OrtRunner:
         self.session = None
 
 
-def build_onnx_target(target: Target, ckpt, output: Path, options: BuildOptions, make_runner) -> Artifact:
-    from ..export import build_onnx_artifact
-
+def build_onnx_for(target: Target, ckpt, options: BuildOptions, make_runner) -> OnnxBuild:
+    """The shared ONNX export of ONNX-based targets, with their common ``-T`` options."""
     extra = options.extra
-    target.check_options(extra)
-    manifest, files = build_onnx_artifact(
+    return build_onnx(
         ckpt,
-        output,
-        target=target.name,
         make_runner=make_runner,
         atol=options.atol,
         rtol=options.rtol,
@@ -65,7 +70,23 @@ def build_onnx_target(target: Target, ckpt, output: Path, options: BuildOptions,
         min_saving=option_number(extra, "min_saving", 0.0),
         trust_code=options.trust_model_code,
     )
-    return Artifact(target.name, {"sparse": files["sparse"], "dense": files["dense"]}, files["manifest"], manifest)
+
+
+def write_onnx_artifact(target: Target, ckpt, built: OnnxBuild, output: Path) -> Artifact:
+    """Sparse ONNX + dense twin + manifest, committed at once."""
+    return write_artifact(
+        output,
+        ckpt=ckpt,
+        files={"sparse": (SPARSE_FILE, built.sparse_bytes), "dense": (DENSE_FILE, built.dense_bytes)},
+        target=target.name,
+        format="onnx",
+        outputs=built.output_names,
+        parity=built.parity,
+        layers=built.layers,
+        graph_2_4=built.graph_2_4,
+        sizes=built.sizes,
+        details={"index_form": "linearized int64 [NNZ]", "timings": built.timings},
+    )
 
 
 class OrtTarget(Target):
@@ -83,7 +104,10 @@ class OrtTarget(Target):
 
     def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
         threads = option_number(options.extra, "threads", 0, int)
-        return build_onnx_target(self, ckpt, output, options, lambda model: OrtRunner(model, threads).run)
+        built = build_onnx_for(self, ckpt, options, lambda model: OrtRunner(model, threads).run)
+        return write_onnx_artifact(self, ckpt, built, output)
 
-    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None) -> OrtRunner:
-        return OrtRunner(str(artifact.files[variant]), option_number(options or {}, "threads", 0, int))
+    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> OrtRunner:
+        if variant not in ("sparse", "dense"):
+            raise TargetError(f"unknown variant {variant!r}", hint="sparse or dense")
+        return OrtRunner(artifact.read(variant), option_number(options or {}, "threads", 0, int), where=artifact.files[variant])

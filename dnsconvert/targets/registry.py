@@ -7,6 +7,7 @@ never breaks the host (as in simonw/llm's plugin loading).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -28,13 +29,22 @@ class TargetEntry:
 def register_target(name: str, cls: type[Target]) -> None:
     """Register a target class in this process (a plugin would use an entry point instead)."""
     _registered[name] = cls
+    refresh()
 
 
 def unregister_target(name: str) -> None:
     _registered.pop(name, None)
+    refresh()
 
 
+def refresh() -> None:
+    """Forget the discovered targets (after installing a plugin into a running process)."""
+    discover.cache_clear()
+
+
+@functools.cache
 def discover() -> list[TargetEntry]:
+    """Every target, from the entry points and in-process registrations: found once per process."""
     entries: dict[str, TargetEntry] = {}
     for ep in entry_points(group=GROUP):
         origin = f"{ep.dist.name if ep.dist else '?'} ({ep.value})"
@@ -53,7 +63,7 @@ def discover() -> list[TargetEntry]:
 
 
 def list_targets() -> list[TargetEntry]:
-    return discover()
+    return list(discover())
 
 
 def get_target(name: str, *, require_available: bool = True) -> Target:

@@ -469,6 +469,8 @@ class GraphRunner:
             step(env)
         return [env[name] for name in self.output_names]
 
+    run = run_feeds  # the Runner protocol's name
+
     def describe(self) -> list[dict]:
         out = []
         for step in self.steps:

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._atomic import atomic_path, write_json_atomic
-from ..checkpoint import ModelSpec
-from ..errors import GateFailed, TargetError
+from ..artifact import Artifact, write_artifact
+from ..errors import TargetError
+from ..modelspec import ModelSpec
 from ..pattern import TWO_FOUR, cannot_hold, violating_groups
-from .base import Artifact, Availability, BuildOptions, Target
+from .base import Availability, BuildOptions, Target
 
 META_KEY = "dnsconvert.torch_2to4"
+MODEL_FILE = "model.safetensors"
 # (rows multiple, columns multiple) of the sparse weight, per backend and dtype, as enforced by
 # torch.sparse.semi_structured (torch 2.x): a weight [out, in] needs out % rows == 0, in % cols == 0.
 SHAPE_RULES = {
@@ -77,21 +78,27 @@ def sparsify_model_(model: nn.Module, plan: Mapping[str, dict], *, backend: str)
 
 
 class CudaRunner:
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        self.model = model.eval()
+    def __init__(self, model: nn.Module, dtype: torch.dtype, spec: ModelSpec):
+        from ..model_io import FlatIO
+
+        self.flat = FlatIO(model, spec.inputs).eval()
+        self.inputs = spec.inputs
         self.dtype = dtype
 
-    @torch.inference_mode()
-    def run(self, x: np.ndarray) -> np.ndarray:
-        out = self.model(torch.from_numpy(x).to("cuda", self.dtype))
-        return out.float().cpu().numpy()
+    def prepare(self, feeds: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """The inputs on the GPU: floating ones in the model's dtype, integer ones as they are."""
+        out = []
+        for spec in self.inputs:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[spec.name])).to("cuda")
+            out.append(tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+        return tuple(out)
 
-    def prepare(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x).to("cuda", self.dtype)
-
-    def run_device(self, x: torch.Tensor) -> torch.Tensor:
+    def run_device(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():
-            return self.model(x)
+            return self.flat(*tensors)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in self.run_device(self.prepare(feeds))]
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
@@ -101,27 +108,27 @@ class CudaRunner:
         torch.cuda.empty_cache()
 
 
-def _load(path: Path, variant: str) -> tuple[nn.Module, torch.dtype]:
-    from safetensors import safe_open
+def _load(data: bytes, variant: str, *, trust_code: bool = False) -> tuple[nn.Module, torch.dtype, ModelSpec]:
+    from safetensors.torch import load
 
     from ..models import build_model, load_weights_
+    from .torch_sparse_cpu import _metadata
 
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads((handle.metadata() or {})[META_KEY])
-        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    meta = json.loads(_metadata(data)[META_KEY])
+    state = load(data)
     dtype = DTYPES[meta["dtype"]]
-    model = build_model(ModelSpec.from_json(meta["model"]))
-    load_weights_(model, state, where=str(path))
+    spec = ModelSpec.from_json(meta["model"])
+    model = build_model(spec, trust_code=trust_code)
+    load_weights_(model, state, where=MODEL_FILE)
     model = model.to("cuda", dtype).eval()
     if variant == "sparse":
         sparsify_model_(model, meta["plan"], backend=meta["backend"])
-    return model, dtype
+    return model, dtype, spec
 
 
 class TorchSemiStructuredTarget(Target):
     name: ClassVar[str] = "torch-2to4-cuda"
     description: ClassVar[str] = "PyTorch 2:4 semi-structured sparse Linear layers (cuSPARSELt/CUTLASS), CUDA sm80+"
-    suffix: ClassVar[str] = ".safetensors"
     exploits_sparsity: ClassVar[str] = "yes: 2:4 sparse tensor cores for eligible Linear layers"
     option_help: ClassVar[dict[str, str]] = {"dtype": "fp16 (default) or bf16", "backend": "cusparselt (default) or cutlass"}
 
@@ -148,10 +155,10 @@ class TorchSemiStructuredTarget(Target):
         return dtype_name, DTYPES[dtype_name], backend
 
     def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        from ..export.manifest import base_manifest, file_record, manifest_path_for
-        from ..export.parity import compare, parity_inputs
+        from ..export.parity import compare
+        from ..model_io import output_names_of, parity_feeds
         from ..models import build_masked_model
         from ..validate import ensure_usable
 
@@ -165,35 +172,28 @@ class TorchSemiStructuredTarget(Target):
             raise TargetError(f"no Linear layer is eligible for 2:4 kernels ({reasons})", hint="project the checkpoint first: dnsconvert project --nm 2:4")
         state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
         meta = {"model": ckpt.model.to_json(), "dtype": dtype_name, "backend": backend, "plan": plan}
-        with atomic_path(output) as tmp:
-            save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
-            dense, _ = _load(tmp, "dense")
-            sparse, _ = _load(tmp, "sparse")
-            # fp16/bf16 results differ from fp32 by rounding; compare like with like, same dtype
-            atol, rtol = max(options.atol, 1e-2), max(options.rtol, 1e-2)
-            parity = compare(CudaRunner(dense, dtype).run, CudaRunner(sparse, dtype).run, parity_inputs(ckpt.model.input_shape, (1, 64)), atol=atol, rtol=rtol)
-            if not parity.passed:
-                raise GateFailed(f"parity failed: max |Δ| {parity.max_abs:.3g} between dense and 2:4 sparse {dtype_name}; nothing was written")
-        manifest = base_manifest(self.name, ckpt)
-        manifest.update(
-            {
-                "format": "safetensors+2:4",
-                "dtype": dtype_name,
-                "backend": backend,
-                "device": torch.cuda.get_device_name(),
-                "plan": plan,
-                "parity": parity.to_json(),
-                "files": {"sparse": file_record(output), "dense": file_record(output)},
-            }
+        data = save(state, metadata={META_KEY: json.dumps(meta)})
+        dense, _, spec = _load(data, "dense", trust_code=options.trust_model_code)
+        sparse, _, _ = _load(data, "sparse", trust_code=options.trust_model_code)
+        # fp16/bf16 results differ from fp32 by rounding; compare like with like, same dtype
+        atol, rtol = max(options.atol, 1e-2), max(options.rtol, 1e-2)
+        parity = compare(CudaRunner(dense, dtype, spec).run, CudaRunner(sparse, dtype, spec).run, parity_feeds(spec.inputs, (1, 64)), atol=atol, rtol=rtol)
+        return write_artifact(
+            output,
+            ckpt=ckpt,
+            files={"sparse": (MODEL_FILE, data)},
+            aliases={"dense": "sparse"},  # one file: the dense variant skips the conversion
+            target=self.name,
+            format="safetensors+2:4",
+            outputs=output_names_of(model, ckpt.model),
+            parity=parity,
+            details={"dtype": dtype_name, "backend": backend, "device": torch.cuda.get_device_name(), "plan": plan},
         )
-        manifest_path = manifest_path_for(output)
-        write_json_atomic(manifest_path, manifest)
-        return Artifact(self.name, {"sparse": output, "dense": output}, manifest_path, manifest)
 
-    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None) -> CudaRunner:
+    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> CudaRunner:
         self.require_available()
-        model, dtype = _load(artifact.files[variant], variant)
-        return CudaRunner(model, dtype)
+        model, dtype, spec = _load(artifact.read(variant), variant, trust_code=trust_model_code)
+        return CudaRunner(model, dtype, spec)
 
 
 def gemm_speedup(out_features: int, in_features: int, batch: int, *, dtype: torch.dtype = torch.float16, backend: str = "cusparselt", iterations: int = 100) -> dict:

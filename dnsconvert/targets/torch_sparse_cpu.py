@@ -30,23 +30,80 @@ which is exactly what ONNX Runtime runs in the ``ort`` target.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as schema
 
+from ..artifact import Artifact
 from ..errors import TargetError
-from .base import Artifact, BuildOptions, Target, option_number
+from .base import BuildOptions, Target, option_number
 
 PLAN_KEY = "dnsconvert.sparse_cpu_plan"
 PLAN_VERSION = 1
 SMALL_BATCH = 8  # plans are made per batch regime: <= this (latency) and above (throughput)
 REGIMES = ("small", "large")
 KERNELS = ("dense", "serial", "parallel")
-# CSR support is marked beta in PyTorch; nothing here depends on it any more, but tests import torch's CSR.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+SPARSE_FILE, DENSE_FILE = "model.onnx", "model.dense.onnx"
+_RECORD = ConfigDict(extra="forbid")
+
+
+@schema(frozen=True, config=_RECORD)
+class OpRecord:
+    """One sparse op as planned: what it is (the graph decides its geometry at load)."""
+
+    kind: Literal["linear", "conv"]
+    shape: list[int]
+    sparsity: float
+    nnz: int
+    activation: str
+    residual: bool
+    stride: int
+
+
+@schema(frozen=True, config=_RECORD)
+class RegimePlan:
+    """The decision for one batch regime and its evidence (p50s in ms; whole-model ratios)."""
+
+    batch: int
+    mode: Literal["sparse", "dense"]
+    kernels: dict[str, Literal["dense", "serial", "parallel"]]
+    reason: str = ""
+    spinning: bool = False
+    timings_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
+    candidates: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    onnxruntime_dense_p50_ms: float | None = None
+    planned_p50_ms: float | None = None
+
+
+@schema(frozen=True, config=_RECORD)
+class ExecutionPlan:
+    version: Literal[1]
+    small_batch: int
+    threads: int
+    plan: Literal["auto", "sparsity", "dense"]
+    ops: dict[str, OpRecord]
+    regimes: dict[Literal["small", "large"], RegimePlan]
+
+    def __post_init__(self) -> None:
+        if set(self.regimes) != set(REGIMES):
+            raise ValueError(f"a plan has the regimes {', '.join(REGIMES)}")
+        for decision in self.regimes.values():
+            unknown = set(decision.kernels) - set(self.ops)
+            if unknown:
+                raise ValueError(f"kernels for layers that are not planned: {', '.join(sorted(unknown))}")
+
+
+@schema(frozen=True, config=_RECORD)
+class SparseCpuDetails:
+    """What the manifest of a torch-sparse-cpu artifact records (``Manifest.details``)."""
+
+    plan: ExecutionPlan
+    runner: str
+    steps: dict[str, list[dict[str, Any]]]
 
 
 def batch_regime(batch: int) -> str:
@@ -54,13 +111,6 @@ def batch_regime(batch: int) -> str:
 
 
 # ---------------------------------------------------------------- planning
-
-
-def sample_feeds(graph, input_shape, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 inputs at ``batch`` for the graph's (single) input."""
-    rng = np.random.default_rng(seed)
-    name = graph.input_names[0]
-    return {name: rng.standard_normal((batch, *input_shape[1:])).astype(np.float32)}
 
 
 def activations(graph, feeds: Mapping[str, np.ndarray], names: list[str], threads: int) -> dict[str, np.ndarray]:
@@ -103,14 +153,16 @@ def time_op(graph, op, values: Mapping[str, np.ndarray], threads: int, budget_s:
     return {name: round(result.stats(name).p50_ms, 5) for name in calls}
 
 
-def plan_regime(graph, ops, *, input_shape, batch: int, threads: int, mode: str, min_sparsity: float, budget_s: float) -> dict[str, Any]:
+def plan_regime(graph, ops, *, inputs, batch: int, threads: int, mode: str, min_sparsity: float, budget_s: float) -> dict[str, Any]:
     """Kernel per op for one batch regime, then the whole-model check against dense ONNX Runtime."""
     if mode == "sparsity":
         kernels = {op.name: ("serial" if op.sparsity >= min_sparsity else "dense") for op in ops}
         return {"batch": batch, "mode": "sparse" if any(k != "dense" for k in kernels.values()) else "dense", "kernels": kernels, "reason": f"sparsity >= {min_sparsity}"}
     if mode == "dense":
         return {"batch": batch, "mode": "dense", "kernels": {op.name: "dense" for op in ops}, "reason": "plan=dense"}
-    feeds = sample_feeds(graph, input_shape, batch)
+    from ..model_io import sample_feeds
+
+    feeds = sample_feeds(inputs, batch=batch, seed=0)
     values = activations(graph, feeds, sorted({op.x for op in ops} | {op.residual for op in ops if op.residual}), threads)
     kernels, evidence = {}, {}
     for op in ops:
@@ -193,13 +245,13 @@ def check_whole_model(graph, ops, kernels: Mapping[str, str], feeds, threads: in
     return {"mode": "sparse", "kernels": {op.name: chosen.get(op.name, "dense") for op in ops}, "spinning": spinning, "reason": f"{best} vs dense ONNX Runtime: {ratio.text()}", **evidence}
 
 
-def plan_model(graph, ops, *, input_shape, batches: list[int], threads: int, mode: str, min_sparsity: float, budget_s: float) -> dict[str, Any]:
+def plan_model(graph, ops, *, inputs, batches: list[int], threads: int, mode: str, min_sparsity: float, budget_s: float) -> dict[str, Any]:
     """The plan for every batch regime (a regime no batch falls in reuses the other's plan)."""
     regimes: dict[str, Any] = {}
     for regime in REGIMES:
         timed = [b for b in batches if batch_regime(b) == regime]
         if timed:
-            regimes[regime] = plan_regime(graph, ops, input_shape=input_shape, batch=max(timed), threads=threads, mode=mode, min_sparsity=min_sparsity, budget_s=budget_s)
+            regimes[regime] = plan_regime(graph, ops, inputs=inputs, batch=max(timed), threads=threads, mode=mode, min_sparsity=min_sparsity, budget_s=budget_s)
     for regime in REGIMES:
         if regime not in regimes:
             other = regimes[next(iter(regimes))]
@@ -246,12 +298,12 @@ class SparseCpuRunner:
     def describe(self) -> dict[str, Any]:
         return {regime: (runner.describe() if hasattr(runner, "describe") else [{"step": "onnxruntime", "nodes": "all"}]) for regime, runner in self.runners.items()}
 
-    def run_feeds(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        batch = next(iter(feeds.values())).shape[0]
-        return self.runners[batch_regime(batch)].run_feeds(feeds)
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.run_feeds({self.input_names[0]: x})[0]
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Named inputs -> the graph's outputs in order; the batch (leading dim of the first
+        input) picks the regime's plan."""
+        first = feeds[self.input_names[0]]
+        batch = first.shape[0] if first.ndim else 1
+        return self.runners[batch_regime(batch)].run_feeds({name: feeds[name] for name in self.input_names})
 
     def synchronize(self) -> None:
         pass
@@ -268,18 +320,13 @@ class _SessionRunner:
         return self.session.run(self.output_names, dict(feeds))
 
 
-def check_plan(plan: Any) -> None:
-    """A plan read from a file: right version, known kernels and modes, both regimes."""
+def check_plan(plan: Any) -> ExecutionPlan:
+    """A plan read from a file, validated as an :class:`ExecutionPlan` (TargetError if it is not one)."""
     try:
-        ok = plan["version"] == PLAN_VERSION and isinstance(plan["ops"], dict)
-        for regime in REGIMES:
-            decision = plan["regimes"][regime]
-            ok = ok and decision["mode"] in ("sparse", "dense") and all(k in KERNELS for k in decision["kernels"].values())
-            ok = ok and set(decision["kernels"]) <= set(plan["ops"])
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise TargetError("the artifact's execution plan is malformed or from another dnsconvert version", hint="re-run dnsconvert export")
+        return TypeAdapter(ExecutionPlan).validate_python(plan)
+    except (ValidationError, ValueError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TargetError(f"the artifact's execution plan is malformed or from another dnsconvert version ({first})", hint="re-run dnsconvert export") from None
 
 
 def read_plan(model) -> dict[str, Any]:
@@ -298,7 +345,6 @@ def read_plan(model) -> dict[str, Any]:
 class TorchSparseCpuTarget(Target):
     name: ClassVar[str] = "torch-sparse-cpu"
     description: ClassVar[str] = "CPU: pruned Linear/Conv layers as compiled sparse kernels where timed faster, the rest in ONNX Runtime"
-    suffix: ClassVar[str] = ".onnx"
     exploits_sparsity: ClassVar[str] = "yes: sparse Linear and Conv kernels where they were timed faster; otherwise ONNX Runtime dense"
     option_help: ClassVar[dict[str, str]] = {
         "plan": "auto (time every layer and the whole model, default), sparsity (kernel at/above min_sparsity, untimed) or dense",
@@ -333,65 +379,61 @@ class TorchSparseCpuTarget(Target):
         graph = load_graph(exported.model)
         ops = find_sparse_ops(graph, list(exported.names.values()))
         plan = plan_model(
-            graph, ops, input_shape=ckpt.model.input_shape, batches=batches, threads=threads, mode=mode,
+            graph, ops, inputs=ckpt.model.inputs, batches=batches, threads=threads, mode=mode,
             min_sparsity=option_number(extra, "min_sparsity", 0.7), budget_s=option_number(extra, "plan_budget", 0.2),
         )  # fmt: skip
         return exported, plan
 
     def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
         exported, plan = self.plan(ckpt, options)
-        return write_artifact(self.name, ckpt, exported, plan, output, options)
+        return write_sparse_cpu_artifact(self.name, ckpt, exported, plan, output, options)
 
-    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None):
+    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False):
         import onnx
 
         from .ort import OrtRunner
 
         threads = option_number(options or {}, "threads", 0, int)
+        if variant not in ("sparse", "dense"):
+            raise TargetError(f"unknown variant {variant!r}", hint="sparse or dense")
+        data = artifact.read(variant)  # hash-checked bytes
         if variant == "dense":
-            return OrtRunner(str(artifact.files["dense"]), threads)
+            return OrtRunner(data, threads, where=artifact.files[variant])
         try:
-            model = onnx.load(str(artifact.files[variant]))
+            model = onnx.load_from_string(data)
         except Exception as exc:
             raise TargetError(f"cannot read the artifact as ONNX ({type(exc).__name__})", path=artifact.files[variant]) from None
         return SparseCpuRunner(model, read_plan(model), threads)
 
 
-def write_artifact(target: str, ckpt, exported, plan: dict, output: Path, options: BuildOptions) -> Artifact:
-    """End-of-build wrap-up: parity against PyTorch, then the two ONNX files and the manifest."""
-    import contextlib
-
-    from .._atomic import atomic_path, write_json_atomic
-    from ..errors import GateFailed
-    from ..export.manifest import base_manifest, bytes_record, manifest_path_for
-    from ..export.parity import compare, parity_inputs, torch_runner
+def write_sparse_cpu_artifact(target: str, ckpt, exported, plan: dict, output: Path, options: BuildOptions) -> Artifact:
+    """End-of-build wrap-up: parity against PyTorch (one batch per regime), then the shared
+    writer commits the sparse ONNX (with its plan), the dense ONNX and the manifest at once."""
+    from ..artifact import write_artifact
+    from ..artifact.manifest import SizeRecord
+    from ..export.onnx_build import layer_records
+    from ..export.parity import compare
     from ..export.sparse_init import sparsify_initializers
+    from ..model_io import TorchRunner, parity_feeds
 
     sparse_proto, records = sparsify_initializers(exported.model, list(plan["ops"]))
     entry = sparse_proto.metadata_props.add()
     entry.key, entry.value = PLAN_KEY, json.dumps(plan)
     runner = SparseCpuRunner(sparse_proto, plan, plan["threads"])
-    # one batch per regime, so both plans are checked
-    parity = compare(torch_runner(exported.torch_model), runner.run, parity_inputs(ckpt.model.input_shape, (1, SMALL_BATCH + 1)), atol=options.atol, rtol=options.rtol)
-    if not parity.passed:
-        raise GateFailed(f"parity failed: max |Δ| {parity.max_abs:.3g} exceeds atol {options.atol:g}; nothing was written")
+    feeds = parity_feeds(ckpt.model.inputs, (1, SMALL_BATCH + 1), where=ckpt.source)
+    parity = compare(TorchRunner(exported.torch_model, ckpt.model).run, runner.run, feeds, atol=options.atol, rtol=options.rtol, output_names=exported.output_names)
     sparse_bytes, dense_bytes = sparse_proto.SerializeToString(), exported.model.SerializeToString()
-    dense_path = output.with_name(f"{output.stem}.dense{output.suffix}")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(atomic_path(output)).write_bytes(sparse_bytes)
-        stack.enter_context(atomic_path(dense_path)).write_bytes(dense_bytes)
-    manifest = base_manifest(target, ckpt)
-    manifest.update(
-        {
-            "format": "onnx+plan",
-            "plan": plan,
-            "runner": runner.mode,
-            "steps": runner.describe(),
-            "layers": [{"initializer": r.name, "shape": list(r.shape), "nnz": r.nnz, "stored_sparse": r.sparsified} for r in records],
-            "parity": parity.to_json(),
-            "files": {"sparse": bytes_record(output, sparse_bytes), "dense": bytes_record(dense_path, dense_bytes)},
-        }
+    details = {"plan": plan, "runner": runner.mode, "steps": runner.describe()}
+    return write_artifact(
+        output,
+        ckpt=ckpt,
+        files={"sparse": (SPARSE_FILE, sparse_bytes), "dense": (DENSE_FILE, dense_bytes)},
+        target=target,
+        format="onnx+plan",
+        outputs=exported.output_names,
+        parity=parity,
+        layers=layer_records(records, exported.names),
+        sizes=SizeRecord(len(sparse_bytes), len(dense_bytes), len(sparse_bytes) / len(dense_bytes)),
+        details=details,
+        extra_tools=("numba",),
     )
-    manifest_path = manifest_path_for(output)
-    write_json_atomic(manifest_path, manifest)
-    return Artifact(target, {"sparse": output, "dense": dense_path}, manifest_path, manifest)

@@ -28,9 +28,9 @@ def lenet5_export(tmp_path_factory):
     from helpers import masked_checkpoint
 
     ckpt = project_nm(masked_checkpoint("lenet5", 0.5), "2:4").checkpoint
-    artifact = get_target("ort").build(ckpt, tmp_path_factory.mktemp("trt") / "m.onnx", BuildOptions())
+    artifact = get_target("ort").build(ckpt, tmp_path_factory.mktemp("trt") / "m", BuildOptions())
     model = onnx.load(str(artifact.files["dense"]))
-    init_to_param = {layer["initializer"]: layer["param"] for layer in artifact.manifest["layers"]}
+    init_to_param = {layer.initializer: layer.param for layer in artifact.manifest.layers}
     return model, init_to_param
 
 

@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dnsconvert.errors import TargetError
-from dnsconvert.targets.base import option_bool, option_number
+from dnsconvert.plugin import TargetError, option_bool, option_number
 
 OPTION_HELP = {
     "precision": "fp16 (default), bf16, tf32, int8 (needs Q/DQ nodes in the ONNX) or fp32",
@@ -15,7 +14,7 @@ OPTION_HELP = {
     "min_batch": "optimization profile: smallest batch (default 1)",
     "opt_batch": "optimization profile: batch to tune for (default 16)",
     "max_batch": "optimization profile: largest batch (default 64)",
-    "timing_cache": "timing cache file, read and updated (default: beside the artifact)",
+    "timing_cache": "timing cache file, read and updated (default: a fresh one inside the artifact)",
     "use_trtexec": "1: drive trtexec even if the Python API is importable (default 0)",
     "opset": "ONNX opset for the intermediate export (default 18)",
 }

@@ -5,13 +5,25 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import onnx
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as schema
 
-from dnsconvert._atomic import atomic_path, write_json_atomic
-from dnsconvert.errors import GateFailed, TargetError
-from dnsconvert.targets.base import Artifact, Availability, BuildOptions, Target
+from dnsconvert.plugin import (
+    Artifact,
+    ArtifactWriter,
+    Availability,
+    BuildOptions,
+    GateFailed,
+    OrtRunner,
+    Target,
+    TargetError,
+    build_onnx,
+    compare,
+    parity_feeds,
+)
 
 from . import PINNED_TENSORRT
 from .compat import check_engine_compat, current_setup
@@ -32,10 +44,16 @@ def _has_gpu() -> tuple[bool, str]:
     return True, torch.cuda.get_device_name()
 
 
+@schema(frozen=True, config=ConfigDict(extra="allow"))
+class TrtDetails:
+    """The part of a trt artifact's manifest the loader needs."""
+
+    setup: dict[str, Any]
+
+
 class TensorRTTarget(Target):
     name: ClassVar[str] = "trt"
     description: ClassVar[str] = f"TensorRT engine with BuilderFlag.SPARSE_WEIGHTS (TensorRT {PINNED_TENSORRT})"
-    suffix: ClassVar[str] = ".engine"
     exploits_sparsity: ClassVar[str] = "yes where TensorRT picks a sparse tactic (2:4 layers, fp16/bf16/tf32/int8)"
     option_help: ClassVar[dict[str, str]] = OPTION_HELP
 
@@ -50,75 +68,75 @@ class TensorRTTarget(Target):
         return Availability(True, f"{'Python API' if has_api else 'trtexec'} on {detail}")
 
     def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
-        from dnsconvert.export import build_onnx_artifact
-        from dnsconvert.export.manifest import base_manifest, file_record, manifest_path_for
-        from dnsconvert.export.parity import compare, parity_inputs
-        from dnsconvert.targets.ort import OrtRunner
-
         self.check_options(options.extra)
         self.require_available()
-        settings = BuildSettings.from_options(options.extra, output.with_suffix(".timing-cache"))
-        onnx_path = output.with_suffix(".onnx")
-        onnx_manifest, onnx_files = build_onnx_artifact(
-            ckpt, onnx_path, target="onnx", make_runner=lambda model: OrtRunner(model).run, atol=options.atol, rtol=options.rtol,
-            opset=settings.opset, trust_code=options.trust_model_code,
-        )  # fmt: skip
+        settings = BuildSettings.from_options(options.extra, None)
+        onnx_build = build_onnx(ckpt, make_runner=lambda model: OrtRunner(model).run, atol=options.atol, rtol=options.rtol, opset=settings.opset, trust_code=options.trust_model_code)
+        if not onnx_build.parity.passed:
+            raise GateFailed(f"parity failed between PyTorch and ONNX Runtime: max |Δ| {onnx_build.parity.max_abs:.3g}; nothing was written")
         # TensorRT's ONNX parser reads only graph.initializer: build from the dense twin.
-        dense_onnx = onnx.load(str(onnx_files["dense"]))
+        dense_onnx = onnx.load_from_string(onnx_build.dense_bytes)
         input_name = dense_onnx.graph.input[0].name
         input_shape = tuple(ckpt.model.input_shape)
         eligibility = layer_eligibility(dense_onnx, settings.precision)
-        init_to_param = {layer["initializer"]: layer["param"] for layer in onnx_manifest["layers"]}
+        init_to_param = {layer.initializer: layer.param for layer in onnx_build.layers}
         nodes = node_to_param(dense_onnx, init_to_param)
-        engines = {"dense": output.with_name(f"{output.stem}.dense{output.suffix}"), "sparse": output}
-        records = {}
         use_trtexec = settings.use_trtexec or importlib.util.find_spec("tensorrt") is None
-        for variant, path in engines.items():
-            with atomic_path(path) as tmp:
-                layer_info_path = path.with_suffix(".layers.json")
+        records = {}
+        with ArtifactWriter(output, inputs=[ckpt.source]) as writer:
+            writer.write_bytes("onnx", "model.dense.onnx", onnx_build.dense_bytes)
+            onnx_path = writer.staged_path("model.dense.onnx")
+            cache = settings.timing_cache or writer.staged_path("timing.cache")
+            settings = BuildSettings(**{**settings.__dict__, "timing_cache": cache})
+            for variant, name in (("dense", "model.dense.engine"), ("sparse", "model.engine")):
+                engine_path = writer.staged_path(name)
+                layer_info_path = writer.staged_path(f"{variant}.layers.json")
+                log_path = writer.staged_path(f"{variant}.build.log")
                 if use_trtexec:
-                    command = trtexec_command(find_trtexec() or "trtexec", onnx_files["dense"], tmp, layer_info_path, settings, input_name, input_shape, sparse=variant == "sparse")
-                    log = run_trtexec(command, path.with_suffix(".build.log"))
+                    command = trtexec_command(find_trtexec() or "trtexec", onnx_path, engine_path, layer_info_path, settings, input_name, input_shape, sparse=variant == "sparse")
+                    log = run_trtexec(command, log_path)
                     layer_info = layer_info_path.read_text()
                 else:
                     from .builder import build_engine
 
-                    log, layer_info, lines = build_engine(onnx_files["dense"].read_bytes(), tmp, settings, input_name, input_shape, sparse=variant == "sparse")
-                    path.with_suffix(".build.log").write_text("\n".join(lines))
+                    log, layer_info, lines = build_engine(onnx_build.dense_bytes, engine_path, settings, input_name, input_shape, sparse=variant == "sparse")
+                    log_path.write_text("\n".join(lines))
                     layer_info_path.write_text(layer_info)
-            records[variant] = sparsity_record(eligibility, log, parse_layer_info(layer_info), nodes, init_to_param)
+                writer.add_file(variant, name)
+                writer.add_file(f"{variant}_layers", layer_info_path.name)
+                writer.add_file(f"{variant}_log", log_path.name)
+                records[variant] = sparsity_record(eligibility, log, parse_layer_info(layer_info), nodes, init_to_param)
+            from .builder import EngineRunner
+
+            feeds = parity_feeds(ckpt.model.inputs, (settings.min_batch, settings.opt_batch))
+            tolerance = 1e-2 if settings.precision in ("fp16", "bf16", "int8") else options.atol
+            reference = OrtRunner(onnx_build.dense_bytes).run
+            parity = compare(reference, EngineRunner(writer.staged_path("model.engine").read_bytes()).run, feeds, atol=max(options.atol, tolerance), rtol=max(options.rtol, tolerance))
+            return writer.commit(
+                target=self.name,
+                format="tensorrt-engine",
+                ckpt=ckpt,
+                outputs=onnx_build.output_names,
+                parity=parity,
+                layers=onnx_build.layers,
+                graph_2_4=onnx_build.graph_2_4,
+                details={
+                    "setup": current_setup(),
+                    "settings": {k: str(v) for k, v in settings.__dict__.items()},
+                    "builder": "trtexec" if use_trtexec else "python-api",
+                    "layers": records["sparse"],
+                    "sparse_layers": [r["param"] for r in records["sparse"] if r["sparse_picked"]],
+                    "parity_reference": "onnxruntime (dense ONNX)",
+                },
+                extra_tools=("tensorrt",),
+            )
+
+    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False):
+        details = artifact.manifest.details_as(TrtDetails)
+        check_engine_compat(details.setup, current_setup(), str(artifact.manifest_path))
         from .builder import EngineRunner
 
-        inputs = parity_inputs(input_shape, (settings.min_batch, settings.opt_batch))
-        tolerance = 1e-2 if settings.precision in ("fp16", "bf16", "int8") else options.atol
-        parity = compare(OrtRunner(str(onnx_files["dense"])).run, EngineRunner(output).run, inputs, atol=max(options.atol, tolerance), rtol=max(options.rtol, tolerance))
-        if not parity.passed:
-            for path in engines.values():
-                path.unlink(missing_ok=True)
-            raise GateFailed(f"TensorRT parity failed against ONNX Runtime: max |Δ| {parity.max_abs:.3g}")
-        manifest = base_manifest(self.name, ckpt)
-        manifest.update(
-            {
-                "format": "tensorrt-engine",
-                "setup": current_setup(),
-                "settings": {k: str(v) for k, v in settings.__dict__.items()},
-                "builder": "trtexec" if use_trtexec else "python-api",
-                "layers": records["sparse"],
-                "sparse_layers": [r["param"] for r in records["sparse"] if r["sparse_picked"]],
-                "parity_vs_ort": parity.to_json(),
-                "onnx_manifest": onnx_files["manifest"].name,
-                "files": {variant: file_record(path) for variant, path in engines.items()},
-            }
-        )
-        manifest_path = manifest_path_for(output)
-        write_json_atomic(manifest_path, manifest)
-        return Artifact(self.name, engines, manifest_path, manifest)
-
-    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None):
-        check_engine_compat(artifact.manifest.get("setup", {}), current_setup(), str(artifact.manifest_path))
-        from .builder import EngineRunner
-
-        return EngineRunner(artifact.files[variant])
+        return EngineRunner(artifact.read(variant))
 
 
 __all__ = ["TensorRTTarget", "TargetError"]

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from dnsconvert.errors import TargetError
+from dnsconvert.plugin import TargetError
 
 from .logparse import SparsityLog, parse_builder_log
 from .settings import BuildSettings

@@ -1,4 +1,4 @@
-"""Read any supported checkpoint file into a SparseCheckpoint, without unpickling code.
+"""``load_checkpoint``: any supported checkpoint file -> SparseCheckpoint, without unpickling code.
 
 Supported: dnsconvert's own safetensors files; plain safetensors state dicts; PyTorch
 ``.pt``/``.pth`` state dicts read with ``torch.load(weights_only=True)``, including the
@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from .checkpoint import METADATA_KEY, PruningInfo, SparseCheckpoint, read_dnsconvert_safetensors
+from ._atomic import sha256_file
 from .errors import CheckpointError
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-def load_any(path: str | Path) -> SparseCheckpoint:
+def load_checkpoint(path: str | Path) -> SparseCheckpoint:
     """Load ``path``; every failure is a CheckpointError naming the file and the fix."""
     path = Path(path)
     if not path.exists():
@@ -36,14 +37,17 @@ def load_any(path: str | Path) -> SparseCheckpoint:
     with open(path, "rb") as fh:
         head = fh.read(16)
     if _looks_like_safetensors(head, size):
-        return _load_safetensors(path)
-    if head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
-        return _load_torch(path)
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        ckpt = _load_safetensors(path)
+    elif head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        ckpt = _load_torch(path)
+    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         raise CheckpointError(
             "is not a PyTorch checkpoint (neither a zip archive nor a pickle)", path=path, hint="the file may be corrupt or truncated"
         )
-    return _load_safetensors(path)
+    else:
+        ckpt = _load_safetensors(path)
+    ckpt.source_sha256 = sha256_file(path)  # recorded by what is built from it (manifests, reports)
+    return ckpt
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

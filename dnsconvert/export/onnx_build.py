@@ -1,0 +1,137 @@
+"""The ONNX builder shared by every ONNX-based target: a checkpoint -> a checked sparse ONNX and
+its dense twin, in memory. Writing them is the target's job (through the artifact writer).
+
+Steps, each a function: check the checkpoint -> export the masked model -> move pruned
+weights to ``graph.sparse_initializer`` -> run ``onnx.checker`` -> prove every masked weight
+is zero in the graph -> compare the runtime with PyTorch on every output -> check 2:4 along
+the reduction axes the graph's ops use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..artifact.manifest import GraphNMRecord, LayerRecord, ParityReport, SizeRecord
+from ..checkpoint import SparseCheckpoint
+from ..errors import ExportError
+from ..model_io import TorchRunner, parity_feeds
+from ..modelspec import ModelSpec
+from ..pattern import TWO_FOUR
+from ..validate import check_finite
+from .graph_nm import GraphNMResult, check_graph_nm
+from .onnx_export import DEFAULT_OPSET, OnnxExport, export_checkpoint
+from .parity import RunFn, compare
+from .sparse_init import SparsifiedTensor, initializer_arrays, sparsify_initializers
+
+OnnxRunnerFactory = Callable[[bytes], RunFn]
+
+
+@dataclass
+class OnnxBuild:
+    """A checked export: the sparse-initializer model, its dense twin, and what was checked."""
+
+    sparse_bytes: bytes
+    dense_bytes: bytes
+    exported: OnnxExport
+    spec: ModelSpec
+    layers: list[LayerRecord]
+    graph_2_4: list[GraphNMRecord]
+    parity: ParityReport | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> SizeRecord:
+        return SizeRecord(len(self.sparse_bytes), len(self.dense_bytes), len(self.sparse_bytes) / len(self.dense_bytes))
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.exported.output_names
+
+    @property
+    def reference(self) -> TorchRunner:
+        """The masked PyTorch model as a runner, for targets that compare their own runtime."""
+        return TorchRunner(self.exported.torch_model, self.spec)
+
+
+def check_exportable(ckpt: SparseCheckpoint) -> None:
+    """Structure and finiteness; fitting the model is checked when the model is rebuilt."""
+    ckpt.check_structure()
+    check_finite(ckpt)
+
+
+def check_onnx(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model)  # full_check's strict shape inference rejects sparse initializers
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"exported model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def check_masked_zeros(names: Mapping[str, str], arrays: Mapping[str, np.ndarray], masks: Mapping) -> None:
+    """Every masked weight is zero in the graph. (Values may differ from the checkpoint's where
+    the exporter folded e.g. BatchNorm into a Conv; parity checks those.)"""
+    for param, init_name in names.items():
+        got = arrays[init_name].T if init_name.endswith(".T") else arrays[init_name]
+        mask = (masks[param] != 0).numpy()
+        if got.shape != mask.shape or np.any(got[~mask] != 0):
+            raise ExportError(f"initializer {init_name!r} is nonzero where {param!r} is masked")
+
+
+def layer_records(records: Iterable[SparsifiedTensor], names: Mapping[str, str]) -> list[LayerRecord]:
+    layer_of = {v: k for k, v in names.items()}
+    return [
+        LayerRecord(
+            param=layer_of.get(r.name, r.name),
+            initializer=r.name,
+            shape=tuple(int(d) for d in r.shape),
+            sparsity=1 - r.nnz / max(1, int(np.prod(r.shape))),
+            nnz=r.nnz,
+            stored_sparse=r.sparsified,
+            dense_bytes=r.dense_bytes,
+            sparse_bytes=r.sparse_bytes,
+        )
+        for r in records
+    ]
+
+
+def graph_records(results: Iterable[GraphNMResult]) -> list[GraphNMRecord]:
+    return [GraphNMRecord(g.initializer, g.op, g.reduction_axis, g.compliant, g.violating_groups, g.skipped_reason) for g in results]
+
+
+def build_onnx(
+    ckpt: SparseCheckpoint,
+    *,
+    make_runner: OnnxRunnerFactory | None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    min_saving: float = 0.0,
+    trust_code: bool = False,
+    parity_batches: tuple[int, ...] = (1, 4),
+) -> OnnxBuild:
+    """Export ``ckpt`` and check it; ``make_runner`` (sparse ONNX bytes -> run function) is the
+    runtime parity is measured on (None: no parity, e.g. when a target compares its own)."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    check_exportable(ckpt)
+    exported = export_checkpoint(ckpt, opset=opset, dynamic_batch=dynamic_batch, trust_code=trust_code)
+    timings["torch_onnx_export_s"] = time.perf_counter() - started
+    sparse_proto, records = sparsify_initializers(exported.model, exported.names.values(), min_saving=min_saving)
+    check_onnx(sparse_proto)
+    arrays = initializer_arrays(sparse_proto)
+    check_masked_zeros(exported.names, arrays, ckpt.masks)
+    sparse_bytes = sparse_proto.SerializeToString()
+    dense_bytes = exported.model.SerializeToString()
+    parity = None
+    if make_runner is not None:
+        reference = TorchRunner(exported.torch_model, ckpt.model)
+        feeds = parity_feeds(ckpt.model.inputs, parity_batches if dynamic_batch else (ckpt.model.input_shape[0],), where=ckpt.source)
+        parity = compare(reference.run, make_runner(sparse_bytes), feeds, atol=atol, rtol=rtol, output_names=exported.output_names)
+    graph_nm = check_graph_nm(exported.model, TWO_FOUR, arrays=arrays)
+    timings["total_s"] = time.perf_counter() - started
+    return OnnxBuild(sparse_bytes, dense_bytes, exported, ckpt.model, layer_records(records, exported.names), graph_records(graph_nm), parity, timings)
