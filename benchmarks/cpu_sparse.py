@@ -141,10 +141,10 @@ def resnet_checkpoint(sparsity: float):
     return magnitude_checkpoint(spec, erk_densities(shapes, 1.0 - sparsity), trust=True)
 
 
-def ffn_checkpoint(sparsity: float):
-    from dnsconvert.models import builtin_spec
+def ffn_checkpoint(sparsity: float, tokens: int = 128):
+    from dnsconvert.modelspec import ModelSpec
 
-    spec = builtin_spec("transformer_mlp", dim=768, hidden=3072, depth=1)
+    spec = ModelSpec("dnsconvert.models:transformer_mlp", {"dim": 768, "hidden": 3072, "depth": 1}, (1, tokens, 768))
     return magnitude_checkpoint(spec, 1.0 - sparsity)
 
 

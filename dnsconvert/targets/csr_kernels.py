@@ -201,22 +201,6 @@ def chain_parallel(x_t, indptr, indices, data, bias, ip_off, nz_off, b_off, acts
     return h
 
 
-@njit(**JIT)
-def transpose(x):
-    """[a, b] -> C-contiguous [b, a], in 16x16 tiles (both sides stay in cache)."""
-    rows, cols = x.shape
-    out = np.empty((cols, rows), dtype=x.dtype)
-    for r0 in range(0, rows, 16):
-        r1 = min(r0 + 16, rows)
-        for c0 in range(0, cols, 16):
-            c1 = min(c0 + 16, cols)
-            for c in range(c0, c1):
-                dst = out[c]
-                for r in range(r0, r1):
-                    dst[r] = x[r, c]
-    return out
-
-
 @dataclass(frozen=True)
 class CsrLayer:
     """One sparse Linear layer y = act(W x + b) in CSR form."""
@@ -269,11 +253,11 @@ class CsrChain:
         return chain_serial(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts)
 
     def rows_major(self, x: np.ndarray) -> np.ndarray:
-        """x: [tokens, in_features] -> [tokens, out_features] (transposes around the chain)."""
+        """x: [tokens, in_features] -> [tokens, out_features] (numpy transposes around the chain:
+        faster than a compiled transpose, and than running token blocks through the chain one at
+        a time, which measured 1.4-5x slower on the FFN at 8-64 tokens per block)."""
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"expected [tokens, {self.in_features}] input, got {list(x.shape)}")
-        tokens = x.shape[0]
-        if tokens == 1:
+        if x.shape[0] == 1:
             return self(np.ascontiguousarray(x.reshape(-1, 1), dtype=np.float32)).reshape(1, -1)
-        out_t = self(np.ascontiguousarray(x.T, dtype=np.float32))
-        return np.ascontiguousarray(out_t.T)
+        return np.ascontiguousarray(self(np.ascontiguousarray(x.T, dtype=np.float32)).T)

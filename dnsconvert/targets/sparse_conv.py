@@ -10,9 +10,15 @@ reads phase (kh % s, kw % s) at offset (kh // s, kw // s). Nothing is gathered a
 no im2col matrix (K*K copies of the activation) is built; the cost is one padded copy of the
 input and one pass per nonzero over the output plane (which stays in L1/L2).
 
+The images of a batch sit one after another in each channel's buffer, so one axpy covers the
+whole batch (an output near an image's bottom edge reads into the next image: those outputs
+are among the dropped ones). Small planes (LeNet-5's 8x8 at batch 64) would otherwise pay the
+per-nonzero overhead once per image.
+
 Epilogue: bias, an optional residual tensor added before the activation (ResNet's
-``relu(bn(conv(x)) + identity)``), the activation. BatchNorm is already folded into the weight
-by the ONNX exporter. Also here: max pooling, which sits between sparse convolutions in LeNets.
+``relu(bn(conv(x)) + identity)``), the activation, and an optional k x k / stride k max pool
+(LeNet's conv -> pool) taken from the accumulator, so the unpooled output is never written.
+BatchNorm is already folded into the weight by the ONNX exporter.
 """
 
 from __future__ import annotations
@@ -23,45 +29,44 @@ from numba import njit, prange
 from .csr_kernels import JIT, activate_row, axpy_rows
 
 F32 = np.float32
+CHUNK = 4096  # output positions per accumulation pass: 16 KiB of accumulator stays in L1
 
 
 @njit(**JIT)
-def _fill_phases(image, buf, pad_t, pad_l, stride, plane, ws, phases):
-    """Copy one [C, H, W] image into its zero-padded phase planes; only the phases some nonzero
-    reads (``phases[ph * stride + pw]``), and never the borders, which stay zero."""
-    channels, height, width = image.shape
+def _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases):
+    """Copy [N, C, H, W] into zero-padded phase planes laid out [C, s, s, N, plane]; only the
+    phases some nonzero reads (``phases[ph * stride + pw]``), never the borders (they stay zero)."""
+    images, channels, height, width = x.shape
     for c in range(channels):
         for ph in range(stride):
             for pw in range(stride):
                 if not phases[ph * stride + pw]:
                     continue
-                base = ((c * stride + ph) * stride + pw) * plane
-                # rows i of this phase hold padded row s*i + ph, i.e. image row s*i + ph - pad_t
-                i0 = max(0, -((ph - pad_t) // stride))
+                i0 = max(0, -((ph - pad_t) // stride))  # first phase row that holds an image row
                 j0 = max(0, -((pw - pad_l) // stride))
-                for i in range(i0, plane // ws):
-                    y = stride * i + ph - pad_t
-                    if y >= height:
-                        break
-                    row = image[c, y]
-                    dst = buf[base + i * ws : base + (i + 1) * ws]
-                    x0 = stride * j0 + pw - pad_l
-                    count = min(ws - j0, (width - x0 + stride - 1) // stride)
-                    if stride == 1:
-                        part, src = dst[j0 : j0 + count], row[x0 : x0 + count]
-                        for t in range(count):
-                            part[t] = src[t]
-                    else:
-                        for t in range(count):
-                            dst[j0 + t] = row[x0 + t * stride]
-
-
-CHUNK = 4096  # output positions per accumulation pass: 16 KiB of accumulator stays in L1
+                x0 = stride * j0 + pw - pad_l
+                count = min(ws - j0, (width - x0 + stride - 1) // stride)
+                for n in range(images):
+                    base = (((c * stride + ph) * stride + pw) * images + n) * plane
+                    for i in range(i0, plane // ws):
+                        y = stride * i + ph - pad_t
+                        if y >= height:
+                            break
+                        row = x[n, c, y]
+                        dst = buf[base + i * ws + j0 : base + i * ws + j0 + count]
+                        if stride == 1:
+                            src = row[x0 : x0 + count]
+                            for t in range(count):
+                                dst[t] = src[t]
+                        else:
+                            for t in range(count):
+                                dst[t] = row[x0 + t * stride]
 
 
 @njit(**JIT)
-def _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, acc, oc_lo, oc_hi):
-    oh, ow = out.shape[1], out.shape[2]
+def _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, oc_lo, oc_hi):
+    """Output channels [oc_lo, oc_hi) of all images: accumulate, then the epilogue per image."""
+    images = out.shape[0]
     length = acc.shape[0]
     for oc in range(oc_lo, oc_hi):
         b = bias[oc]
@@ -69,50 +74,57 @@ def _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, acc, oc
             acc[j] = b
         for j0 in range(0, length, CHUNK):
             axpy_rows(acc[j0 : min(length, j0 + CHUNK)], buf, off, val, ptr[oc], ptr[oc + 1], 1, j0)
-        for oy in range(oh):
-            src = acc[oy * ws : oy * ws + ow]
-            dst = out[oc, oy]
-            if has_res:
-                r = res[oc, oy]
-                for ox in range(ow):
-                    dst[ox] = src[ox] + r[ox]
-            else:
-                for ox in range(ow):
-                    dst[ox] = src[ox]
-            activate_row(dst, act)  # one loop per activation: a per-element switch is not vectorised
+        for n in range(images):
+            base = n * plane
+            if pool > 0:  # max over each pool x pool window, then the (monotonic) activation
+                for py in range(out.shape[2]):
+                    dst = out[n, oc, py]
+                    for px in range(out.shape[3]):
+                        start = base + py * pool * ws + px * pool
+                        best = acc[start]
+                        for dy in range(pool):
+                            row = acc[start + dy * ws : start + dy * ws + pool]
+                            for dx in range(pool):
+                                v = row[dx]
+                                best = v if v > best else best
+                        dst[px] = best
+                    activate_row(dst, act)
+                continue
+            for oy in range(oh):
+                src = acc[base + oy * ws : base + oy * ws + ow]
+                dst = out[n, oc, oy]
+                if has_res:
+                    r = res[n, oc, oy]
+                    for ox in range(ow):
+                        dst[ox] = src[ox] + r[ox]
+                else:
+                    for ox in range(ow):
+                        dst[ox] = src[ox]
+                activate_row(dst, act)  # one loop per activation: a per-element switch is not vectorised
 
 
 @njit(**JIT)
-def conv_serial(x, buf, acc, ptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, out):
-    for n in range(x.shape[0]):
-        _fill_phases(x[n], buf, pad_t, pad_l, stride, plane, ws, phases)
-        _conv_channels(buf, ptr, off, val, bias, out[n], res[n if has_res else 0], has_res, act, ws, acc, 0, out.shape[1])
+def conv_serial(x, buf, acc, ptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, oh, ow, pool, out):
+    _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases)
+    _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, 0, out.shape[1])
     return out
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def conv_parallel(x, bufs, accs, ptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, out, bounds):
-    """Images split over threads when there are enough, else each image's channels (by nonzeros)."""
-    parts = bufs.shape[0]
-    if x.shape[0] >= parts:
-        for p in prange(parts):
-            for n in range(p, x.shape[0], parts):
-                _fill_phases(x[n], bufs[p], pad_t, pad_l, stride, plane, ws, phases)
-                _conv_channels(bufs[p], ptr, off, val, bias, out[n], res[n if has_res else 0], has_res, act, ws, accs[p], 0, out.shape[1])
-        return out
-    for n in range(x.shape[0]):
-        _fill_phases(x[n], bufs[0], pad_t, pad_l, stride, plane, ws, phases)
-        for p in prange(parts):
-            _conv_channels(bufs[0], ptr, off, val, bias, out[n], res[n if has_res else 0], has_res, act, ws, accs[p], bounds[p], bounds[p + 1])
+def conv_parallel(x, buf, accs, ptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, oh, ow, pool, out, bounds):
+    """Output channels split over threads in blocks of about equal nonzeros."""
+    _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases)
+    for p in prange(accs.shape[0]):
+        _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs[p], bounds[p], bounds[p + 1])
     return out
 
 
 class SparseConv2d:
-    """One sparse convolution (+ bias, residual, activation) on float32 NCHW arrays."""
+    """One sparse convolution (+ bias, residual, activation, max pool) on float32 NCHW arrays."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, *, stride: int, pads: tuple[int, int, int, int], activation: int = 0, parts: int = 1):
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, *, stride: int, pads: tuple[int, int, int, int], activation: int = 0, parts: int = 1, pool: int = 0):
         self.out_channels, self.in_channels, self.kh, self.kw = weight.shape
-        self.stride, self.pads, self.activation, self.parts = int(stride), tuple(int(p) for p in pads), int(activation), int(parts)
+        self.stride, self.pads, self.activation, self.parts, self.pool = int(stride), tuple(int(p) for p in pads), int(activation), int(parts), int(pool)
         oc, c, kh, kw = np.nonzero(weight)  # row-major order: grouped by output channel
         self._coords = (c.astype(np.int64), kh.astype(np.int64), kw.astype(np.int64))
         s = self.stride
@@ -124,50 +136,55 @@ class SparseConv2d:
         self.ptr = np.cumsum(self.ptr)
         self.bias = (bias if bias is not None else np.zeros(self.out_channels)).astype(np.float32)
         self.nnz = int(self.values.size)
-        self._geometry: dict[tuple[int, int], tuple] = {}
+        bounds = np.searchsorted(self.ptr, np.linspace(0, self.nnz, self.parts + 1)).astype(np.int64)
+        bounds[0], bounds[-1] = 0, self.out_channels
+        self.bounds = np.minimum(bounds, self.out_channels)
+        self._geometry: dict[tuple[int, int, int], tuple] = {}
         self._no_res = np.zeros((1, 1, 1, 1), dtype=np.float32)
 
-    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+    def conv_hw(self, height: int, width: int) -> tuple[int, int]:
         top, left, bottom, right = self.pads
         return (height + top + bottom - self.kh) // self.stride + 1, (width + left + right - self.kw) // self.stride + 1
 
-    def _layout(self, height: int, width: int) -> tuple:
+    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+        oh, ow = self.conv_hw(height, width)
+        return (oh // self.pool, ow // self.pool) if self.pool else (oh, ow)
+
+    def _layout(self, images: int, height: int, width: int) -> tuple:
         """Offsets and buffers for one input size (built once per size)."""
-        key = (height, width)
+        key = (images, height, width)
         if key not in self._geometry:
             s = self.stride
             top, left, bottom, right = self.pads
             hp, wp = height + top + bottom, width + left + right
-            oh, ow = self.output_hw(height, width)
+            oh, ow = self.conv_hw(height, width)
             hs, ws = -(-hp // s), -(-wp // s)
-            rows = max(hs, oh + (self.kh - 1) // s) + 1  # slack: the last axpy may run past the plane
-            plane = rows * ws
+            plane = hs * ws  # one image's phase plane; images follow one another
             c, kh, kw = self._coords
-            offsets = ((c * s + kh % s) * s + kw % s) * plane + (kh // s) * ws + kw // s
-            size = self.in_channels * s * s * plane
-            bufs = np.zeros((self.parts, size), dtype=np.float32)
-            accs = np.empty((self.parts, oh * ws), dtype=np.float32)
-            bounds = np.searchsorted(self.ptr, np.linspace(0, self.nnz, self.parts + 1)).astype(np.int64)
-            bounds[0], bounds[-1] = 0, self.out_channels
-            self._geometry[key] = (offsets.astype(np.int64), bufs, accs, plane, ws, oh, ow, np.minimum(bounds, self.out_channels))
+            offsets = ((c * s + kh % s) * s + kw % s) * (images * plane) + (kh // s) * ws + kw // s
+            length = images * plane
+            slack = ((self.kh - 1) // s + 1) * ws  # the last image's dropped outputs read past its plane
+            buf = np.zeros(self.in_channels * s * s * length + slack, dtype=np.float32)
+            accs = np.empty((self.parts, length), dtype=np.float32)
+            self._geometry[key] = (offsets.astype(np.int64), buf, accs, plane, ws, oh, ow)
         return self._geometry[key]
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected [batch, {self.in_channels}, height, width] input, got {list(x.shape)}")  # the kernels do not bounds-check
-        if min(self.output_hw(x.shape[2], x.shape[3])) < 1:
+        if min(self.conv_hw(x.shape[2], x.shape[3])) < max(1, self.pool):
             raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is smaller than the {self.kh}x{self.kw} kernel")
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if residual is not None and residual.shape != (x.shape[0], self.out_channels, *self.output_hw(x.shape[2], x.shape[3])):
-            raise ValueError(f"residual of shape {list(residual.shape)} does not match the convolution's output")
-        offsets, bufs, accs, plane, ws, oh, ow, bounds = self._layout(x.shape[2], x.shape[3])
-        out = np.empty((x.shape[0], self.out_channels, oh, ow), dtype=np.float32)
         has_res = residual is not None
+        if has_res and (self.pool or residual.shape != (x.shape[0], self.out_channels, *self.conv_hw(x.shape[2], x.shape[3]))):
+            raise ValueError(f"residual of shape {list(residual.shape)} does not match the convolution's output")
+        offsets, buf, accs, plane, ws, oh, ow = self._layout(*x.shape[:1], *x.shape[2:])
+        out = np.empty((x.shape[0], self.out_channels, *self.output_hw(x.shape[2], x.shape[3])), dtype=np.float32)
         res = np.ascontiguousarray(residual, dtype=np.float32) if has_res else self._no_res
         top, left = self.pads[0], self.pads[1]
         if self.parts > 1:
-            return conv_parallel(x, bufs, accs, self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, out, bounds)
-        return conv_serial(x, bufs[0], accs[0], self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, out)
+            return conv_parallel(x, buf, accs, self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, oh, ow, self.pool, out, self.bounds)
+        return conv_serial(x, buf, accs[0], self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, oh, ow, self.pool, out)
 
 
 @njit(**JIT)
@@ -180,17 +197,16 @@ def max_pool2d(x, kh, kw, sh, sw, pad_t, pad_l, oh, ow):
             plane = x[n, c]
             for oy in range(oh):
                 y0 = oy * sh - pad_t
+                y_lo, y_hi = max(y0, 0), min(y0 + kh, height)
+                dst = out[n, c, oy]
                 for ox in range(ow):
                     x0 = ox * sw - pad_l
+                    x_lo, x_hi = max(x0, 0), min(x0 + kw, width)
                     best = -np.inf
-                    for dy in range(kh):
-                        y = y0 + dy
-                        if 0 <= y < height:
-                            for dx in range(kw):
-                                xx = x0 + dx
-                                if 0 <= xx < width:
-                                    v = plane[y, xx]
-                                    best = v if v > best else best
-                    out[n, c, oy, ox] = best
+                    for y in range(y_lo, y_hi):
+                        row = plane[y]
+                        for xx in range(x_lo, x_hi):
+                            v = row[xx]
+                            best = v if v > best else best
+                    dst[ox] = best
     return out
-

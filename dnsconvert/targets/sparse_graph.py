@@ -46,6 +46,7 @@ class SparseOp:
     residual: str | None = None  # conv only: a tensor added before the activation
     stride: int = 1
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    pool: int = 0  # conv only: a fused k x k, stride k max pool after the activation
 
     @property
     def sparsity(self) -> float:
@@ -56,7 +57,7 @@ class SparseOp:
         return int(np.count_nonzero(self.weight))
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "shape": list(self.weight.shape), "sparsity": round(self.sparsity, 6), "nnz": self.nnz, "activation": self.activation, "residual": self.residual is not None, "stride": self.stride}
+        return {"kind": self.kind, "shape": list(self.weight.shape), "sparsity": round(self.sparsity, 6), "nnz": self.nnz, "activation": self.activation, "residual": self.residual is not None, "stride": self.stride, "pool": self.pool}
 
 
 @dataclass
@@ -211,6 +212,21 @@ def _epilogue(graph: Graph, value: str, allow_residual: bool) -> tuple[list[int]
     return nodes, current, "identity", residual
 
 
+MONOTONIC = ("identity", "relu", "tanh", "sigmoid")  # max pooling commutes with these
+
+
+def _plain_pool(node) -> bool:
+    """MaxPool k x k with stride k, no padding: what a conv epilogue can take over."""
+    if node.op_type != "MaxPool" or len(node.output) != 1:
+        return False
+    kernel = list(_attr(node, "kernel_shape") or [])
+    return (
+        len(kernel) == 2 and kernel[0] == kernel[1] and list(_attr(node, "strides", [1, 1])) == kernel
+        and not any(_attr(node, "pads", [0, 0, 0, 0])) and not _attr(node, "ceil_mode", 0)
+        and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and all(d == 1 for d in _attr(node, "dilations", [1, 1]))
+    )  # fmt: skip
+
+
 def find_sparse_ops(graph: Graph, weights: Sequence[str]) -> list[SparseOp]:
     """Every Gemm / MatMul / Conv whose weight initializer is in ``weights`` and that a kernel can run."""
     wanted = set(weights)
@@ -249,7 +265,12 @@ def find_sparse_ops(graph: Graph, weights: Sequence[str]) -> list[SparseOp]:
                 continue
             bias = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             fused, y, act, residual = _epilogue(graph, node.output[0], allow_residual=True)
-            ops.append(SparseOp(node.input[1], "conv", [i, *fused], node.input[0], y, np.ascontiguousarray(w, np.float32), None if bias is None else bias.astype(np.float32), act, residual, int(strides[0]), (pads[0], pads[1], pads[2], pads[3])))
+            pool = 0
+            nxt = _sole_consumer(graph, y)
+            if nxt is not None and residual is None and act in MONOTONIC and _plain_pool(graph.nodes[nxt]):
+                pool, y = int(_attr(graph.nodes[nxt], "kernel_shape")[0]), graph.nodes[nxt].output[0]
+                fused = [*fused, nxt]
+            ops.append(SparseOp(node.input[1], "conv", [i, *fused], node.input[0], y, np.ascontiguousarray(w, np.float32), None if bias is None else bias.astype(np.float32), act, residual, int(strides[0]), (pads[0], pads[1], pads[2], pads[3]), pool))
     graph.taken.clear()
     return ops
 
@@ -281,7 +302,7 @@ class ConvStep:
     def __init__(self, op: SparseOp, parts: int):
         from .sparse_conv import SparseConv2d
 
-        self.conv = SparseConv2d(op.weight, op.bias, stride=op.stride, pads=op.pads, activation=ACTIVATIONS[op.activation], parts=parts)
+        self.conv = SparseConv2d(op.weight, op.bias, stride=op.stride, pads=op.pads, activation=ACTIVATIONS[op.activation], parts=parts, pool=op.pool)
         self.inputs = [op.x] + ([op.residual] if op.residual else [])
         self.outputs = [op.y]
         self.names = [op.name]

@@ -62,6 +62,7 @@ class OpRecord:
     activation: str
     residual: bool
     stride: int
+    pool: int = 0
 
 
 @schema(frozen=True, config=_RECORD)
