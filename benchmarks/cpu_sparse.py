@@ -157,19 +157,11 @@ def dns_checkpoint(folder: Path, name: str):
     return load_checkpoint(path)
 
 
-def lenet_at(folder: Path, sparsity: float):
-    """LeNet-300-100 with the DNS checkpoint's trained weights, pruned by magnitude to ``sparsity``."""
-    from dnsconvert.checkpoint import PruningInfo, SparseCheckpoint
+def lenet_at(sparsity: float):
+    """LeNet-300-100 with random weights, pruned by magnitude to ``sparsity`` per layer."""
+    from dnsconvert.models import builtin_spec
 
-    ckpt = dns_checkpoint(folder, "lenet300100")
-    weights, masks = dict(ckpt.weights), {}
-    for name, mask in ckpt.masks.items():
-        w = ckpt.weights[name]
-        k = int(round((1 - sparsity) * w.numel()))
-        threshold = w.abs().flatten().kthvalue(w.numel() - k + 1).values
-        masks[name] = (w.abs() >= threshold).float()
-        weights[name] = w * masks[name]
-    return SparseCheckpoint(weights, masks, model=ckpt.model, pruning=PruningInfo("magnitude", "magnitude"))
+    return magnitude_checkpoint(builtin_spec("lenet300100"), 1.0 - sparsity)
 
 
 # name -> (label, sparsity text (None: measured), checkpoint maker, batches, goal per batch (None: dense fallback, >= 1.0x))
@@ -179,7 +171,7 @@ ROWS = {
     "ffn90": ("FFN 768-3072-768, 128 tokens", "90%", lambda a: ffn_checkpoint(0.90), (1,), {1: 1.5}),
     "ffn95": ("FFN 768-3072-768, 128 tokens", "95%", lambda a: ffn_checkpoint(0.95), (1,), {1: 2.0}),
     "resnet18": ("ResNet-18 shape, 224x224", "90% global (ERK)", lambda a: resnet_checkpoint(0.90), (1,), {1: 1.3}),
-    "lenet300100-50": ("LeNet-300-100 at 50%", "50%", lambda a: lenet_at(a.checkpoints, 0.5), (1, 64), {1: None, 64: None}),
+    "lenet300100-50": ("LeNet-300-100 at 50%", "50%", lambda a: lenet_at(0.5), (1, 64), {1: None, 64: None}),
     "ffn50": ("FFN 768-3072-768, 128 tokens", "50%", lambda a: ffn_checkpoint(0.50), (1,), {1: None}),
 }
 

@@ -73,7 +73,7 @@ class RegimePlan:
     mode: Literal["sparse", "dense"]
     kernels: dict[str, Literal["dense", "serial", "parallel"]]
     reason: str = ""
-    spinning: bool = False
+    spinning: bool = True  # ONNX Runtime sessions' workers spin-wait (its default)
     timings_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
     candidates: dict[str, dict[str, Any]] = Field(default_factory=dict)
     onnxruntime_dense_p50_ms: float | None = None
@@ -171,7 +171,7 @@ def plan_regime(graph, ops, *, inputs, batch: int, threads: int, mode: str, min_
         evidence[op.name] = timed
         kernels[op.name] = min(timed, key=timed.get)
     decision = {"batch": batch, "kernels": kernels, "timings_ms": evidence}
-    decision.update(check_whole_model(graph, ops, kernels, feeds, threads, budget_s=4 * budget_s))
+    decision.update(check_whole_model(graph, ops, kernels, feeds, threads, budget_s=4 * budget_s, timings=evidence))
     if decision["mode"] == "dense":
         decision["kernels"] = {op.name: "dense" for op in ops}
     return decision
@@ -195,33 +195,48 @@ def chain_groups(ops) -> list[list[str]]:
     return groups
 
 
-def candidate_plans(ops, kernels: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """Whole-model candidates: the per-layer choice, that choice with each chain of Linear
-    layers made wholly sparse where any of it is, and every layer sparse."""
+SLACK = (1.25, 1.6)  # candidates that also run layers this much slower than dense sparse
+
+
+def candidate_plans(ops, kernels: Mapping[str, str], timings: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, dict[str, str]]:
+    """Whole-model candidates. Each layer boundary between a kernel and ONNX Runtime costs a
+    session call and ONNX Runtime's cross-layer work (its blocked conv layout is converted
+    back and forth), which per-layer timings cannot see; so besides the per-layer choice the
+    whole model is tried with each chain of Linear layers wholly sparse where any of it is, with
+    layers up to ``SLACK`` times slower than dense also sparse (fewer boundaries), and all sparse."""
     per_layer = {name: k for name, k in kernels.items() if k != "dense"}
     chained = dict(per_layer)
     for group in chain_groups(ops):
         if any(name in per_layer for name in group):
             for name in group:
                 chained.setdefault(name, "serial")
-    everything = {op.name: kernels.get(op.name, "serial") if kernels.get(op.name, "dense") != "dense" else "serial" for op in ops}
+
+    def fastest_kernel(name: str) -> str:
+        timed = {k: v for k, v in (timings or {}).get(name, {}).items() if k != "dense"}
+        return min(timed, key=timed.get) if timed else "serial"
+
+    plans = [("per-layer", per_layer), ("chains sparse", chained)]
+    for slack in SLACK if timings else ():
+        within = {name: fastest_kernel(name) for name, t in timings.items() if min(v for k, v in t.items() if k != "dense") <= slack * t["dense"]}
+        plans.append((f"layers within {slack}x of dense sparse", within))
+    plans.append(("all sparse", {op.name: fastest_kernel(op.name) for op in ops}))
     candidates: dict[str, dict[str, str]] = {}
-    for label, chosen in (("per-layer", per_layer), ("chains sparse", chained), ("all sparse", everything)):
+    for label, chosen in plans:
         if chosen and chosen not in candidates.values():
             candidates[label] = chosen
     return candidates
 
 
-def check_whole_model(graph, ops, kernels: Mapping[str, str], feeds, threads: int, *, budget_s: float) -> dict[str, Any]:
+def check_whole_model(graph, ops, kernels: Mapping[str, str], feeds, threads: int, *, budget_s: float, timings: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     """Time candidate plans against the dense model in ONNX Runtime (the faster of its spinning
     and non-spinning settings), in the same rounds; keep the fastest plan only if it beats
     dense (otherwise this regime runs dense)."""
     from ..timing import measure_interleaved
     from .sparse_graph import GraphRunner, OrtStep, build_steps, ort_session
 
-    candidates = candidate_plans(ops, kernels)
+    candidates = candidate_plans(ops, kernels, timings)
     if not candidates:
-        return {"mode": "dense", "reason": "no layer is faster sparse"}
+        return {"mode": "dense", "reason": "no layer to run sparse"}
     dense, quiet = ort_session(graph.model, threads), ort_session(graph.model, threads, spinning=False)
     calls = {"onnxruntime dense": lambda: dense.run(None, feeds), "onnxruntime dense, not spinning": lambda: quiet.run(None, feeds)}
     chosen_by_label: dict[str, tuple[dict[str, str], bool]] = {}
@@ -243,7 +258,9 @@ def check_whole_model(graph, ops, kernels: Mapping[str, str], feeds, threads: in
     ratio = ratios[best]
     evidence = {"candidates": {label: r.to_json() for label, r in ratios.items()}, "onnxruntime_dense_p50_ms": result.stats(baseline).p50_ms, "planned_p50_ms": result.stats(best).p50_ms}
     if ratio.value < 1.0:
-        return {"mode": "dense", "reason": f"no plan faster than dense ONNX Runtime (best: {best}, {ratio.text()})", **evidence}
+        # the dense fallback runs with whichever ONNX Runtime setting was faster here
+        spinning = baseline == "onnxruntime dense"
+        return {"mode": "dense", "spinning": spinning, "reason": f"no plan faster than dense ONNX Runtime (best: {best}, {ratio.text()})", **evidence}
     chosen, spinning = chosen_by_label[best]
     return {"mode": "sparse", "kernels": {op.name: chosen.get(op.name, "dense") for op in ops}, "spinning": spinning, "reason": f"{best} vs dense ONNX Runtime: {ratio.text()}", **evidence}
 
@@ -281,15 +298,15 @@ class SparseCpuRunner:
         self.input_names, self.output_names = graph.input_names, graph.output_names
         self.runners: dict[str, Any] = {}
         self.modes: dict[str, str] = {}
-        dense = None
+        dense: dict[bool, _SessionRunner] = {}
         for regime in REGIMES:
             decision = plan["regimes"][regime]
             chosen = {name: k for name, k in decision["kernels"].items() if k != "dense"}
             if decision["mode"] == "dense" or not chosen:
-                if dense is None:
-                    session = ort_session(graph.model, threads)
-                    dense = _SessionRunner(session, self.output_names)
-                self.runners[regime], self.modes[regime] = dense, "onnxruntime dense"
+                spinning = bool(decision.get("spinning", True))
+                if spinning not in dense:
+                    dense[spinning] = _SessionRunner(ort_session(graph.model, threads, spinning=spinning), self.output_names)
+                self.runners[regime], self.modes[regime] = dense[spinning], "onnxruntime dense"
             else:
                 steps = build_steps(graph, ops, chosen, threads, spinning=bool(decision.get("spinning", False)))
                 self.runners[regime], self.modes[regime] = GraphRunner(graph, steps, "planned"), "planned"
