@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, default=Path("runs/dns"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=2, help="timing runs per artifact (a claim reproduces when run 2 falls in run 1's interval)")
-    parser.add_argument("--time-budget", type=float, default=1.5, help="seconds per runner, batch and run")
+    parser.add_argument("--time-budget", type=float, default=2.5, help="seconds per runner, batch and run")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--only", default="", help="comma-separated row names: " + ", ".join(ROWS))
     parser.add_argument("--workdir", type=Path, default=None, help="keep the artifacts here (default: a temporary folder)")

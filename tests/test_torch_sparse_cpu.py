@@ -232,3 +232,21 @@ def test_one_openmp_runtime_with_parallel_kernels():
     settings = pin_threads(2)
     assert numba.threading_layer() == "workqueue" and settings.numba_threading_layer == "workqueue"
     assert len(openmp_runtimes()) <= 1, openmp_runtimes()
+
+
+@pytest.mark.slow
+def test_kernels_stay_in_bounds_under_numba_boundscheck(tmp_path):
+    """The kernels index without bounds checks; rerun their tests with numba's checks on (a
+    fresh cache, so everything is recompiled): an out-of-bounds read or write raises there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    here = Path(__file__)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:logging", str(here), "-k", "conv or chain or residual or matches_dense"],
+        env=env, cwd=here.parent.parent, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]

@@ -30,6 +30,7 @@ from .csr_kernels import JIT, activate_row, axpy_rows
 
 F32 = np.float32
 CHUNK = 4096  # output positions per accumulation pass: 16 KiB of accumulator stays in L1
+VECTOR = 16  # float32 lanes of an AVX-512 register
 
 
 @njit(**JIT)
@@ -162,9 +163,11 @@ class SparseConv2d:
             plane = hs * ws  # one image's phase plane; images follow one another
             c, kh, kw = self._coords
             offsets = ((c * s + kh % s) * s + kw % s) * (images * plane) + (kh // s) * ws + kw // s
-            length = images * plane
-            slack = ((self.kh - 1) // s + 1) * ws  # the last image's dropped outputs read past its plane
-            buf = np.zeros(self.in_channels * s * s * length + slack, dtype=np.float32)
+            # a whole number of 16-float vectors: the compiled axpy then never runs its scalar
+            # remainder loop (a 7x7 plane at padded width 9 is 63 floats: 3 vectors + 15 scalars)
+            length = -(-((images - 1) * plane + oh * ws) // VECTOR) * VECTOR  # the last image's rows below oh are not needed
+            slack = ((self.kh - 1) // s + 1) * ws + VECTOR  # dropped outputs read past the last plane
+            buf = np.zeros(self.in_channels * s * s * images * plane + slack, dtype=np.float32)
             accs = np.empty((self.parts, length), dtype=np.float32)
             self._geometry[key] = (offsets.astype(np.int64), buf, accs, plane, ws, oh, ow)
         return self._geometry[key]
