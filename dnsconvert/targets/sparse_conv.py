@@ -188,28 +188,3 @@ class SparseConv2d:
         if self.parts > 1:
             return conv_parallel(x, buf, accs, self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, oh, ow, self.pool, out, self.bounds)
         return conv_serial(x, buf, accs[0], self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, oh, ow, self.pool, out)
-
-
-@njit(**JIT)
-def max_pool2d(x, kh, kw, sh, sw, pad_t, pad_l, oh, ow):
-    """Max pooling over NCHW (padding never wins: it is -inf, as ONNX MaxPool defines)."""
-    n_, c_, height, width = x.shape
-    out = np.empty((n_, c_, oh, ow), dtype=x.dtype)
-    for n in range(n_):
-        for c in range(c_):
-            plane = x[n, c]
-            for oy in range(oh):
-                y0 = oy * sh - pad_t
-                y_lo, y_hi = max(y0, 0), min(y0 + kh, height)
-                dst = out[n, c, oy]
-                for ox in range(ow):
-                    x0 = ox * sw - pad_l
-                    x_lo, x_hi = max(x0, 0), min(x0 + kw, width)
-                    best = -np.inf
-                    for y in range(y_lo, y_hi):
-                        row = plane[y]
-                        for xx in range(x_lo, x_hi):
-                            v = row[xx]
-                            best = v if v > best else best
-                    dst[ox] = best
-    return out
