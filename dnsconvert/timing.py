@@ -148,21 +148,27 @@ class Interleaved:
     def stats(self, name: str) -> LatencyStats:
         return latency_stats([s for block in self.samples[name] for s in block], batch=self.batch, warmup=self.warmup)
 
-    def ratio(self, baseline: str, candidate: str, *, confidence: float = 0.95, resolution: float = RESOLUTION, resamples: int = 1000, seed: int = 0) -> Ratio:
+    def ratio(self, baseline: str | Sequence[str], candidate: str, *, confidence: float = 0.95, resolution: float = RESOLUTION, resamples: int = 1000, seed: int = 0) -> Ratio:
         """p50(baseline) / p50(candidate) with a paired bootstrap interval over rounds, never
-        narrower than ``resolution`` either side of the estimate."""
-        base, cand = self.samples[baseline], self.samples[candidate]
-        value = _pooled_median(base) / _pooled_median(cand)
+        narrower than ``resolution`` either side of the estimate.
+
+        Several baselines mean "the fastest of them": each bootstrap resample picks its own
+        fastest, so the interval carries the uncertainty of that choice too (taking the
+        minimum of equally fast baselines favours the baseline by the noise)."""
+        names = [baseline] if isinstance(baseline, str) else list(baseline)
+        bases, cand = [self.samples[n] for n in names], self.samples[candidate]
+        value = min(_pooled_median(b) for b in bases) / _pooled_median(cand)
         low, high = value / (1.0 + resolution), value * (1.0 + resolution)
-        rounds = len(base)
+        rounds = len(cand)
         if rounds >= 2:
             rng = np.random.default_rng(seed)
             picks = rng.integers(0, rounds, size=(resamples, rounds))
-            ratios = np.array([_pooled_median([base[i] for i in pick]) / _pooled_median([cand[i] for i in pick]) for pick in picks])
+            ratios = np.array([min(_pooled_median([b[i] for i in pick]) for b in bases) / _pooled_median([cand[i] for i in pick]) for pick in picks])
             tail = 100.0 * (1.0 - confidence) / 2.0
             boot_low, boot_high = np.percentile(ratios, [tail, 100.0 - tail])
             low, high = min(low, float(boot_low)), max(high, float(boot_high))
-        return Ratio(baseline, candidate, value, float(low), float(high), confidence, rounds)
+        label = names[0] if len(names) == 1 else "fastest of " + ", ".join(names)
+        return Ratio(label, candidate, value, float(low), float(high), confidence, rounds)
 
 
 def _pooled_median(blocks: Sequence[Sequence[float]]) -> float:
