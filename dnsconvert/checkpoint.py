@@ -4,8 +4,11 @@ File format (version 1): one ``.safetensors`` file (read by :func:`dnsconvert.lo
 ``weight/<name>`` (the model's state dict with zeros where masked), ``mask/<name>``
 (bool, one per pruned parameter) and ``state/<i>`` (tensors of the resumable surgery
 state). The safetensors header's ``__metadata__`` holds one key, ``dnsconvert``: a JSON
-document with the format version, the model spec, the pruning info and the JSON part of
-the surgery state. safetensors never unpickles, so loading cannot run code.
+document with the format version, the model spec, the pruning info, the JSON part of the
+surgery state and ``layers``: per pruned parameter its kind, N:M reduction axis and how that
+is known (``{"kind": "hf-conv1d", "axis": 0, "source": "module", "prunable": true}``, see
+:mod:`dnsconvert.layers`; absent in older files, which read as unknown). safetensors never
+unpickles, so loading cannot run code.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from ._atomic import atomic_path
 from .errors import CheckpointError, ModelSpecError
+from .layers import LayerInfo
 from .modelspec import ModelSpec
 from .pattern import apply_mask
 
@@ -66,6 +70,9 @@ class SparseCheckpoint:
         state: resumable surgery state (nested dicts/lists of JSON values and tensors).
         source: the file this checkpoint was read from, for messages.
         source_sha256: that file's sha256, taken when it was read (manifests record it).
+        layers: what each pruned parameter is (kind, reduction axis, source of that
+            knowledge), as recorded when it was pruned; empty when unknown. Prefer
+            :func:`dnsconvert.layers.checkpoint_layers`, which asks the model first.
     """
 
     weights: dict[str, torch.Tensor]
@@ -75,6 +82,7 @@ class SparseCheckpoint:
     state: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     source_sha256: str | None = None
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.check_structure()
@@ -108,6 +116,15 @@ class SparseCheckpoint:
                 )
             if not weight.dtype.is_floating_point:
                 raise CheckpointError(f"pruned weight {name!r} has dtype {weight.dtype}, expected a float dtype", path=where)
+        for name, info in self.layers.items():
+            if name not in self.weights:
+                raise CheckpointError(f"layer info {name!r} names no weight in the checkpoint", path=where)
+            if not isinstance(info, LayerInfo):
+                raise CheckpointError(f"layer info {name!r} is a {type(info).__name__}, expected a LayerInfo", path=where)
+            if info.axis is not None and not -self.weights[name].dim() <= info.axis < self.weights[name].dim():
+                raise CheckpointError(
+                    f"layer info {name!r} gives reduction axis {info.axis}, but the weight is {self.weights[name].dim()}-D", path=where
+                )
 
     # -- views ------------------------------------------------------------------------
     def bool_masks(self) -> dict[str, torch.Tensor]:
@@ -145,6 +162,7 @@ class SparseCheckpoint:
             "model": self.model.to_json() if self.model else None,
             "pruning": self.pruning.to_json() if self.pruning else None,
             "state": state_json,
+            "layers": {name: info.to_json() for name, info in self.layers.items()},
         }
         target = Path(path)
         with atomic_path(target) as tmp:
@@ -188,11 +206,15 @@ def read_dnsconvert_safetensors(path: Path, metadata_json: str, tensors: dict[st
         model = ModelSpec.from_json(meta["model"]) if meta.get("model") else None
         pruning = PruningInfo.from_json(meta["pruning"]) if meta.get("pruning") else None
         state = unflatten_state(meta.get("state") or {}, state_tensors)
+        layers_json = meta.get("layers") or {}
+        if not isinstance(layers_json, dict):
+            raise ValueError("layers must be an object of name -> layer info")
+        layers = {str(name): LayerInfo.from_json(info) for name, info in layers_json.items()}
     except ModelSpecError as exc:
         raise CheckpointError(f"model spec in the metadata is malformed: {exc.message}", path=path) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"metadata is malformed: {exc}", path=path) from None
-    return SparseCheckpoint(weights, masks, model=model, pruning=pruning, state=state, source=path)
+    return SparseCheckpoint(weights, masks, model=model, pruning=pruning, state=state, source=path, layers=layers)
 
 
 # -- surgery state <-> JSON + tensors -------------------------------------------------------

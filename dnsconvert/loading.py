@@ -3,7 +3,10 @@
 Supported: dnsconvert's own safetensors files; plain safetensors state dicts; PyTorch
 ``.pt``/``.pth`` state dicts read with ``torch.load(weights_only=True)``, including the
 ``<name>_orig`` + ``<name>_mask`` pairs that ``torch.nn.utils.prune`` leaves behind. A dense
-state dict gets masks derived from its exact zeros (for every weight of 2 or more dims).
+state dict gets masks derived from its exact zeros (for every weight of 2 or more dims). With no
+model, what those tensors are is only guessed from their shapes, and recorded as such
+(``source="shape"``): commands that change weights refuse them unless a model or ``--layers``
+says what they are.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from .checkpoint import METADATA_KEY, PruningInfo, SparseCheckpoint, read_dnsconvert_safetensors
 from ._atomic import sha256_file
 from .errors import CheckpointError
+from .layers import guess_from_shape
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -156,6 +160,8 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: Path | No
                 ckpt.masks[name] = value != 0
     method = "torch.nn.utils.prune" if imported_from_prune else "imported-zeros"
     ckpt.pruning = PruningInfo(method=method)
+    # no model: a 2-D tensor may be a Linear [out, in], a Conv1D [in, out] or an embedding table
+    ckpt.layers = {name: guess_from_shape(ckpt.weights[name].shape) for name in ckpt.masks}
     return ckpt
 
 

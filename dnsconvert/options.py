@@ -99,6 +99,13 @@ class PruneOptions(ModelChoice):
     layer_sparsity: dict[str, float] = Field(default_factory=dict, description="Per-layer target sparsity, NAME=FRACTION (DNS calibration and baselines).")
     nm: str | None = Field(None, description="Constrain DNS masks to N:M along the reduction axis, e.g. 2:4.")
     prune_bias: bool = Field(False, description="Also mask biases (the reference code does).")
+    layers: tuple[str, ...] = Field(
+        (),
+        description="Select the tensors to prune by name, GLOB[@AXIS] (* crosses dots), e.g. 'encoder.*.dense.weight'; @AXIS gives the "
+        "reduction axis of a tensor no module type describes (a bare state dict). Default: every layer of a prunable kind.",
+        json_schema_extra={"metavar": "GLOB[@AXIS]"},
+    )
+    prune_tied: bool = Field(False, description="Also prune a tensor several modules share (tied weights, e.g. lm_head and the token embedding), once for all of them; otherwise it is refused.")
     epochs: float = Field(1.0, description="Epochs of DNS / fine-tuning / each IMP round.")
     dense_epochs: float = Field(0.0, description="Train the dense model this long first.")
     imp_rounds: int = Field(5, description="Rounds of iterative magnitude pruning.")
@@ -129,6 +136,8 @@ class PruneOptions(ModelChoice):
             nm=self.nm,
             prune_bias=self.prune_bias,
             seed=self.seed,
+            layers=list(self.layers) or None,
+            prune_tied=self.prune_tied,
         )
         return PruneConfig(
             model=self.spec(),
@@ -152,13 +161,21 @@ class PruneOptions(ModelChoice):
 
 @dataclass(frozen=True, config=_SCHEMA)
 class ValidateOptions:
-    require_nm: str | None = Field(None, description="Fail unless every layer able to hold it follows this N:M pattern.")
+    require_nm: str | None = Field(None, description="Fail unless every layer able to hold it follows this N:M pattern along its reduction axis.")
     min_sparsity: float | None = Field(None, description="Fail unless the pruned parameters are at least this sparse (0..1).")
+    allow_dead_layers: bool = Field(False, description="Do not fail a layer pruned to 100% (rule dead-layer).")
 
 
 @dataclass(frozen=True, config=_SCHEMA)
 class ProjectOptions:
     nm: str = Field("2:4", description="The N:M pattern to project onto.")
+    layers: tuple[str, ...] = Field(
+        (),
+        description="Select the tensors to project by name, GLOB[@AXIS] (* crosses dots), e.g. 'encoder.*.dense.weight'; @AXIS gives the "
+        "reduction axis of a tensor no module type describes (a bare state dict). Default: every layer of a prunable kind.",
+        json_schema_extra={"metavar": "GLOB[@AXIS]"},
+    )
+    prune_tied: bool = Field(False, description="Also project a tensor several modules share (tied weights, e.g. lm_head and the token embedding), once for all of them; otherwise it is refused.")
 
 
 @dataclass(frozen=True, config=_SCHEMA)

@@ -317,7 +317,13 @@ def stage_validate(run: Run) -> None:
     checkpoint = run.checkpoint
 
     def work() -> StepOutput:
-        report = validate(_load(run, checkpoint), require_nm=options.require_nm, min_sparsity=options.min_sparsity)
+        report = validate(
+            _load(run, checkpoint),
+            require_nm=options.require_nm,
+            min_sparsity=options.min_sparsity,
+            allow_dead_layers=options.allow_dead_layers,
+            trust_model_code=run.trust_model_code,
+        )
         detail = "; ".join(f"{v.rule}: {v.message}" for v in report.violations) or "all rules hold"
         summary = {"sparsity": report.sparsity, "compression": report.compression, "violations": len(report.violations)}
         return StepOutput({}, summary, [Gate("validate", report.passed, detail)])
@@ -335,7 +341,9 @@ def stage_project(run: Run) -> None:
     projected = run.work / "projected.safetensors"
 
     def work() -> StepOutput:
-        result = project_nm(_load(run, checkpoint), options.nm)
+        result = project_nm(
+            _load(run, checkpoint), options.nm, layers=list(options.layers) or None, prune_tied=options.prune_tied, trust_model_code=run.trust_model_code
+        )
         result.checkpoint.save(projected)
         return StepOutput({"checkpoint": projected}, {"removed_magnitude_fraction": result.removed_magnitude_fraction})
 

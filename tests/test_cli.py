@@ -99,12 +99,16 @@ def test_validate_and_project_torch_prune_state_dict(run_cli, tmp_path):
     data = json.loads(result.stdout)
     assert {layer["name"] for layer in data["layers"]} == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
     assert data["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert {layer["source"] for layer in data["layers"]} == {"shape"}  # no model: kinds are guessed, and labelled so
     out = tmp_path / "p.safetensors"
-    assert run_cli("project", tmp_path / "lenet5.pt", "-o", out).exit_code == 0
+    refused = run_cli("project", tmp_path / "lenet5.pt", "-o", out)  # guessed kinds are not projected
+    assert refused.exit_code == 2 and "guessed from their shape" in refused.stderr and not out.exists()
+    assert run_cli("project", tmp_path / "lenet5.pt", "--model", "lenet5", "-o", out).exit_code == 0
     result = run_cli("validate", out, "--require-nm", "2:4", "--json")
     assert result.exit_code == 0
     layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
     assert "not a multiple of 4" in layers["conv1.weight"]["nm_skipped_reason"]  # one input channel
+    assert {layer["source"] for layer in layers.values()} == {"module"}
 
 
 def test_inspect(run_cli):

@@ -19,7 +19,7 @@ def test_projection_validates_and_never_revives():
 def test_projection_keeps_largest_and_reports_cost():
     w = torch.tensor([[4.0, -3.0, 2.0, 1.0, 0.5, 0.1, 0.2, 0.3]])
     ckpt = SparseCheckpoint({"fc.weight": w}, {"fc.weight": torch.ones(1, 8, dtype=torch.bool)})
-    result = project_nm(ckpt, NMPattern(2, 4))
+    result = project_nm(ckpt, NMPattern(2, 4), layers=["fc.weight"])
     assert result.checkpoint.masks["fc.weight"].tolist() == [[True, True, False, False, True, False, False, True]]
     layer = result.layers[0]
     assert layer.removed_weights == 4
@@ -29,7 +29,7 @@ def test_projection_keeps_largest_and_reports_cost():
 
 def test_projection_skips_layers_that_cannot_hold_with_reason():
     ckpt = SparseCheckpoint({"fc.weight": torch.ones(2, 6)}, {"fc.weight": torch.ones(2, 6, dtype=torch.bool)})
-    result = project_nm(ckpt, "2:4")
+    result = project_nm(ckpt, "2:4", layers="fc.weight")
     assert result.layers[0].skipped_reason and "multiple of 4" in result.layers[0].skipped_reason
     assert torch.equal(result.checkpoint.masks["fc.weight"], ckpt.masks["fc.weight"])
 
@@ -37,7 +37,7 @@ def test_projection_skips_layers_that_cannot_hold_with_reason():
 def test_projection_uses_saliency_when_given():
     w = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
     ckpt = SparseCheckpoint({"fc.weight": w}, {"fc.weight": torch.ones(1, 4, dtype=torch.bool)})
-    result = project_nm(ckpt, "2:4", scores={"fc.weight": torch.tensor([[0.0, 0.0, 1.0, 1.0]])})
+    result = project_nm(ckpt, "2:4", layers=["fc.*"], scores={"fc.weight": torch.tensor([[0.0, 0.0, 1.0, 1.0]])})
     assert result.checkpoint.masks["fc.weight"].tolist() == [[False, False, True, True]]
 
 

@@ -79,11 +79,12 @@ def model_options(func):
 
 
 def render_sparsity_report(report, out=None) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     out = out or console()
     table = Table(title=f"{report.source}", title_justify="left")
-    for column in ("layer", "shape", "kind", "nnz", "sparsity", "2:4 eligible"):
+    for column in ("layer", "shape", "kind", "axis", "known from", "nnz", "sparsity", "2:4 eligible"):
         table.add_column(column, justify="right" if column in ("nnz", "sparsity") else "left")
     if report.require_nm:
         table.add_column(f"{report.require_nm}")
@@ -91,7 +92,9 @@ def render_sparsity_report(report, out=None) -> None:
         row = [
             layer.name,
             "x".join(map(str, layer.shape)),
-            layer.kind,
+            layer.kind + (" (tied)" if layer.tied else ""),
+            "-" if layer.axis is None else str(layer.axis),
+            "shape (guess)" if layer.source == "shape" else layer.source,
             f"{layer.nnz:,}",
             f"{layer.sparsity:.2%}",
             "yes" if layer.eligible_2_4 else f"no: {layer.eligible_reason}",
@@ -107,8 +110,13 @@ def render_sparsity_report(report, out=None) -> None:
         f"sparsity {report.sparsity:.2%} over {report.prunable_params:,} pruned parameters; "
         f"compression {report.compression:.1f}x ({report.total_params:,} / {report.total_nonzero:,} nonzero)"
     )
+    if report.guessed_layers:
+        out.print(
+            f"[yellow]note[/yellow]: {len(report.guessed_layers)} layer(s) have a kind and axis guessed from their shape "
+            "(no model to ask); pass --model (and --trust-model-code for your own) to know them"
+        )
     if report.violations:
         for v in report.violations:
-            out.print(f"[red]FAIL[/red] {v.rule}" + (f" [{v.layer}]" if v.layer else "") + f": {v.message}")
+            out.print(f"[red]FAIL[/red] {v.rule}" + (escape(f" [{v.layer}]") if v.layer else "") + f": {escape(v.message)}")
     else:
         out.print("[green]all rules hold[/green]")

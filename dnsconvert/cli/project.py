@@ -6,26 +6,34 @@ from pathlib import Path
 
 import click
 
+from ..options import ProjectOptions
 from ._common import checkpoint_argument, console, emit_json, load_with_model, model_options, write_report
+from ._schema import options_from, schema_options
 
 
 @click.command("project")
 @checkpoint_argument
-@click.option("--nm", "nm", default="2:4", show_default=True, metavar="N:M", help="The N:M pattern to project onto.")
+@schema_options(ProjectOptions)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the projected checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the projection report as JSON.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report to this file.")
 @model_options
-def project_cmd(checkpoint: Path, nm: str, output: Path, as_json: bool, report: Path | None, model_options) -> None:
-    """Project unstructured masks onto N:M along each layer's reduction axis."""
+def project_cmd(checkpoint: Path, output: Path, as_json: bool, report: Path | None, model_options, **params) -> None:
+    """Project unstructured masks onto N:M along each layer's reduction axis.
+
+    The layers and their axes come from the model (built in, or with --trust-model-code), else
+    from the checkpoint's record; tensors of a bare state dict, whose kind is only guessed from
+    their shape, are refused unless --model or --layers says what they are.
+    """
     from .._atomic import sha256_file
     from ..pattern import NMPattern
     from ..project import project_nm
     from ..validate import ensure_usable
 
-    pattern = NMPattern.parse(nm)
+    options = options_from(ProjectOptions, params)
+    pattern = NMPattern.parse(options.nm)
     ckpt = ensure_usable(load_with_model(checkpoint, model_options))
-    result = project_nm(ckpt, pattern)
+    result = project_nm(ckpt, pattern, layers=list(options.layers) or None, prune_tied=options.prune_tied, trust_model_code=model_options.trust_model_code)
     result.checkpoint.save(output)
     data = {**result.to_json(), "input": str(checkpoint), "input_sha256": sha256_file(checkpoint), "output": str(output)}
     write_report(report, data)

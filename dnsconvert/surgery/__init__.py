@@ -3,7 +3,7 @@
 from .baselines import imp_schedule, magnitude_masks
 from .criteria import CRITERIA, make_criterion
 from .dns import DNSConfig, DynamicNetworkSurgery, calibrate_c, update_probability
-from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_parameters
+from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_layers, prunable_parameters
 from .train import PruneConfig, PruneResult, evaluate, prune
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "imp_schedule",
     "magnitude_masks",
     "make_criterion",
+    "prunable_layers",
     "prunable_parameters",
     "prune",
     "update_probability",

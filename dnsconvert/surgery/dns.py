@@ -11,13 +11,14 @@ sparsity, and masks can be constrained to N:M along the engine's reduction axis.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..layers import parse_patterns
 from ..pattern import NMPattern, cannot_hold, nm_mask
 from .criteria import make_criterion
 from .sparsifier import MaskedSparsifier, prunable_parameters
@@ -40,8 +41,12 @@ class DNSConfig:
             movement, whose scale drifts as the loss falls; magnitude follows the reference).
         target_sparsity: if set, calibrate every layer's c so that this fraction is cut.
         layer_sparsity: per-layer targets (parameter name -> fraction), overriding the above.
-        nm: constrain masks to this N:M pattern along the reduction axis.
+        nm: constrain masks to this N:M pattern along each layer's reduction axis.
         prune_bias: also mask Linear/Conv biases (the reference does; default off).
+        layers: ``GLOB[@AXIS]`` patterns selecting the parameters to prune (default: every
+            layer of a prunable kind, see :mod:`dnsconvert.layers`).
+        prune_tied: prune a tensor that several modules share (tied weights) once for all of
+            them; by default it is left out, and refused when selected.
         seed: seeds the update draws, so that every rank and every resume draws the same.
     """
 
@@ -57,6 +62,8 @@ class DNSConfig:
     nm: str | None = None
     prune_bias: bool = False
     seed: int = 0
+    layers: list[str] | None = None
+    prune_tied: bool = False
 
     def __post_init__(self) -> None:
         if self.gamma < 0 or self.power < 0:
@@ -66,6 +73,8 @@ class DNSConfig:
                 raise UserError(f"target sparsity must lie in [0, 1), got {value}")
         if self.nm is not None:
             NMPattern.parse(self.nm)
+        if self.layers is not None:
+            self.layers = [str(p) for p in parse_patterns(self.layers)]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,25 +107,39 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         *,
         names: list[str] | None = None,
         initial_masks: dict[str, torch.Tensor] | None = None,
+        layers: list[str] | str | None = None,
+        prune_tied: bool | None = None,
     ):
-        self.config = config or DNSConfig()
+        """``layers`` and ``prune_tied`` override the config's (and are recorded in it)."""
+        config = config or DNSConfig()
+        if layers is not None or prune_tied is not None:
+            config = replace(
+                config,
+                layers=config.layers if layers is None else [str(p) for p in parse_patterns(layers)],
+                prune_tied=config.prune_tied if prune_tied is None else bool(prune_tied),
+            )
+        self.config = config
+        selection = dict(layers=config.layers, prune_bias=config.prune_bias, prune_tied=config.prune_tied)
         if names is None:
-            names = list(prunable_parameters(model, prune_bias=self.config.prune_bias))
+            names = list(prunable_parameters(model, **selection))
         if not initial_masks:
             # Start dense: the reference begins with all-ones masks on a (pre)trained model.
-            initial_masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(model, prune_bias=True).items() if n in names}
-        super().__init__(model, names, initial_masks=initial_masks, regrow=True, prune_bias=self.config.prune_bias)
+            initial_masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(model, names=names, **selection).items()}
+        super().__init__(model, names, initial_masks=initial_masks, regrow=True, **selection)
         self.criterion = make_criterion(self.config.criterion)
         self.reestimate = self.config.reestimate if self.config.reestimate is not None else self.config.criterion != "magnitude"
         self.pattern = NMPattern.parse(self.config.nm) if self.config.nm else None
         self.stats: dict[str, dict[str, float]] = {}  # name -> {"mean", "std", "c"}
         self.cuts = 0
         self.splices = 0
+        # N:M runs along each layer's own reduction axis (axis 0 for a transformers Conv1D)
+        self._nm_axis: dict[str, int] = {}
         if self.pattern is not None:
-            for name in self.params:
-                if cannot_hold(tuple(self._masks[name].shape), self.pattern) is None:
+            for name, info in self.layer_info.items():
+                if cannot_hold(tuple(self._masks[name].shape), self.pattern, info) is None:
+                    self._nm_axis[name] = info.axis
                     weight = self.dense_weight(name)
-                    self.set_mask(name, self._masks[name] & nm_mask(weight.abs(), self.pattern, allowed=self._masks[name]), weight)
+                    self.set_mask(name, self._masks[name] & nm_mask(weight.abs(), self.pattern, allowed=self._masks[name], axis=info.axis), weight)
 
     # -- thresholds ---------------------------------------------------------------------------
     def _layer_c(self, name: str) -> float:
@@ -169,8 +192,8 @@ class DynamicNetworkSurgery(MaskedSparsifier):
             # T=0, so the hysteresis band keeps each weight's state (float ops: bool ones are slow)
             threshold = (self._keep[name] * cut_at).add_(self._cut[name], alpha=splice_at)  # exactly a or b
             new_mask = score > threshold
-            if self.pattern is not None and cannot_hold(tuple(new_mask.shape), self.pattern) is None:
-                new_mask &= nm_mask(score, self.pattern, allowed=new_mask)
+            if name in self._nm_axis:
+                new_mask &= nm_mask(score, self.pattern, allowed=new_mask, axis=self._nm_axis[name])
             cuts = int((mask > new_mask).sum())
             kept_before = self._kept[name]
             self.set_mask(name, new_mask, weight)

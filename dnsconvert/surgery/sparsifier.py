@@ -41,23 +41,43 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..layers import LayerInfo, describe_model, model_parameters, select_layers
 
 
-def prunable_parameters(model: nn.Module, *, prune_bias: bool = False) -> dict[str, nn.Parameter]:
-    """Weights of Linear and Conv layers (and their biases with ``prune_bias``), by state-dict name."""
-    found: dict[str, nn.Parameter] = {}
-    for module_name, module in _unwrap(model).named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            prefix = f"{module_name}." if module_name else ""
-            found[prefix + "weight"] = module.weight
-            if prune_bias and module.bias is not None:
-                found[prefix + "bias"] = module.bias
-    return found
+def prunable_parameters(
+    model: nn.Module,
+    *,
+    prune_bias: bool = False,
+    layers: Iterable[str] | str | None = None,
+    prune_tied: bool = False,
+    names: Iterable[str] | None = None,
+) -> dict[str, nn.Parameter]:
+    """The parameters to prune, by state-dict name: by default the weights of every layer whose
+    module type is a prunable kind (:mod:`dnsconvert.layers`: Linear, Conv, transformers'
+    Conv1D, plugin kinds), and their biases with ``prune_bias``; tied tensors only with
+    ``prune_tied`` (once, under their first name). ``layers`` (``GLOB[@AXIS]`` patterns) or
+    ``names`` select other parameters instead."""
+    return {name: params for name, (params, _) in _resolve(model, names, layers, prune_bias, prune_tied).items()}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper, so names match the bare model."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def prunable_layers(
+    model: nn.Module,
+    *,
+    prune_bias: bool = False,
+    layers: Iterable[str] | str | None = None,
+    prune_tied: bool = False,
+    names: Iterable[str] | None = None,
+) -> dict[str, LayerInfo]:
+    """What :func:`prunable_parameters` selects, as the LayerInfo (kind, N:M axis, source) of each."""
+    return {name: info for name, (_, info) in _resolve(model, names, layers, prune_bias, prune_tied).items()}
+
+
+def _resolve(model, names, layers, prune_bias, prune_tied) -> dict[str, tuple[nn.Parameter, LayerInfo]]:
+    infos = describe_model(model)
+    params = model_parameters(model)
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    selected = select_layers(infos, names=names, layers=layers, prune_bias=prune_bias, prune_tied=prune_tied, shapes=shapes)
+    return {name: (params[name], info) for name, info in selected.items()}
 
 
 class MaskedSparsifier:
@@ -65,9 +85,17 @@ class MaskedSparsifier:
 
     Args:
         model: the model (or its DDP wrapper); parameters are found by name.
-        names: which parameters to mask (default: every Linear/Conv weight).
+        names: which parameters to mask, by exact name (default: every prunable layer's
+            weight, as :func:`prunable_parameters` decides).
         initial_masks: masks to start from (default: the parameters' exact zeros are masked).
         regrow: keep updating masked weights (DNS) or pin them at zero (fixed-mask fine-tuning).
+        prune_bias: also mask the biases of prunable layers (in the default selection).
+        layers: ``GLOB[@AXIS]`` patterns selecting the parameters (with ``names``: only their axes).
+        prune_tied: mask a tensor several modules share once for all of them (else it is refused
+            when named and left out by default).
+
+    Attributes:
+        layer_info: the LayerInfo (kind, N:M axis, where that is known from) of each masked name.
     """
 
     def __init__(
@@ -78,14 +106,13 @@ class MaskedSparsifier:
         initial_masks: dict[str, torch.Tensor] | None = None,
         regrow: bool = True,
         prune_bias: bool = False,
+        layers: Iterable[str] | str | None = None,
+        prune_tied: bool = False,
     ):
         self.model = model
-        available = prunable_parameters(model, prune_bias=prune_bias)
-        chosen = list(names) if names is not None else list(available)
-        unknown = [n for n in chosen if n not in available]
-        if unknown:
-            raise UserError(f"unknown prunable layer(s): {', '.join(unknown)}", hint=f"known: {', '.join(available)}")
-        self.params: dict[str, nn.Parameter] = {n: available[n] for n in chosen}
+        resolved = _resolve(model, names, layers, prune_bias, prune_tied)
+        self.params: dict[str, nn.Parameter] = {n: param for n, (param, _) in resolved.items()}
+        self.layer_info: dict[str, LayerInfo] = {n: info for n, (_, info) in resolved.items()}
         self.regrow = regrow
         self.iteration = 0
         self._masks: dict[str, torch.Tensor] = {}
@@ -95,7 +122,7 @@ class MaskedSparsifier:
         self._shadow: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, param in self.params.items():
-                given = (initial_masks or {}).get(name)
+                given = _initial_mask(initial_masks, name, self.layer_info[name])
                 mask = (given != 0) if given is not None else (param != 0)
                 if tuple(mask.shape) != tuple(param.shape):
                     raise UserError(f"initial mask for {name!r} has shape {tuple(mask.shape)}, the layer has {tuple(param.shape)}")
@@ -160,6 +187,19 @@ class MaskedSparsifier:
         self.iteration = int(state["iteration"])
         for name, param in self.params.items():
             self.set_mask(name, state["masks"][name].to(param.device).bool().clone(), state["shadow"][name].to(param.device).clone())
+
+
+def _initial_mask(masks: dict[str, torch.Tensor] | None, name: str, info: LayerInfo) -> torch.Tensor | None:
+    """The given mask of ``name``, or of another name of the same tied tensor (all of them ANDed)."""
+    if not masks:
+        return None
+    found = [masks[n] != 0 for n in (name, *info.tied) if n in masks]
+    if not found:
+        return None
+    mask = found[0]
+    for other in found[1:]:
+        mask = mask & other
+    return mask
 
 
 class FixedMaskSparsifier(MaskedSparsifier):

@@ -31,7 +31,7 @@ from ..errors import InternalError, UserError
 from ..models import build_model, load_weights_
 from .baselines import magnitude_masks, sparsity_at
 from .dns import DNSConfig, DynamicNetworkSurgery
-from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_parameters
+from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_layers, prunable_parameters
 
 METHODS = ("dns", "magnitude", "imp")
 
@@ -201,12 +201,13 @@ class Trainer:
         else:
             previous = self.sparsifier.masks() if self.sparsifier is not None else self.initial_masks
             # finetune phases follow a dense phase or another finetune (fixed-mask) phase, never DNS
-            weights = {n: p.detach() for n, p in prunable_parameters(self.model).items()}
+            selection = dict(layers=c.dns.layers, prune_tied=c.dns.prune_tied)
+            weights = {n: p.detach() for n, p in prunable_parameters(self.model, **selection).items()}
             # Per layer: the DNS per-layer targets when given (a like-for-like comparison), else the
             # global target; IMP round r of R is at sparsity_at(target, r/R).
             targets = {n: sparsity_at(c.dns.layer_sparsity.get(n, c.target_sparsity), float(phase.progress)) for n in weights}
             masks = magnitude_masks(weights, targets, previous=previous)
-            self.sparsifier = FixedMaskSparsifier(self.ddp_model, masks)
+            self.sparsifier = FixedMaskSparsifier(self.ddp_model, masks, **selection)
 
     def _lr(self, phase: Phase, step: int) -> float:
         if self.config.lr_schedule == "constant" or phase.steps == 0:
@@ -227,7 +228,11 @@ class Trainer:
 
     # state -----------------------------------------------------------------------------------
     def snapshot(self, final: bool = False) -> SparseCheckpoint:
-        masks = self.sparsifier.masks() if self.sparsifier is not None else {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(self.model).items()}
+        c = self.config
+        selection = dict(layers=c.dns.layers, prune_tied=c.dns.prune_tied)
+        masks = self.sparsifier.masks() if self.sparsifier is not None else {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(self.model, **selection).items()}
+        # what each masked tensor is (kind, N:M axis), so that later stages need not rebuild the model
+        layers = dict(self.sparsifier.layer_info) if self.sparsifier is not None else prunable_layers(self.model, **selection)
         raw = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         state: dict[str, Any] = {
             "iteration": self.global_step,
@@ -241,13 +246,12 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "finished": final,
         }
-        c = self.config
         hyper = {k: v for k, v in c.to_json().items() if k not in ("model", "dns", "data")}
         if c.method == "dns":
             hyper["dns"] = c.dns.to_json()
         pruning = PruningInfo(method=c.method, criterion=c.dns.criterion if c.method == "dns" else "magnitude", nm=c.dns.nm if c.method == "dns" else None, hyperparameters=hyper)
         weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return SparseCheckpoint(weights, masks, model=c.model, pruning=pruning, state=state)
+        return SparseCheckpoint(weights, masks, model=c.model, pruning=pruning, state=state, layers=layers)
 
     def restore(self, ckpt: SparseCheckpoint) -> None:
         state = ckpt.state
