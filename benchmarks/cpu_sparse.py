@@ -12,7 +12,9 @@ Rows (the issue's goals; ratio = ORT dense fp32 p50 / sparse p50, same run, inte
 | ResNet-18-shaped CNN, 224x224        | 90% global (ERK)     | 1          | >= 1.3x |
 | LeNet-300-100, FFN at 50%            | 50%                  | any        | >= 1.0x (falls back to dense) |
 
-plus, for context (no goal of its own), the ResNet-18 shape with 90% in every layer.
+plus, for context (no goal of its own), the ResNet-18 shape with 90% in every layer, and a
+BERT-base-shaped encoder (2 layers, 12 heads, hidden 768, FFN 3072, ``transformers``) with every
+Linear at 90% on 128 tokens: attention, softmax and LayerNorm stay in ONNX Runtime segments.
 
 The DNS checkpoints are trained with ``dnsconvert prune`` (commands below, real MNIST, one
 thread, a few minutes each); the FFN and ResNet are random weights pruned by magnitude. The
@@ -151,6 +153,23 @@ def ffn_checkpoint(sparsity: float, tokens: int = 128):
     return magnitude_checkpoint(spec, 1.0 - sparsity)
 
 
+def bert_encoder(layers: int = 2):
+    """A BERT-base-shaped encoder (hidden 768, 12 heads, FFN 3072), ``layers`` deep, random weights."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.BertConfig(vocab_size=1000, hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=256)
+    return transformers.BertModel(config, add_pooling_layer=False)
+
+
+def bert_checkpoint(sparsity: float):
+    """Every Linear of the encoder (Q, K, V, attention output, FFN) at ``sparsity``; embeddings and norms dense."""
+    from dnsconvert.modelspec import InputSpec, ModelSpec
+
+    inputs = (InputSpec.parse("input_ids:batch=1..1..8,128:int64:0..999"), InputSpec.parse("attention_mask:batch=1..1..8,128:int64:1..2"))
+    return magnitude_checkpoint(ModelSpec("cpu_sparse:bert_encoder", {}, inputs=inputs), 1.0 - sparsity, trust=True)
+
+
 def dns_checkpoint(folder: Path, name: str):
     from dnsconvert.loading import load_checkpoint
 
@@ -175,6 +194,7 @@ ROWS = {
     "ffn95": ("FFN 768-3072-768, 128 tokens", "95%", lambda a: ffn_checkpoint(0.95), (1,), {1: 2.0}),
     "resnet18": ("ResNet-18 shape, 224x224", "90% global (ERK)", lambda a: resnet_checkpoint(0.90), (1,), {1: 1.3}),
     "resnet18-uniform": ("ResNet-18 shape, 224x224", "90% in every layer", lambda a: resnet_checkpoint(0.90, uniform=True), (1,), {1: "context"}),
+    "bert90": ("BERT-base-shaped encoder, 2 layers, 128 tokens", "90% (all Linear)", lambda a: bert_checkpoint(0.90), (1,), {1: "context"}),
     "lenet300100-50": ("LeNet-300-100 at 50%", "50%", lambda a: lenet_at(0.5), (1, 64), {1: None, 64: None}),
     "ffn50": ("FFN 768-3072-768, 128 tokens", "50%", lambda a: ffn_checkpoint(0.50), (1,), {1: None}),
 }
@@ -196,7 +216,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated row names: " + ", ".join(ROWS))
     parser.add_argument("--workdir", type=Path, default=None, help="keep the artifacts here (default: a temporary folder)")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the ResNet factory is cpu_sparse:resnet18
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the ResNet and BERT factories are cpu_sparse:...
 
     from dnsconvert.bench import bench
     from dnsconvert.targets import build_artifact
@@ -215,13 +235,13 @@ def main() -> None:
             sparsity = sparsity or sparsity_text(ckpt)
             t0 = time.perf_counter()
             artifact = build_artifact(
-                ckpt, work / name, target="torch-sparse-cpu", trust_model_code=name.startswith("resnet"),
+                ckpt, work / name, target="torch-sparse-cpu", trust_model_code=name.startswith(("resnet", "bert")),
                 options={"threads": args.threads, "batches": ",".join(map(str, batches))},
             )  # fmt: skip
             build_s = time.perf_counter() - t0
             plan = artifact.manifest.details_as(SparseCpuDetails).plan
             runs = [
-                bench(artifact.root, batches=batches, warmup=5, iterations=None, time_budget_s=args.time_budget, rounds=args.rounds, threads=args.threads, trust_model_code=name.startswith("resnet"))
+                bench(artifact.root, batches=batches, warmup=5, iterations=None, time_budget_s=args.time_budget, rounds=args.rounds, threads=args.threads, trust_model_code=name.startswith(("resnet", "bert")))
                 for _ in range(args.runs)
             ]  # fmt: skip
             for batch in batches:
