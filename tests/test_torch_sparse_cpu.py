@@ -73,8 +73,7 @@ def test_auto_plan_records_its_evidence(tmp_path):
         assert decision.candidates and decision.onnxruntime_dense_p50_ms > 0
         if decision.mode == "dense":
             assert set(decision.kernels.values()) == {"dense"}
-        best = max(decision.candidates.values(), key=lambda r: r["value"])
-        assert (best["value"] >= 1.0) == (decision.mode == "sparse")
+        assert any(r["verdict"] == "faster" for r in decision.candidates.values()) == (decision.mode == "sparse")
 
 
 def test_auto_plan_falls_back_to_dense_when_sparse_loses(tmp_path):
