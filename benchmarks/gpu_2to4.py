@@ -1,11 +1,15 @@
-"""2:4 semi-structured sparse vs dense on a GPU: per-layer GEMM and an end-to-end MLP block.
+"""2:4 semi-structured sparse vs dense on a GPU: per-layer GEMM and an end-to-end FFN block.
 
-    python benchmarks/gpu_2to4.py [--dtype fp16] [--backend cusparselt]
+    python benchmarks/gpu_2to4.py [--dtypes fp16 bf16] [--backend auto|cusparselt|cutlass] [--json out.json]
 
-Needs an NVIDIA GPU with sparse tensor cores (sm80+) and torch with cuSPARSELt; exits with a
-message otherwise. Per layer: 4096x4096-class Linear weights at batch 1, 64 and 1024 (CUDA
-synchronised p50 of 100 runs). End to end: a 2-block transformer FFN (1024 -> 4096 -> 1024),
-2:4-projected, through the torch-2to4-cuda target (dense baseline: same model, same dtype).
+Per layer: Linear weights of 4096x4096, 11008x4096 and 4096x11008 at batch 1, 64 and 1024
+(CUDA-synchronised p50/p90 of --iterations runs, dense and 2:4 with the same weights and dtype).
+End to end: a 2-block transformer FFN (1024 -> 4096 -> 1024), 2:4-projected, built by the
+torch-2to4-cuda target (dense baseline: the same model in the same dtype) and benchmarked.
+Each backend is first checked against the GPU with ``backend_support`` (CUTLASS: compute
+capability 8.x only; cuSPARSELt: a torch built with it); a refused backend is reported with
+its reason instead of crashing. Exit 0 when at least one measurement was made, 1 when none
+could be (no GPU, or every backend refused), with the reason on stderr.
 """
 
 from __future__ import annotations
@@ -18,36 +22,91 @@ from pathlib import Path
 
 import torch
 
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+BATCHES = (1, 64, 1024)
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
-    parser.add_argument("--backend", default="cusparselt", choices=["cusparselt", "cutlass"])
-    args = parser.parse_args()
+
+def backends_to_run(requested: str) -> tuple[list[str], dict[str, str]]:
+    """(backends that can run here, {backend: reason} for those refused)."""
+    from dnsconvert.targets.torch_semistructured import BACKENDS, backend_support
+
+    capability = tuple(torch.cuda.get_device_capability())
+    cusparselt = bool(torch.backends.cusparselt.is_available())
+    verdicts = {name: backend_support(name, capability, cusparselt_available=cusparselt) for name in BACKENDS}
+    wanted = list(BACKENDS) if requested == "all" else [requested] if requested != "auto" else [next((b for b in BACKENDS if verdicts[b][0]), BACKENDS[0])]
+    return [b for b in wanted if verdicts[b][0]], {b: verdicts[b][1] for b in wanted if not verdicts[b][0]}
+
+
+def run(dtypes: list[str], backend: str, iterations: int, shapes=SHAPES, batches=BATCHES, e2e: bool = True) -> dict:
+    from dnsconvert.errors import TargetError
     from dnsconvert.targets.torch_semistructured import DTYPES, TorchSemiStructuredTarget, gemm_speedup
 
     status = TorchSemiStructuredTarget().availability()
-    if not status.available:
-        sys.exit(f"no GPU run: {status.reason}")
-    dtype = DTYPES[args.dtype]
-    rows = []
-    for shape in ((4096, 4096), (11008, 4096), (4096, 11008)):
-        for batch in (1, 64, 1024):
-            row = gemm_speedup(*shape, batch, dtype=dtype, backend=args.backend)
-            rows.append(row)
-            print(f"{shape} batch {batch:5d}: dense {row['dense_ms']:.4f} ms  2:4 {row['sparse_ms']:.4f} ms  speedup {row['speedup']:.2f}x", flush=True)
+    result: dict = {"device": None, "torch": torch.__version__, "cuda": torch.version.cuda, "gemm": [], "end_to_end": [], "refused": {}}
+    if not torch.cuda.is_available():
+        result["refused"]["all"] = status.reason
+        return result
+    result["device"] = torch.cuda.get_device_name()
+    result["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    result["cusparselt"] = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
+    runnable, refused = backends_to_run(backend)
+    result["refused"].update(refused)
+    for name in runnable:
+        for dtype_name in dtypes:
+            for shape in shapes:
+                for batch in batches:
+                    try:
+                        row = gemm_speedup(*shape, batch, dtype=DTYPES[dtype_name], backend=name, iterations=iterations)
+                    except TargetError as exc:
+                        result["refused"][f"{name}/{dtype_name}/{shape}/{batch}"] = str(exc)
+                        continue
+                    result["gemm"].append(row)
+                    graphs = f"  | CUDA graphs: dense {row['dense_graph_p50_ms']:.4f} ms  2:4 {row['sparse_graph_p50_ms']:.4f} ms  speedup {row['speedup_graphs']:.2f}x" if "speedup_graphs" in row else ""
+                    print(f"{name} {dtype_name} {shape} batch {batch:5d}: dense {row['dense_p50_ms']:.4f} ms  2:4 {row['sparse_p50_ms']:.4f} ms  speedup {row['speedup']:.2f}x{graphs}", flush=True)
+            if e2e:
+                for graphs in (False, True):
+                    result["end_to_end"].append(end_to_end(name, dtype_name, iterations, cuda_graphs=graphs))
+    return result
+
+
+def end_to_end(backend: str, dtype_name: str, iterations: int, *, cuda_graphs: bool = True) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from helpers import masked_checkpoint
 
     from dnsconvert.bench import bench
+    from dnsconvert.errors import TargetError
     from dnsconvert.project import project_nm
     from dnsconvert.targets import BuildOptions
+    from dnsconvert.targets.torch_semistructured import TorchSemiStructuredTarget
 
     ckpt = project_nm(masked_checkpoint("transformer_mlp", 0.5, dim=1024, hidden=4096, depth=2), "2:4").checkpoint
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = TorchSemiStructuredTarget().build(ckpt, Path(tmp) / "m.safetensors", BuildOptions(extra={"dtype": args.dtype, "backend": args.backend}))
-        report = bench(artifact.manifest_path, batches=(1, 64, 1024), warmup=20, iterations=100)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "backend": args.backend, "gemm": rows, "end_to_end": report.speedups(), "parity": artifact.manifest["parity"]}, indent=2))
+        try:
+            extra = {"dtype": dtype_name, "backend": backend, "cuda_graphs": "1" if cuda_graphs else "0"}
+            artifact = TorchSemiStructuredTarget().build(ckpt, Path(tmp) / "ffn", BuildOptions(extra=extra))
+        except TargetError as exc:
+            return {"backend": backend, "dtype": dtype_name, "cuda_graphs": cuda_graphs, "refused": str(exc)}
+        report = bench(artifact, batches=BATCHES, warmup=20, iterations=iterations)
+    row = {"backend": backend, "dtype": dtype_name, "cuda_graphs": cuda_graphs, "model": "transformer_mlp dim 1024 hidden 4096 depth 2", "speedups": report.speedups(), "parity": artifact.manifest.parity.to_json()}
+    for s in row["speedups"]:
+        print(f"FFN {backend} {dtype_name} graphs={int(cuda_graphs)} batch {s['batch']:5d}: dense {s['dense_p50_ms']:.4f} ms  2:4 {s['sparse_p50_ms']:.4f} ms  speedup {s['speedup']:.2f}x", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "all", "cusparselt", "cutlass"])
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    result = run(args.dtypes, args.backend, args.iterations)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    if not result["gemm"]:
+        sys.exit(f"no GPU measurement: {json.dumps(result['refused'])}")
 
 
 if __name__ == "__main__":

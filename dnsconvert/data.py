@@ -10,17 +10,18 @@ smoke tests and demos, never for accuracy claims.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import struct
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import limits
 from ._atomic import write_bytes_atomic
 from .errors import DataError
 
@@ -63,24 +64,72 @@ class DataSplits:
     source: str
 
 
+_IDX_CHUNK = 1 << 20
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (gzipped or not) into a uint8 array."""
+    """Read one IDX file (gzipped or not) into a uint8 array.
+
+    The header's dims fix the data size before anything is allocated: that size is held to
+    the ``dense_bytes`` limit, and a gzip file is inflated as a stream that stops at the size
+    the header states (a small gzip cannot inflate to gigabytes).
+    """
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"cannot read ({exc})", path=path, hint="re-download the MNIST files") from None
-    if len(raw) < 8:
-        raise DataError("too short for an IDX file", path=path)
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise DataError(f"not an unsigned-byte IDX file (magic {raw[:4].hex()})", path=path)
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"holds {body.size} bytes of data, its header says {int(np.prod(dims))}", path=path, hint="the file is truncated")
-    return body.reshape(dims)
+        with open(path, "rb") as fh:
+            gzipped = fh.read(2) == b"\x1f\x8b"
+            fh.seek(0)
+            stream = _GzipStream(fh, path) if gzipped else fh
+            header = _read_exactly(stream, 4, path, "header")
+            zero, dtype_code, ndim = struct.unpack(">HBB", header)
+            if zero != 0 or dtype_code != 0x08:
+                raise DataError(f"not an unsigned-byte IDX file (magic {header.hex()})", path=path, hint="MNIST IDX files start with 00 00 08 0N")
+            if not 1 <= ndim <= 4:
+                raise DataError(f"IDX header says {ndim} dimensions; MNIST files have 1 (labels) or 3 (images)", path=path)
+            dims = struct.unpack(f">{ndim}I", _read_exactly(stream, 4 * ndim, path, "header"))
+            size = limits.numel(dims)
+            limits.check("dense_bytes", size, f"IDX data of shape {list(dims)}", path=path)
+            body = _read_exactly(stream, size, path, "data")
+            if stream.read(1):
+                raise DataError(f"holds more data than its header's shape {list(dims)}", path=path, hint="the file is corrupt")
+    except OSError as exc:
+        raise DataError(f"cannot read ({exc.strerror or exc})", path=path, hint="re-download the MNIST files") from None
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _read_exactly(stream, size: int, path: Path, what: str) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise DataError(f"IDX {what} ends after {len(data)} of {size} bytes", path=path, hint="the file is truncated; re-download it")
+    return data
+
+
+class _GzipStream:
+    """A gzip file inflated on demand, never more than asked for (``read(n)`` returns <= n bytes)."""
+
+    def __init__(self, fh, path: Path):
+        self.fh, self.path = fh, path
+        self.inflater = zlib.decompressobj(wbits=31)
+        self.pending = b""
+
+    def read(self, size: int) -> bytes:
+        parts, wanted = [], size
+        while wanted > 0:
+            if not self.pending:
+                if self.inflater.eof:
+                    break
+                self.pending = self.fh.read(_IDX_CHUNK)
+                if not self.pending:
+                    raise DataError("gzip stream is truncated", path=self.path, hint="re-download the file")
+            try:
+                out = self.inflater.decompress(self.pending, min(wanted, _IDX_CHUNK))
+            except zlib.error as exc:
+                raise DataError(f"gzip data is corrupt ({exc})", path=self.path, hint="re-download the file") from None
+            self.pending = self.inflater.unconsumed_tail or (self.inflater.unused_data if self.inflater.eof else b"")
+            if self.inflater.eof and self.pending:
+                raise DataError("holds data after its gzip stream", path=self.path, hint="the file is corrupt")
+            parts.append(out)
+            wanted -= len(out)
+        return b"".join(parts)
 
 
 def _find(directory: Path, filename: str) -> Path | None:
@@ -106,6 +155,10 @@ def load_mnist(directory: str | Path) -> DataSplits:
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{part} images {images.shape} and labels {labels.shape} do not match", path=directory)
+        if images.shape[1:] != (28, 28) or len(images) == 0:
+            raise DataError(f"{part} images have shape {images.shape}; MNIST holds one or more 28x28 images", path=directory)
+        if int(labels.max()) > 9:
+            raise DataError(f"{part} labels hold {int(labels.max())}; MNIST labels are 0..9", path=directory, hint="the label file is corrupt")
         splits.append(ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), f"mnist-{part}"))
     return DataSplits(splits[0], splits[1], f"mnist:{directory}")
 

@@ -63,6 +63,10 @@ class PipelineError(UserError):
     """A pipeline file is malformed."""
 
 
+class OutputError(UserError):
+    """An output cannot be written (read-only, permission, disk full, a folder, an input's path)."""
+
+
 class GateFailed(DnsconvertError):
     """A rule or gate the user asked for does not hold: exit code 1."""
 

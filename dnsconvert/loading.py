@@ -11,6 +11,7 @@ says what they are.
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -19,9 +20,10 @@ from typing import Any
 
 import torch
 
+from . import limits
 from .checkpoint import METADATA_KEY, PruningInfo, SparseCheckpoint, read_dnsconvert_safetensors
 from ._atomic import sha256_file
-from .errors import CheckpointError
+from .errors import CheckpointError, UserError
 from .layers import guess_from_shape
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -43,7 +45,7 @@ def load_checkpoint(path: str | Path) -> SparseCheckpoint:
     if _looks_like_safetensors(head, size):
         ckpt = _load_safetensors(path)
     elif head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
-        ckpt = _load_torch(path)
+        ckpt = _load_torch(path, zip_format=head.startswith(_ZIP_MAGIC))
     elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         raise CheckpointError(
             "is not a PyTorch checkpoint (neither a zip archive nor a pickle)", path=path, hint="the file may be corrupt or truncated"
@@ -69,18 +71,70 @@ def _load_safetensors(path: Path) -> SparseCheckpoint:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(
             f"cannot read as safetensors ({_first_line(exc)})",
             path=path,
             hint="the file is truncated, corrupt or of an unsupported kind; dnsconvert reads .safetensors, .pt and .pth",
         ) from None
+    check_dtypes(tensors, path)
     if METADATA_KEY in metadata:
-        return read_dnsconvert_safetensors(path, metadata[METADATA_KEY], tensors)
+        read_json_text(metadata[METADATA_KEY], what="metadata", path=path, error=CheckpointError)
+        try:
+            return read_dnsconvert_safetensors(path, metadata[METADATA_KEY], tensors)
+        except RecursionError:  # belt and braces: the depth was checked above
+            raise CheckpointError("metadata nests too deeply", path=path) from None
     return from_state_dict(tensors, source=path)
 
 
-def _load_torch(path: Path) -> SparseCheckpoint:
+# dtypes dnsconvert computes with; others (float8, complex, quantized, uint16..64) are refused
+# when loading, before any stage meets an op that is not implemented for them.
+SUPPORTED_DTYPES = (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+)  # fmt: skip
+
+
+def check_dtypes(tensors: Mapping[str, Any], path: Path | None) -> None:
+    """Raise CheckpointError for a tensor of a dtype dnsconvert does not compute with."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.dtype not in SUPPORTED_DTYPES:
+            raise CheckpointError(
+                f"tensor {name!r} has dtype {str(value.dtype).removeprefix('torch.')}, which dnsconvert does not read",
+                path=path,
+                hint="convert it to float32, float16 or bfloat16 before saving",
+            )
+
+
+def read_json_text(text: str | bytes, *, what: str, path: str | Path | None, error: type[UserError] = UserError) -> Any:
+    """Parse JSON read from a file; malformed or nested deeper than the ``depth`` limit is one ``error``."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise error(f"{what} nests too deeply", path=path, hint=f"the limit is {limits.get('depth')} levels") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} is not valid JSON ({getattr(exc, 'msg', exc)})", path=path) from None
+    stack = [(data, 1)]
+    limit = limits.get("depth")
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            raise error(
+                f"{what} nests more than {limit} levels deep",
+                path=path,
+                hint=f"if you trust this file, raise the limit: {limits.LIMITS['depth'].env}={depth}",
+            )
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return data
+
+
+def _load_torch(path: Path, *, zip_format: bool) -> SparseCheckpoint:
+    from .torch_file import scan_torch_file
+
+    scan_torch_file(path, zip_format=zip_format)  # every size backed by the file's bytes, before torch allocates
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -91,13 +145,15 @@ def _load_torch(path: Path) -> SparseCheckpoint:
             path=path,
             hint="save only the state dict: torch.save(model.state_dict(), path)",
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as exc:
         raise CheckpointError(
             f"cannot read as a PyTorch checkpoint ({_first_line(exc)[:160]})",
             path=path,
             hint="the file is truncated or corrupt; re-save it with torch.save(model.state_dict(), path)",
         ) from None
-    return from_state_dict(_unwrap(obj, path), source=path)
+    state_dict = _unwrap(obj, path)
+    check_dtypes(state_dict, path)
+    return from_state_dict(state_dict, source=path)
 
 
 def _unwrap(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:

@@ -34,12 +34,9 @@ DEFAULT_MAX_INPUT_ELEMENTS = 1 << 26
 
 
 def max_input_elements() -> int:
-    import os
+    from . import limits  # h11: every limit lives in limits.py (same variable, same default)
 
-    try:
-        return int(os.environ.get("DNSCONVERT_MAX_INPUT_ELEMENTS", DEFAULT_MAX_INPUT_ELEMENTS))
-    except ValueError:
-        return DEFAULT_MAX_INPUT_ELEMENTS
+    return limits.get("input_elements")
 
 
 def call_model(model: nn.Module, inputs: Sequence[InputSpec], tensors: Sequence[torch.Tensor]) -> Any:

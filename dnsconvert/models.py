@@ -8,12 +8,14 @@ configurable MLP family (GELU, optional LayerNorm) and ``convnet`` a small moder
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import limits
 from .modelspec import InputSpec, ModelSpec
 from .errors import ModelSpecError
 
@@ -111,6 +113,48 @@ BUILTIN_MODELS = {
 }
 
 
+# The kwargs of each built-in factory and what they must be: checked before anything is built,
+# because they come from files (checkpoint metadata, artifacts, pipeline files).
+_SIZE, _SIZES, _COUNT, _FLAG = "a positive integer", "a list of positive integers", "a non-negative integer", "true or false"
+BUILTIN_KWARGS: dict[str, dict[str, str]] = {
+    "lenet300100": {"num_classes": _SIZE},
+    "lenet5": {"num_classes": _SIZE},
+    "mlp": {"in_features": _SIZE, "hidden": _SIZES, "num_classes": _SIZE, "layer_norm": _FLAG},
+    "convnet": {"channels": _SIZES, "num_classes": _SIZE, "in_channels": _SIZE},
+    "transformer_mlp": {"dim": _SIZE, "hidden": _SIZE, "depth": _COUNT},
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_builtin_kwargs(name: str, kwargs: Mapping[str, Any], *, source: str | Path | None = None) -> None:
+    """Raise ModelSpecError unless ``kwargs`` are of the types built-in model ``name`` takes,
+    with no more layers than the ``layers`` limit."""
+    schema = BUILTIN_KWARGS[name]
+    unknown = sorted(set(map(str, kwargs)) - set(schema))
+    if unknown:
+        raise ModelSpecError(f"built-in model {name!r} takes no argument {', '.join(unknown)}", path=source, hint=f"its arguments: {', '.join(schema)}")
+    for key, value in kwargs.items():
+        kind = schema[key]
+        if kind == _SIZES:
+            ok = isinstance(value, (list, tuple))
+            if ok:
+                limits.check("layers", len(value), f"model {name!r} argument {key!r}", path=source)
+                ok = all(_is_int(v) and v > 0 for v in value)
+        elif kind == _COUNT:
+            ok = _is_int(value) and value >= 0
+            if ok:
+                limits.check("layers", value, f"model {name!r} argument {key!r}", path=source)
+        elif kind == _SIZE:
+            ok = _is_int(value) and value > 0
+        else:
+            ok = isinstance(value, bool)
+        if not ok:
+            raise ModelSpecError(f"built-in model {name!r}: argument {key!r} must be {kind}, got {str(value)[:60]}", path=source)
+
+
 def builtin_spec(name: str, **kwargs: Any) -> ModelSpec:
     """The ModelSpec of a built-in model by short name."""
     if name not in BUILTIN_MODELS:
@@ -150,12 +194,41 @@ def is_builtin(spec: ModelSpec) -> bool:
     return spec.factory.startswith("dnsconvert.models:") and spec.factory.split(":", 1)[1] in BUILTIN_MODELS
 
 
-def build_model(spec: ModelSpec, *, trust_code: bool = False) -> nn.Module:
+def _on_meta_device() -> bool:
+    return torch.empty(()).device.type == "meta"
+
+
+def check_model_size(spec: ModelSpec, *, source: str | Path | None = None) -> None:
+    """For a built-in model: check its kwargs and, unless already on the meta device, count its
+    parameters on the meta device against the ``parameters`` limit (nothing is allocated)."""
+    if not is_builtin(spec):
+        return
+    check_builtin_kwargs(spec.factory.split(":", 1)[1], spec.kwargs, source=source)
+    if _on_meta_device():
+        return
+    with torch.device("meta"):
+        probe = build_model(spec, source=source)
+    count = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+    limits.check("parameters", count, f"model {spec.factory} {spec.kwargs}"[:200], path=source)
+
+
+def build_model(spec: ModelSpec, *, trust_code: bool = False, source: str | Path | None = None) -> nn.Module:
     """Instantiate ``spec``. A factory outside dnsconvert is imported only with ``trust_code``,
-    because a checkpoint from elsewhere could otherwise name any importable callable."""
-    if not is_builtin(spec) and not trust_code:
+    because a checkpoint from elsewhere could otherwise name any importable callable.
+
+    A built-in model's kwargs are checked first, and, unless this is a build on the meta
+    device, its size is taken on the meta device and held to the ``parameters`` limit
+    before any weight is allocated (``source``: the file the spec came from, for messages).
+    """
+    builtin = is_builtin(spec)
+    if builtin:
+        check_model_size(spec, source=source)
+    elif spec.factory.startswith("dnsconvert.models:"):
+        raise ModelSpecError(f"unknown built-in model {spec.factory.split(':', 1)[1]!r}", path=source, hint=f"choose one of {', '.join(BUILTIN_MODELS)}")
+    elif not trust_code:
         raise ModelSpecError(
             f"model factory {spec.factory!r} is outside dnsconvert and would run its code",
+            path=source,
             hint="pass --trust-model-code if you trust this checkpoint",
         )
     module_name, _, attr = spec.factory.partition(":")
@@ -168,15 +241,17 @@ def build_model(spec: ModelSpec, *, trust_code: bool = False) -> nn.Module:
         raise ModelSpecError(f"cannot import model factory {spec.factory!r} ({exc})", hint="is the package installed?") from None
     try:
         model = factory(**spec.kwargs)
-    except TypeError as exc:
-        raise ModelSpecError(f"model factory {spec.factory!r} rejected its arguments {spec.kwargs} ({exc})") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelSpecError(f"model factory {spec.factory!r} rejected its arguments {str(spec.kwargs)[:200]} ({first})", path=source) from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"model factory {spec.factory!r} returned a {type(model).__name__}, expected a torch.nn.Module")
     return model
 
 
-def load_weights_(model: nn.Module, weights: dict[str, torch.Tensor], *, where: str = "checkpoint", assign: bool = False) -> nn.Module:
-    """Load a state dict strictly, turning missing/unknown/mis-shaped keys into one clear error."""
+def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], *, where: str = "checkpoint") -> None:
+    """Raise ModelSpecError unless ``weights`` has exactly the model's keys and shapes (works on a
+    model built on the meta device, so nothing is allocated)."""
     expected = model.state_dict()
     unknown = sorted(set(weights) - set(expected))
     missing = sorted(set(expected) - set(weights))
@@ -193,6 +268,11 @@ def load_weights_(model: nn.Module, weights: dict[str, torch.Tensor], *, where: 
                 f"{where}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}",
                 hint="is the model spec the one it was trained with?",
             )
+
+
+def load_weights_(model: nn.Module, weights: dict[str, torch.Tensor], *, where: str = "checkpoint", assign: bool = False) -> nn.Module:
+    """Load a state dict strictly, turning missing/unknown/mis-shaped keys into one clear error."""
+    check_weights_fit(model, weights, where=where)
     model.load_state_dict(weights, strict=True, assign=assign)
     return model
 
@@ -211,7 +291,8 @@ def build_masked_model(ckpt: Any, *, trust_code: bool = False) -> nn.Module:
     # that are overwritten anyway (a tenth of a second per 10M parameters). Falls back to a
     # normal build when the model keeps state outside its state dict.
     with torch.device("meta"):
-        model = build_model(ckpt.model, trust_code=trust_code)
+        model = build_model(ckpt.model, trust_code=trust_code, source=ckpt.source)
+    check_weights_fit(model, weights, where=ckpt.name)  # shapes before any weight is materialised
     try:
         load_weights_(model, weights, where=ckpt.name, assign=True)
     except ModelSpecError:
@@ -219,6 +300,6 @@ def build_masked_model(ckpt: Any, *, trust_code: bool = False) -> nn.Module:
     except (RuntimeError, TypeError, NotImplementedError):
         model = None
     if model is None or any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model = build_model(ckpt.model, trust_code=trust_code)
+        model = build_model(ckpt.model, trust_code=trust_code, source=ckpt.source)
         load_weights_(model, weights, where=ckpt.name)
     return model.eval()

@@ -185,8 +185,10 @@ class _RecordedStep:
 def _read_state(path: Path, pipeline_path: Path) -> dict[str, _RecordedStep]:
     if not path.exists():
         return {}
+    from .loading import read_json_text
+
     try:
-        data = json.loads(path.read_text())
+        data = read_json_text(path.read_bytes(), what="it", path=path)  # h11: depth-bounded, never a RecursionError
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         return {str(k): parse_options(_RecordedStep, v, where=path, section=str(k)) for k, v in data.items()}
@@ -248,6 +250,8 @@ class Run:
             result.gates = [Gate(name, False, str(exc))]
             raise
         except DnsconvertError as exc:
+            if isinstance(exc, UserError) and exc.path is None:  # h11: a step's user error names the pipeline file
+                exc.path, exc.message = str(self.pipeline.path), f"[{name}] {exc.message}"
             result.status, result.error, result.seconds = "failed", str(exc), time.perf_counter() - started
             raise
         result.seconds = time.perf_counter() - started

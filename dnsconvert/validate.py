@@ -136,10 +136,13 @@ def check_fits_model(ckpt: SparseCheckpoint) -> None:
 
     Models outside dnsconvert are not instantiated here: that would run their code.
     """
-    from .models import build_model, is_builtin, load_weights_
+    from .models import build_model, check_weights_fit, is_builtin
 
     if ckpt.model is not None and is_builtin(ckpt.model):
-        load_weights_(build_model(ckpt.model), ckpt.masked_weights(), where=ckpt.name)
+        # on the meta device: kwargs of 30000-wide layers cost nothing until shapes are compared
+        with torch.device("meta"):
+            model = build_model(ckpt.model, source=ckpt.source)
+        check_weights_fit(model, ckpt.weights, where=ckpt.name)
 
 
 def _nonbinary(mask: torch.Tensor) -> int:

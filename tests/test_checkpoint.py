@@ -101,6 +101,25 @@ def test_structure_errors():
         SparseCheckpoint({"a": torch.zeros(2, 2)}, {"a": torch.zeros(2)})
 
 
-def test_broken_fixtures_exist():
-    # the error tests below rely on these; regenerate with fixtures/make_fixtures.py
-    assert len(list(BROKEN.iterdir())) >= 20
+def broken_expectations() -> dict[str, int]:
+    import sys
+
+    sys.path.insert(0, str(FIXTURES))
+    from make_fixtures import EXPECTED_EXIT
+
+    return EXPECTED_EXIT
+
+
+def test_broken_fixtures_are_exactly_the_declared_ones():
+    # fixtures/make_fixtures.py declares each broken file with what validate must answer; a file
+    # missing, extra or renamed fails here (regenerate with: python fixtures/make_fixtures.py)
+    assert sorted(p.name for p in BROKEN.iterdir()) == sorted(broken_expectations())
+
+
+@pytest.mark.parametrize("name", sorted(broken_expectations()))
+def test_each_broken_fixture_gives_its_declared_exit_code(run_cli, name):
+    result = run_cli("validate", BROKEN / name)
+    assert result.exit_code == broken_expectations()[name], result.output
+    if result.exit_code == 2:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and str(BROKEN / name) in lines[0] and "Traceback" not in result.output

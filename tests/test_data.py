@@ -66,3 +66,31 @@ def test_full_lenet300100_dns_run(mnist_path):
     config = PruneConfig(builtin_spec("lenet300100"), dns=DNSConfig(layer_sparsity=layers, reestimate=True, iter_stop=13_000), epochs=20, dense_epochs=4, checkpoint_every=0)
     result = prune(config, data=load_mnist(mnist_path), progress=False)
     assert result.compression > 40 and result.test_accuracy > 0.975
+
+
+def test_idx_gzip_is_inflated_only_as_far_as_its_header_says(tmp_path):
+    """A 3 MB gzip that inflates to 3 GiB behind a header of 60000 images is refused after
+    inflating ~47 MB (what the header states), never the whole stream."""
+    import sys
+
+    from helpers import FIXTURES
+
+    sys.path.insert(0, str(FIXTURES))
+    from hostile import gzip_bomb, idx_bytes
+
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip_bomb(idx_bytes([60000, 28, 28], b""), 3 << 30))
+    assert path.stat().st_size < 4 << 20
+    with pytest.raises(DataError, match="more data than its header"):
+        read_idx(path)
+
+
+def test_idx_header_sizes_are_held_to_the_limit_before_reading(tmp_path):
+    from dnsconvert import limits
+
+    path = tmp_path / "big.idx"
+    path.write_bytes(b"\x00\x00\x08\x03" + (1000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)  # header only
+    with limits.override(dense_bytes=1000), pytest.raises(limits.LimitExceeded, match="DNSCONVERT_MAX_DENSE_BYTES"):
+        read_idx(path)
+    with pytest.raises(DataError, match="ends after 0 of 784000 bytes"):
+        read_idx(path)

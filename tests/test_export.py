@@ -77,14 +77,30 @@ def test_graph_nm_axes_for_gemm_matmul_and_conv(tmp_path):
         assert all(g.compliant or g.skipped for g in graph), graph
         if name == "transformer_mlp":
             assert ops == {"MatMul"} and all(g.initializer.endswith(".T") for g in graph)
-        # the same weights transposed must be reported as violating
-        model = onnx.load(str(artifact.files["dense"]))
-        for init in model.graph.initializer:
-            array = onnx.numpy_helper.to_array(init)
-            if init.name in {g.initializer for g in graph if g.compliant} and array.ndim == 2 and array.shape[0] % 4 == 0 and array.shape[1] % 4 == 0:
-                init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(array.T).reshape(array.shape), name=init.name))
-        flipped = {r.initializer: r.compliant for r in check_graph_nm(model, TWO_FOUR)}
-        assert False in flipped.values() or name == "convnet"
+        # Axis check, both ways, for every model: a weight that is 2:4 along another axis but dense
+        # along its reduction axis must be reported violating; the same pattern laid along the
+        # reduction axis must be reported compliant.
+        compliant = {g.initializer: g.reduction_axis for g in graph if g.compliant}
+        for along_reduction in (False, True):
+            model = onnx.load(str(artifact.files["dense"]))
+            touched = set()
+            for init in model.graph.initializer:
+                if init.name not in compliant:
+                    continue
+                array = onnx.numpy_helper.to_array(init)
+                axis = compliant[init.name]
+                other = next((a for a in range(array.ndim) if a != axis and array.shape[a] % 4 == 0), None)
+                if other is None:
+                    continue
+                laid = axis if along_reduction else other
+                keep = (np.arange(array.shape[laid]) % 4 < 2).reshape([-1 if a == laid else 1 for a in range(array.ndim)])
+                pattern = np.ascontiguousarray(np.broadcast_to(keep, array.shape).astype(array.dtype))
+                init.CopyFrom(onnx.numpy_helper.from_array(pattern, name=init.name))
+                touched.add(init.name)
+            assert touched, f"{name}: no weight to test the axis with"
+            results = {r.initializer: r.compliant for r in check_graph_nm(model, TWO_FOUR) if r.initializer in touched}
+            assert set(results) == touched
+            assert all(results.values()) if along_reduction else not any(results.values()), (name, along_reduction, results)
 
 
 def test_parity_failure_writes_nothing(tmp_path):

@@ -11,6 +11,7 @@ noise" when it spans 1.0). The ratio to the target's own dense variant and to in
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,21 +108,14 @@ class BenchReport:
         }
 
 
-class _NoSpinRunner:
-    def __init__(self, model: bytes, threads: int):
-        from ..targets.sparse_graph import ort_session
+def _no_spin_runner(model: bytes, threads: int, where: Any):
+    """ONNX Runtime's runner (its input checks and messages) on a session whose workers do not spin."""
+    from ..targets.ort import OrtRunner
+    from ..targets.sparse_graph import ort_session
 
-        self.session = ort_session(model, threads, spinning=False)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def run(self, feeds):
-        return self.session.run(None, {name: feeds[name] for name in self.input_names})
-
-    def synchronize(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.session = None
+    runner = OrtRunner(model, threads, where=where)
+    runner.session = ort_session(model, threads, spinning=False)
+    return runner
 
 
 @dataclass
@@ -186,24 +180,29 @@ def bench_runners(
     report.rounds, report.confidence = rounds, confidence
 
 
-def baseline_entries(dense_onnx: Path | None, workdir: Path, threads: int, *, int8: bool, notes: list[str]) -> list[_Entry]:
-    """ONNX Runtime running the dense model in fp32 and, where quantize_dynamic applies, int8."""
+def baseline_entries(dense_onnx: Path | None, workdir: Path, threads: int, *, int8: bool, notes: list[str], origin: Path | None = None) -> list[_Entry]:
+    """ONNX Runtime running the dense model in fp32 and, where quantize_dynamic applies, int8.
+    ``origin``: the file the model came from, named in errors (``dense_onnx`` may be a copy)."""
     if dense_onnx is None:
         return []
     from ..targets.ort import OrtRunner
 
-    entries = [_Entry(BASELINE, DENSE, OrtRunner(dense_onnx.read_bytes(), threads, where=dense_onnx))]
+    entries = [_Entry(BASELINE, DENSE, OrtRunner(dense_onnx.read_bytes(), threads, where=origin or dense_onnx))]
     if threads != 1:
         # ONNX Runtime's workers spin after each run by default: fastest on an idle machine,
         # slower when other processes want the cores. Both settings are timed; the faster counts.
-        entries.append(_Entry(BASELINE, NO_SPIN, _NoSpinRunner(dense_onnx.read_bytes(), threads)))
+        entries.append(_Entry(BASELINE, NO_SPIN, _no_spin_runner(dense_onnx.read_bytes(), threads, origin or dense_onnx)))
     if int8:
         try:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantized = workdir / "baseline.int8.onnx"
-            quantize_dynamic(str(dense_onnx), str(quantized), weight_type=QuantType.QInt8)
-            entries.append(_Entry(BASELINE, INT8, OrtRunner(quantized.read_bytes(), threads, where=quantized)))
+            logging.disable(logging.WARNING)  # it logs advice to the root logger: the CLI's stderr is one line per error
+            try:
+                quantize_dynamic(str(dense_onnx), str(quantized), weight_type=QuantType.QInt8)
+            finally:
+                logging.disable(logging.NOTSET)
+            entries.append(_Entry(BASELINE, INT8, OrtRunner(quantized.read_bytes(), threads, where=origin or quantized)))
         except Exception as exc:  # quantization is a courtesy baseline; its failure is reported, not fatal
             notes.append(f"int8 baseline unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     return entries
@@ -289,11 +288,13 @@ def bench(
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(workdir) if workdir else Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
+        origin = None  # the artifact file the baseline model was copied from, for messages
         if isinstance(source, Artifact):
             artifacts = [source]
             report = BenchReport(model=str(source.manifest.source.checkpoint), threads=threads)
             spec, where = source.manifest.model_spec, source.manifest_path
             dense_onnx = dense_onnx_of(source, base, notes=report.baseline_notes, trust_model_code=trust_model_code) if baselines else None
+            origin = source.files.get(DENSE) if dense_onnx is not None and Path(source.files.get(DENSE, "")).suffix == ".onnx" else None
         elif isinstance(source, SparseCheckpoint):
             report = BenchReport(model=source.name, threads=threads)
             spec, where = source.model, source.source
@@ -307,6 +308,7 @@ def bench(
             dense_onnx = None
             if baselines:
                 dense_onnx = dense_onnx_of(onnx_dense[0], base, notes=report.baseline_notes) if onnx_dense else export_dense_onnx(source, base, trust_model_code=trust_model_code)
+                origin = onnx_dense[0].files[DENSE] if onnx_dense else None
         else:
             raise UserError(f"cannot benchmark a {type(source).__name__}")
         if spec is None or not spec.inputs:
@@ -314,7 +316,7 @@ def bench(
         entries: list[_Entry] = []
         try:
             if baselines:
-                found = baseline_entries(dense_onnx, base, threads, int8="int8" in baselines, notes=report.baseline_notes)
+                found = baseline_entries(dense_onnx, base, threads, int8="int8" in baselines, notes=report.baseline_notes, origin=origin)
                 entries += [e for e in found if (e.variant in FP32_DENSE and "fp32" in baselines) or e.variant == INT8]
             same_as_baseline = {}
             for artifact in artifacts:

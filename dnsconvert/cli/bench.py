@@ -29,6 +29,7 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, rounds, confidence, baselines, threads, pin_cpus, min_speedup, as_json, report, plot, model_options) -> None:
     """Time a checkpoint (built for each --target) or an artifact folder against the fastest dense runtime."""
     from ..artifact import MANIFEST_NAME, load_artifact
+    from .._atomic import check_outputs
     from ..bench import bench
     from ..errors import GateFailed, UserError
 
@@ -36,6 +37,7 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
         raise UserError(f"--rounds {rounds} must be at least 1")
     if not 0.5 <= confidence < 1.0:
         raise UserError(f"--confidence {confidence} must be in [0.5, 1)", hint="e.g. 0.95")
+    check_outputs([report, plot], [source, *(source.iterdir() if source.is_dir() else ())])
     if source.is_dir() or source.name == MANIFEST_NAME:
         subject = load_artifact(source)
     else:

@@ -16,6 +16,7 @@ import traceback
 import click
 
 from ..errors import DnsconvertError, GateFailed, UserError
+from ..limits import help_text
 
 # name -> "module:attribute"; loaded on first use (click's LazyGroup recipe).
 COMMANDS = {
@@ -29,6 +30,11 @@ COMMANDS = {
     "bench": "dnsconvert.cli.bench:bench_cmd",
     "run": "dnsconvert.cli.run:run_cmd",
 }
+
+
+def _one_line(exc: BaseException) -> str:
+    """The contract is one stderr line: a message quoting a multi-line library error is joined."""
+    return " / ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 class DnsconvertGroup(click.Group):
@@ -61,10 +67,10 @@ class DnsconvertGroup(click.Group):
         except UserError as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"dnsconvert: error: {exc}", err=True)
+            click.echo(f"dnsconvert: error: {_one_line(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except GateFailed as exc:
-            click.echo(f"dnsconvert: gate failed: {exc}", err=True)
+            click.echo(f"dnsconvert: gate failed: {_one_line(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except DnsconvertError as exc:
             traceback.print_exc()
@@ -76,7 +82,7 @@ class DnsconvertGroup(click.Group):
             ctx.exit(3)
 
 
-@click.group(cls=DnsconvertGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DnsconvertGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=help_text())
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors too.")
 @click.version_option(package_name="dnsconvert")
 def cli(debug: bool) -> None:

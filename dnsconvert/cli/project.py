@@ -25,11 +25,12 @@ def project_cmd(checkpoint: Path, output: Path, as_json: bool, report: Path | No
     from the checkpoint's record; tensors of a bare state dict, whose kind is only guessed from
     their shape, are refused unless --model or --layers says what they are.
     """
-    from .._atomic import sha256_file
+    from .._atomic import check_outputs, sha256_file
     from ..pattern import NMPattern
     from ..project import project_nm
     from ..validate import ensure_usable
 
+    check_outputs([output, report], [checkpoint])
     options = options_from(ProjectOptions, params)
     pattern = NMPattern.parse(options.nm)
     ckpt = ensure_usable(load_with_model(checkpoint, model_options))

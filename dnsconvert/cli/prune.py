@@ -29,6 +29,10 @@ def prune_cmd(**o) -> None:
     from ..surgery import prune
     from ..surgery.train import maybe_init_distributed
 
+    from .._atomic import check_outputs
+
+    # --resume X -o X is how an interrupted run continues; --init X -o X would destroy X
+    check_outputs([o["output"]], [o["init_path"]])
     maybe_init_distributed()
     config = options_from(PruneOptions, o).to_config()
     init = load_checkpoint(o["init_path"]) if o["init_path"] else None

@@ -27,6 +27,9 @@ def validate_cmd(checkpoint: Path, as_json: bool, report: Path | None, model_opt
     from ..errors import GateFailed
     from ..validate import validate
 
+    from .._atomic import check_outputs
+
+    check_outputs([report], [checkpoint])
     options = options_from(ValidateOptions, params)
     ckpt = load_with_model(checkpoint, model_options)
     result = validate(

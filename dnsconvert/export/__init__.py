@@ -31,13 +31,17 @@ __all__ = [
 
 
 def densify_file(source: Path, output: Path) -> Path:
-    """Sparse ONNX -> dense ONNX (deterministic: the same input gives byte-identical output)."""
-    from ..errors import UserError
+    """Sparse ONNX -> dense ONNX (deterministic: the same input gives byte-identical output).
 
-    try:
-        model = onnx.load(str(source), load_external_data=False)
-    except Exception as exc:
-        raise UserError(f"cannot read as ONNX ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", path=source) from None
+    The input is read with :func:`~dnsconvert.export.onnx_check.read_onnx` (checker, sparse
+    indices, sizes) before anything is made dense; an output that is the input is refused.
+    """
+    from .._atomic import check_outputs
+    from .onnx_check import read_onnx
+
+    check_outputs([output], [source])
+    model = read_onnx(source).model
+    dense = densify(model)
     with atomic_path(output) as tmp:
-        tmp.write_bytes(densify(model).SerializeToString())
+        tmp.write_bytes(dense.SerializeToString())
     return output

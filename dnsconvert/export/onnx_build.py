@@ -43,6 +43,7 @@ class OnnxBuild:
     graph_2_4: list[GraphNMRecord]
     parity: ParityReport | None
     timings: dict[str, float] = field(default_factory=dict)
+    precision: dict | None = None  # fp16/bf16/int8 exports: type, io, sizes beside fp32, int8 calibration report
 
     @property
     def sizes(self) -> SizeRecord:
@@ -75,7 +76,8 @@ def check_masked_zeros(names: Mapping[str, str], arrays: Mapping[str, np.ndarray
     """Every masked weight is zero in the graph. (Values may differ from the checkpoint's where
     the exporter folded e.g. BatchNorm into a Conv; parity checks those.)"""
     for param, init_name in names.items():
-        got = arrays[init_name].T if init_name.endswith(".T") else arrays[init_name]
+        transposed = init_name.removesuffix("_quantized").endswith(".T")  # int8: ONNX Runtime renames W to W_quantized
+        got = arrays[init_name].T if transposed else arrays[init_name]
         mask = (masks[param] != 0).numpy()
         if got.shape != mask.shape or np.any(got[~mask] != 0):
             raise ExportError(f"initializer {init_name!r} is nonzero where {param!r} is masked")
@@ -113,6 +115,9 @@ def build_onnx(
     min_saving: float = 0.0,
     trust_code: bool = False,
     parity_batches: tuple[int, ...] = (1, 4),
+    precision: str = "fp32",
+    io: str = "fp32",
+    calibration=None,
 ) -> OnnxBuild:
     """Export ``ckpt`` and check it; ``make_runner`` (sparse ONNX bytes -> run function) is the
     runtime parity is measured on (None: no parity, e.g. when a target compares its own)."""
@@ -121,17 +126,39 @@ def build_onnx(
     check_exportable(ckpt)
     exported = export_checkpoint(ckpt, opset=opset, dynamic_batch=dynamic_batch, trust_code=trust_code)
     timings["torch_onnx_export_s"] = time.perf_counter() - started
-    sparse_proto, records = sparsify_initializers(exported.model, exported.names.values(), min_saving=min_saving)
+    model, names = exported.model, dict(exported.names)
+    # --- precision hook (issue 14): the standalone steps of export/precision.py ---
+    step = None
+    if precision != "fp32":
+        from .precision import precision_step
+
+        step = precision_step(model, names, precision, io=io, calibration=calibration)
+        model, names = step.model, step.names
+    # --- end of precision hook ---
+    sparse_proto, records = sparsify_initializers(model, names.values(), min_saving=min_saving)
     check_onnx(sparse_proto)
     arrays = initializer_arrays(sparse_proto)
-    check_masked_zeros(exported.names, arrays, ckpt.masks)
+    check_masked_zeros(names, arrays, ckpt.masks)
     sparse_bytes = sparse_proto.SerializeToString()
-    dense_bytes = exported.model.SerializeToString()
+    dense_bytes = model.SerializeToString()
     parity = None
     if make_runner is not None:
-        reference = TorchRunner(exported.torch_model, ckpt.model)
         feeds = parity_feeds(ckpt.model.inputs, parity_batches if dynamic_batch else (ckpt.model.input_shape[0],), where=ckpt.source)
-        parity = compare(reference.run, make_runner(sparse_bytes), feeds, atol=atol, rtol=rtol, output_names=exported.output_names)
-    graph_nm = check_graph_nm(exported.model, TWO_FOUR, arrays=arrays)
+        if step is None:
+            reference = TorchRunner(exported.torch_model, ckpt.model)
+            parity = compare(reference.run, make_runner(sparse_bytes), feeds, atol=atol, rtol=rtol, output_names=exported.output_names)
+        else:  # PyTorch in the same dtype vs ONNX Runtime (bf16 emulated there), at the type's tolerances
+            from .precision import precision_parity
+
+            parity = precision_parity(exported.torch_model, ckpt.model, sparse_proto, precision, feeds, exported.output_names)
+    # the 2:4 pattern is checked on the fp32 graph (before any cast or quantization)
+    graph_nm = check_graph_nm(exported.model, TWO_FOUR, arrays=arrays if step is None else initializer_arrays(exported.model))
     timings["total_s"] = time.perf_counter() - started
-    return OnnxBuild(sparse_bytes, dense_bytes, exported, ckpt.model, layer_records(records, exported.names), graph_records(graph_nm), parity, timings)
+    details = None
+    if step is not None:
+        fp32_sparse = sparsify_initializers(exported.model, exported.names.values(), min_saving=min_saving)[0].ByteSize()
+        details = {**step.to_json(), "parity_reference": "PyTorch fp32" if precision == "int8" else f"PyTorch {precision}",
+                   "parity_runtime": "onnxruntime CPU" + (" (bf16 emulated in fp32)" if precision == "bf16" else ""),
+                   "sizes": {"fp32": {"sparse_bytes": fp32_sparse, "dense_bytes": exported.model.ByteSize()},
+                             precision: {"sparse_bytes": len(sparse_bytes), "dense_bytes": len(dense_bytes)}}}  # fmt: skip
+    return OnnxBuild(sparse_bytes, dense_bytes, exported, ckpt.model, layer_records(records, names), graph_records(graph_nm), parity, timings, details)

@@ -96,7 +96,14 @@ def sparse_to_dense(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
 
 
 def densify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Move every sparse initializer back to ``graph.initializer`` (for parsers that read only those)."""
+    """Move every sparse initializer back to ``graph.initializer`` (for parsers that read only those).
+
+    The sparse tensors are checked first (indices in range, sorted, unique, as many as the
+    values; dense size within the ``dense_bytes`` limit): a UserError, never a wrong model.
+    """
+    from .onnx_check import check_tensors
+
+    check_tensors(model, path=None)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph

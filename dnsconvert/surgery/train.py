@@ -366,12 +366,24 @@ def prune(
     if resume is not None:
         if not resume.state or "run" not in resume.state:
             raise UserError("checkpoint holds no resumable run state", path=resume.source, hint="resume from a file written by dnsconvert prune")
-        config = PruneConfig.from_json(resume.state["run"])
+        if resume.state.get("finished"):  # h11 (issue 11): resuming would reset the masks; change nothing
+            raise UserError(
+                "this run had finished; there is nothing to resume, and the file was left unchanged",
+                path=resume.source,
+                hint="to train further from it, use --init instead of --resume",
+            )
+        try:
+            config = PruneConfig.from_json(resume.state["run"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # h11: a file's wrong types are exit 2
+            raise UserError(f"resumable run state is malformed ({type(exc).__name__}: {str(exc)[:120]})", path=resume.source, hint="resume from an unmodified file written by dnsconvert prune") from None
     started = time.perf_counter()
     data = data or resolve_data(config.data)
     trainer = Trainer(config, data, output=Path(output) if output else None, progress=progress, init=init, trust_model_code=trust_model_code)
     if resume is not None:
-        trainer.restore(resume)
+        try:
+            trainer.restore(resume)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:  # h11: see above
+            raise UserError(f"resumable run state is malformed ({type(exc).__name__}: {str(exc).strip()[:120]})", path=resume.source, hint="resume from an unmodified file written by dnsconvert prune") from None
     trainer.run()
     final = trainer.snapshot(final=True)
     final.state["rank_mask_sha256"] = trainer.rank_digests

@@ -47,4 +47,9 @@ class OnnxTarget(Target):
         return write_onnx_artifact(self, ckpt, built, output)
 
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> ReferenceRunner:
-        return ReferenceRunner(artifact.read(variant))
+        from ..errors import TargetError
+        from ..export.onnx_check import parse_onnx
+
+        data = artifact.read(variant)
+        parse_onnx(data, path=artifact.files[variant], error=TargetError)  # h11 (issue 11): the one checked ONNX read
+        return ReferenceRunner(data)

@@ -21,6 +21,11 @@ COMMON_OPTIONS = {
     "opset": "ONNX opset (default 18)",
     "dynamic_batch": "export the declared dynamic dims (batch, sequence) as dynamic (default 1)",
     "min_saving": "sparsify a tensor only if this much smaller (default 0)",
+    # precision options (issue 14; dnsconvert/export/precision.py)
+    "precision": "fp32 (default), fp16, bf16 (weights and compute in that type) or int8 (explicit Q/DQ)",
+    "io": "fp16/bf16 inputs and outputs: fp32 (default, Cast at the edges) or native",
+    "calibration": "int8 calibration set: MNIST folder, synthetic, random, FILE.npy or FILE.npz",
+    "calibration_samples": "int8 calibration samples (default 512)",
 }
 SPARSE_FILE, DENSE_FILE = "model.onnx", "model.dense.onnx"
 
@@ -46,9 +51,18 @@ class OrtRunner:
     def __init__(self, model: bytes | str, threads: int = 0, *, where: Any = None):
         self.session = ort_session(model, threads, where=where)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.where = where
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, {name: feeds[name] for name in self.input_names})
+        try:
+            return self.session.run(None, {name: feeds[name] for name in self.input_names})
+        except KeyError as exc:  # h11 (issue 11): inputs described by a file (a manifest) that do not fit the model
+            raise TargetError(f"the model needs an input {exc.args[0]!r} that its description lacks", path=self.where, hint="re-export the artifact") from None
+        except Exception as exc:
+            if type(exc).__name__ != "InvalidArgument":  # ORT's error for feeds of the wrong shape or dtype
+                raise
+            first = str(exc).strip().splitlines()[0][:200]
+            raise TargetError(f"ONNX Runtime refused the inputs the artifact describes ({first})", path=self.where, hint="the manifest's inputs do not match the model; re-export the artifact") from None
 
     def synchronize(self) -> None:
         pass
@@ -69,7 +83,19 @@ def build_onnx_for(target: Target, ckpt, options: BuildOptions, make_runner) -> 
         dynamic_batch=option_bool(extra, "dynamic_batch", True),
         min_saving=option_number(extra, "min_saving", 0.0),
         trust_code=options.trust_model_code,
+        **precision_options(extra, ckpt),
     )
+
+
+def precision_options(extra, ckpt) -> dict:
+    """The precision keyword arguments of build_onnx from -T options (issue 14)."""
+    from ..export.precision import load_calibration
+
+    precision = extra.get("precision", "fp32")
+    calibration = None
+    if precision == "int8" and "calibration" in extra and ckpt.model is not None:  # no model spec: build_onnx says so
+        calibration = load_calibration(extra["calibration"], ckpt.model.input_shape, samples=option_number(extra, "calibration_samples", 512, int))
+    return {"precision": precision, "io": extra.get("io", "fp32"), "calibration": calibration}
 
 
 def write_onnx_artifact(target: Target, ckpt, built: OnnxBuild, output: Path) -> Artifact:
@@ -85,7 +111,7 @@ def write_onnx_artifact(target: Target, ckpt, built: OnnxBuild, output: Path) ->
         layers=built.layers,
         graph_2_4=built.graph_2_4,
         sizes=built.sizes,
-        details={"index_form": "linearized int64 [NNZ]", "timings": built.timings},
+        details={"index_form": "linearized int64 [NNZ]", "timings": built.timings, **({"precision": built.precision} if built.precision else {})},
     )
 
 
@@ -110,4 +136,8 @@ class OrtTarget(Target):
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> OrtRunner:
         if variant not in ("sparse", "dense"):
             raise TargetError(f"unknown variant {variant!r}", hint="sparse or dense")
-        return OrtRunner(artifact.read(variant), option_number(options or {}, "threads", 0, int), where=artifact.files[variant])
+        from ..export.onnx_check import parse_onnx
+
+        data = artifact.read(variant)
+        parse_onnx(data, path=artifact.files[variant], error=TargetError)  # h11 (issue 11): the one checked ONNX read
+        return OrtRunner(data, option_number(options or {}, "threads", 0, int), where=artifact.files[variant])

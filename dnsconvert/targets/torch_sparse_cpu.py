@@ -287,7 +287,7 @@ def plan_model(graph, ops, *, inputs, batches: list[int], threads: int, mode: st
 class SparseCpuRunner:
     """Runs a planned model: per batch regime either the planned steps or ONNX Runtime's dense model."""
 
-    def __init__(self, sparse_model, plan: Mapping[str, Any], threads: int = 0, *, dense_model: bytes | None = None):
+    def __init__(self, sparse_model, plan: Mapping[str, Any], threads: int = 0, *, dense_model: bytes | None = None, where: Any = None):
         from .sparse_graph import GraphRunner, build_steps, find_sparse_ops, load_graph, ort_session
 
         graph = load_graph(sparse_model)
@@ -296,7 +296,7 @@ class SparseCpuRunner:
         missing = sorted(set(plan["ops"]) - {op.name for op in ops})
         if missing:
             raise TargetError(f"plan names layers the model does not have as sparse ops: {', '.join(missing[:4])}")
-        self.graph = graph
+        self.graph, self.where = graph, where
         self.input_names, self.output_names = graph.input_names, graph.output_names
         self.runners: dict[str, Any] = {}
         self.modes: dict[str, str] = {}
@@ -328,8 +328,18 @@ class SparseCpuRunner:
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Named inputs -> the graph's outputs in order; the batch (leading dim of the first
         input) picks the regime's plan."""
-        first = feeds[self._first]
-        return (self._small if not first.ndim or first.shape[0] <= SMALL_BATCH else self._large)(feeds)
+        try:
+            first = feeds[self._first]
+            return (self._small if not first.ndim or first.shape[0] <= SMALL_BATCH else self._large)(feeds)
+        except KeyError as exc:  # inputs described by a file (a manifest) that do not fit the model
+            raise TargetError(f"the model needs an input {exc.args[0]!r} that its description lacks", path=self.where, hint="re-export the artifact") from None
+        except ValueError as exc:  # a kernel's shape check
+            raise TargetError(f"the inputs do not fit the model ({exc})", path=self.where, hint="the manifest's inputs do not match the model; re-export the artifact") from None
+        except Exception as exc:
+            if type(exc).__name__ != "InvalidArgument":  # ONNX Runtime's error for feeds of the wrong shape or dtype
+                raise
+            first_line = str(exc).strip().splitlines()[0][:200]
+            raise TargetError(f"ONNX Runtime refused the inputs ({first_line})", path=self.where, hint="the manifest's inputs do not match the model; re-export the artifact") from None
 
     def synchronize(self) -> None:
         pass
@@ -417,8 +427,7 @@ class TorchSparseCpuTarget(Target):
         return write_sparse_cpu_artifact(self.name, ckpt, exported, plan, output, options)
 
     def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False):
-        import onnx
-
+        from ..export.onnx_check import parse_onnx
         from .ort import OrtRunner
 
         threads = option_number(options or {}, "threads", 0, int)
@@ -427,13 +436,18 @@ class TorchSparseCpuTarget(Target):
         data = artifact.read(variant)  # hash-checked bytes
         if variant == "dense":
             return OrtRunner(data, threads, where=artifact.files[variant])
+        # the checked reader: sparse indices in range, sorted, sizes bounded, before anything is densified
+        where = artifact.files[variant]
+        model = parse_onnx(data, path=where, error=TargetError).model
         try:
-            model = onnx.load_from_string(data)
-        except Exception as exc:
-            raise TargetError(f"cannot read the artifact as ONNX ({type(exc).__name__})", path=artifact.files[variant]) from None
-        plan = read_plan(model)
-        any_dense = any(isinstance(r, dict) and r.get("mode") == "dense" for r in (plan.get("regimes") or {}).values()) if isinstance(plan, dict) else False
-        return SparseCpuRunner(model, plan, threads, dense_model=artifact.read("dense") if any_dense else None)
+            plan = read_plan(model)
+            check_plan(plan)
+            dense = any(decision["mode"] == "dense" for decision in plan["regimes"].values())
+            return SparseCpuRunner(model, plan, threads, dense_model=artifact.read("dense") if dense else None, where=where)
+        except TargetError as exc:  # name the file: the plan and the graph are in it
+            if exc.path is None:
+                raise TargetError(exc.message, path=where, hint=exc.hint) from None
+            raise
 
 
 def write_sparse_cpu_artifact(target: str, ckpt, exported, plan: dict, output: Path, options: BuildOptions) -> Artifact:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dnsconvert.plugin import TargetError
+from .core import TargetError
 
 
 def current_setup() -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from dnsconvert.plugin import TWO_FOUR, check_graph_nm
+from .core import TWO_FOUR, check_graph_nm
 
 PRECISIONS = ("fp16", "bf16", "tf32", "int8", "fp32")
 ALIGNMENT = {"int8": 32, "fp16": 16, "bf16": 16, "tf32": 8}  # advisory channel multiples
