@@ -12,9 +12,10 @@ Code-generation facts these kernels depend on (measured with ``inspect_asm`` on 
   nonzero gave 25-40, four 50-59, eight 54-63 GMAC/s on one core for 784-3248-long rows);
 - ``error_model="numpy"``: with Python's error model a float division checks for zero and the
   loop is not vectorised (GELU over 393k values: 0.8 ms -> 0.065 ms).
-Parallel variants split output rows over numba's ``workqueue`` pool (see
-:func:`dnsconvert.timing.use_numba_workqueue`: never a second OpenMP runtime); waking that pool
-costs tens of microseconds, so the planner times serial and parallel kernels and keeps the faster.
+Parallel variants split output rows (or channels) over threads: the calling thread and a small
+persistent pool (:func:`run_split`), the compiled kernels releasing the GIL. numba's own
+threading layer is never started (so there is no second OpenMP runtime beside torch's); waking
+a worker still costs microseconds, so the planner times serial and parallel kernels and keeps the faster.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..timing import use_numba_workqueue
 
@@ -115,7 +116,9 @@ def axpy_rows(acc, src, indices, data, start, stop, stride, shift):
 
 
 @njit(**JIT)
-def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi):
+def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi, first, last):
+    """Rows [r_lo, r_hi) of one column block: ``first`` starts the rows at the bias, ``last``
+    applies the activation (a layer's blocks run first to last into the same output)."""
     tokens = x_t.shape[1]
     if tokens == 1:
         x = x_t[:, 0]
@@ -132,15 +135,17 @@ def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi):
             while k < stop:
                 a0 += data[k] * x[indices[k]]
                 k += 1
-            out_t[r, 0] = activate(bias[r] + ((a0 + a1) + (a2 + a3)), act)
+            v = ((a0 + a1) + (a2 + a3)) + (bias[r] if first else out_t[r, 0])
+            out_t[r, 0] = activate(v, act) if last else v
         return
     # The same eight-way pass as axpy_rows, written out here and through row views: calling a
     # helper per row (even with inline="always") and slicing doubled the time of short rows.
     for r in range(r_lo, r_hi):
         acc = out_t[r]
-        b = bias[r]
-        for t in range(tokens):
-            acc[t] = b
+        if first:
+            b = bias[r]
+            for t in range(tokens):
+                acc[t] = b
         k, stop = indptr[r], indptr[r + 1]
         while k + 8 <= stop:
             w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
@@ -161,6 +166,8 @@ def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi):
             s = x_t[indices[k]]
             for t in range(tokens):
                 acc[t] += w * s[t]
+        if not last:
+            continue
         if act == 1:
             for t in range(tokens):
                 v = acc[t]
@@ -170,35 +177,65 @@ def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi):
 
 
 @njit(**JIT)
-def chain_serial(x_t, indptr, indices, data, bias, ip_off, nz_off, b_off, acts):
-    """Several CSR layers back to back in one call (the arrays of all layers concatenated)."""
+def chain_serial(x_t, indptr, indices, data, bias, ip_off, nz_off, b_off, acts, firsts, lasts):
+    """Several CSR layers back to back in one call. The arrays of all layers' column blocks are
+    concatenated; block i belongs to the layer that ``firsts`` opens and ``lasts`` closes."""
     h = x_t
+    out = h
     for i in range(acts.shape[0]):
         ip = indptr[ip_off[i] : ip_off[i + 1]]
         rows = ip.shape[0] - 1
-        out = np.empty((rows, h.shape[1]), dtype=np.float32)
-        _linear_rows(ip, indices[nz_off[i] : nz_off[i + 1]], data[nz_off[i] : nz_off[i + 1]], bias[b_off[i] : b_off[i] + rows], h, out, acts[i], 0, rows)
-        h = out
+        if firsts[i]:
+            out = np.empty((rows, h.shape[1]), dtype=np.float32)
+        _linear_rows(ip, indices[nz_off[i] : nz_off[i + 1]], data[nz_off[i] : nz_off[i + 1]], bias[b_off[i] : b_off[i] + rows], h, out, acts[i], 0, rows, firsts[i], lasts[i])
+        if lasts[i]:
+            h = out
     return h
 
 
-@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def chain_parallel(x_t, indptr, indices, data, bias, ip_off, nz_off, b_off, acts, parts):
-    """chain_serial with each layer's rows split into ``parts`` blocks of equal nonzeros."""
-    h = x_t
-    for i in range(acts.shape[0]):
-        ip = indptr[ip_off[i] : ip_off[i + 1]]
-        rows = ip.shape[0] - 1
-        out = np.empty((rows, h.shape[1]), dtype=np.float32)
-        ix = indices[nz_off[i] : nz_off[i + 1]]
-        dt = data[nz_off[i] : nz_off[i + 1]]
-        bs = bias[b_off[i] : b_off[i] + rows]
-        bounds = np.searchsorted(ip, np.linspace(0, ip[rows], parts + 1).astype(np.int64))
-        bounds[0], bounds[parts] = 0, rows
-        for p in prange(parts):
-            _linear_rows(ip, ix, dt, bs, h, out, acts[i], min(bounds[p], rows), min(bounds[p + 1], rows))
-        h = out
-    return h
+@njit(**JIT)
+def layer_rows(h, out, indptr, indices, data, bias, ip_off, nz_off, b_off, acts, firsts, lasts, first_block, last_block, lo, hi):
+    """Rows [lo, hi) of one layer (column blocks first_block..last_block): one thread's share."""
+    rows = out.shape[0]
+    for b in range(first_block, last_block + 1):
+        ip = indptr[ip_off[b] : ip_off[b + 1]]
+        _linear_rows(ip, indices[nz_off[b] : nz_off[b + 1]], data[nz_off[b] : nz_off[b + 1]], bias[b_off[b] : b_off[b] + rows], h, out, acts[b], lo, hi, firsts[b], lasts[b])
+
+
+_POOL: list = []  # one ThreadPoolExecutor, grown on demand
+
+
+def run_split(fn, shares: list[tuple]) -> None:
+    """``fn(*share)`` for every share at once: the first in this thread, the others on a
+    persistent pool. The kernels release the GIL (``nogil``), so the shares really run in parallel.
+
+    Why not numba's ``prange``: its workqueue pool took 0.1-0.3 ms to wake for each parallel
+    region on this machine (a 0.6 ms loop split in two took 0.6 ms), its OpenMP pool would be a
+    second OpenMP runtime beside torch's; a Python worker woken through a futex splits the FFN's
+    2.4 ms chain into 1.55 ms."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(shares) == 1:
+        fn(*shares[0])
+        return
+    if not _POOL or _POOL[0]._max_workers < len(shares) - 1:
+        if _POOL:
+            _POOL.pop().shutdown(wait=False)
+        _POOL.append(ThreadPoolExecutor(max_workers=len(shares) - 1, thread_name_prefix="dnsconvert-kernel"))
+    futures = [_POOL[0].submit(fn, *share) for share in shares[1:]]
+    try:
+        fn(*shares[0])
+    finally:
+        for future in futures:
+            future.result()
+
+
+def split_bounds(weights: np.ndarray, parts: int) -> np.ndarray:
+    """``parts`` + 1 boundaries cutting rows 0..len(weights) into runs of about equal total weight."""
+    cumulative = np.concatenate([[0], np.cumsum(weights)])
+    bounds = np.searchsorted(cumulative, np.linspace(0, cumulative[-1], parts + 1)).astype(np.int64)
+    bounds[0], bounds[-1] = 0, len(weights)
+    return np.minimum(bounds, len(weights))
 
 
 @dataclass(frozen=True)
@@ -225,6 +262,29 @@ class CsrLayer:
         return int(self.indptr.size - 1)
 
 
+COLUMN_BLOCK = 1024  # input features per pass: at 128 tokens a block of activations is 512 KiB, inside L2
+
+
+def _column_blocks(layer: CsrLayer) -> list[tuple]:
+    """A layer's CSR split by input-feature blocks of ``COLUMN_BLOCK``: (indptr, indices, data, first, last).
+
+    Rows read random input rows; when the whole input ([features, tokens]) is larger than L2
+    every nonzero misses (FFN 3072 -> 768 on 128 tokens: 1.5 MiB of input, 19 GMAC/s against 30
+    for the 768 -> 3072 layer). Blocks keep each pass's inputs in L2."""
+    starts = list(range(0, max(layer.in_features, 1), COLUMN_BLOCK))
+    if len(starts) == 1:
+        return [(layer.indptr.astype(np.int64), layer.indices, layer.data, True, True)]
+    rows = layer.out_features
+    row_of = np.repeat(np.arange(rows), np.diff(layer.indptr))
+    out = []
+    for n, lo in enumerate(starts):
+        keep = (layer.indices >= lo) & (layer.indices < lo + COLUMN_BLOCK)
+        indptr = np.zeros(rows + 1, dtype=np.int64)
+        np.add.at(indptr, row_of[keep] + 1, 1)
+        out.append((np.cumsum(indptr), layer.indices[keep], layer.data[keep], n == 0, n == len(starts) - 1))
+    return out
+
+
 class CsrChain:
     """Consecutive sparse Linear layers (each with its activation) compiled as one kernel call."""
 
@@ -233,24 +293,40 @@ class CsrChain:
             if prev.out_features != nxt.in_features:
                 raise ValueError(f"chained layers do not fit: {prev.out_features} outputs feed {nxt.in_features} inputs")
         self.in_features, self.out_features = layers[0].in_features, layers[-1].out_features
+        blocks = [block for layer in layers for block in _column_blocks(layer)]
         # 32-bit column indices halve the index traffic; unsigned, so indexing needs no wrap-around
-        self.indptr = np.concatenate([layer.indptr.astype(np.int64) for layer in layers])
-        self.indices = np.concatenate([layer.indices.astype(np.uint32) for layer in layers])
-        self.data = np.concatenate([layer.data.astype(np.float32) for layer in layers])
-        self.bias = np.concatenate([layer.bias.astype(np.float32) for layer in layers])
-        self.ip_off = np.cumsum([0] + [layer.indptr.size for layer in layers]).astype(np.int64)
-        self.nz_off = np.cumsum([0] + [layer.indices.size for layer in layers]).astype(np.int64)
-        self.b_off = np.cumsum([0] + [layer.bias.size for layer in layers]).astype(np.int64)
-        self.acts = np.array([ACTIVATIONS[layer.activation] for layer in layers], dtype=np.int64)
+        self.indptr = np.concatenate([ip for ip, *_ in blocks])
+        self.indices = np.concatenate([ix.astype(np.uint32) for _, ix, *_ in blocks])
+        self.data = np.concatenate([d.astype(np.float32) for _, _, d, *_ in blocks])
+        self.bias = np.concatenate([layer.bias.astype(np.float32) for layer in layers for _ in _column_blocks(layer)])
+        self.ip_off = np.cumsum([0] + [ip.size for ip, *_ in blocks]).astype(np.int64)
+        self.nz_off = np.cumsum([0] + [ix.size for _, ix, *_ in blocks]).astype(np.int64)
+        self.b_off = np.cumsum([0] + [layer.bias.size for layer in layers for _ in _column_blocks(layer)]).astype(np.int64)
+        self.acts = np.array([ACTIVATIONS[layer.activation] for layer in layers for _ in _column_blocks(layer)], dtype=np.int64)
+        self.firsts = np.array([f for *_, f, _ in blocks], dtype=np.bool_)
+        self.lasts = np.array([last for *_, last in blocks], dtype=np.bool_)
+        # per layer: its column blocks and, for ``parts`` threads, row ranges of about equal nonzeros
+        self.groups = []
+        start = 0
+        for layer in layers:
+            stop = start + len(_column_blocks(layer)) - 1
+            self.groups.append((start, stop, layer.out_features, split_bounds(np.diff(layer.indptr), parts)))
+            start = stop + 1
         self.parts = parts
 
     def __call__(self, x_t: np.ndarray) -> np.ndarray:
         """x_t: [in_features, tokens] float32, C-contiguous -> [out_features, tokens]."""
         if x_t.ndim != 2 or x_t.shape[0] != self.in_features or x_t.dtype != np.float32 or not x_t.flags.c_contiguous:
             raise ValueError(f"expected a C-contiguous float32 [{self.in_features}, tokens] array, got {x_t.dtype} {list(x_t.shape)}")  # the kernels do not bounds-check
-        if self.parts > 1:
-            return chain_parallel(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts, self.parts)
-        return chain_serial(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts)
+        if self.parts == 1 or x_t.shape[1] == 1:
+            return chain_serial(x_t, self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts, self.firsts, self.lasts)
+        h = x_t
+        arrays = (self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts, self.firsts, self.lasts)
+        for first, last, rows, bounds in self.groups:
+            out = np.empty((rows, h.shape[1]), dtype=np.float32)
+            run_split(layer_rows, [(h, out, *arrays, first, last, bounds[p], bounds[p + 1]) for p in range(self.parts)])
+            h = out
+        return h
 
     def rows_major(self, x: np.ndarray) -> np.ndarray:
         """x: [tokens, in_features] -> [tokens, out_features] (numpy transposes around the chain:

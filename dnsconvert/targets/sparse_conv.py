@@ -24,7 +24,7 @@ BatchNorm is already folded into the weight by the ONNX exporter.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .csr_kernels import JIT, activate_row, axpy_rows
 
@@ -111,13 +111,15 @@ def conv_serial(x, buf, acc, ptr, off, val, bias, res, has_res, act, pad_t, pad_
     return out
 
 
-@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def conv_parallel(x, buf, accs, ptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, oh, ow, pool, out, bounds):
-    """Output channels split over threads in blocks of about equal nonzeros."""
+@njit(**JIT)
+def fill(x, buf, pad_t, pad_l, stride, plane, ws, phases):
     _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases)
-    for p in prange(accs.shape[0]):
-        _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs[p], bounds[p], bounds[p + 1])
-    return out
+
+
+@njit(**JIT)
+def channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, oc_lo, oc_hi):
+    """Output channels [oc_lo, oc_hi): one thread's share of a parallel convolution."""
+    _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, oc_lo, oc_hi)
 
 
 class SparseConv2d:
@@ -185,6 +187,11 @@ class SparseConv2d:
         out = np.empty((x.shape[0], self.out_channels, *self.output_hw(x.shape[2], x.shape[3])), dtype=np.float32)
         res = np.ascontiguousarray(residual, dtype=np.float32) if has_res else self._no_res
         top, left = self.pads[0], self.pads[1]
-        if self.parts > 1:
-            return conv_parallel(x, buf, accs, self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, oh, ow, self.pool, out, self.bounds)
+        if self.parts > 1:  # output channels split over threads, in blocks of about equal nonzeros
+            from .csr_kernels import run_split
+
+            fill(x, buf, top, left, self.stride, plane, ws, self.phases)
+            shared = (buf, self.ptr, offsets, self.values, self.bias, out, res, has_res, self.activation, ws, plane, oh, ow, self.pool)
+            run_split(channels, [(*shared, accs[p], self.bounds[p], self.bounds[p + 1]) for p in range(self.parts)])
+            return out
         return conv_serial(x, buf, accs[0], self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, oh, ow, self.pool, out)
