@@ -48,7 +48,8 @@ def test_matches_dense_model_within_1e5(tmp_path, name):
 
 
 def test_fully_sparse_lenets_never_call_onnxruntime(tmp_path):
-    for name, kinds in (("lenet300100", {"native", "sparse linear chain"}), ("lenet5", {"native", "sparse conv", "sparse linear chain"})):
+    # (the Flatten before the first Linear is absorbed by the chain: one Python step less per call)
+    for name, kinds in (("lenet300100", {"sparse linear chain"}), ("lenet5", {"sparse conv", "sparse linear chain"})):
         artifact = build(tmp_path, masked_checkpoint(name, 0.95), name, **SPARSITY_PLAN)
         steps = details(artifact).steps["small"]
         assert {s["step"] for s in steps} == kinds, steps
