@@ -1,10 +1,13 @@
 import json
+import time
 
 import numpy as np
 import pytest
 
 from helpers import FIXTURES
-from dnsconvert.bench import BenchReport, BenchRow, bench, measure, percentile
+from dnsconvert.bench import BASELINE, BenchReport, bench, measure, percentile
+from dnsconvert.model_io import sample_feeds
+from dnsconvert.timing import measure_interleaved
 
 
 class FakeClock:
@@ -52,26 +55,142 @@ def test_percentile_matches_numpy():
         assert percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
-def test_speedups_pair_dense_and_sparse():
-    from dnsconvert.bench.timing import LatencyStats
+def test_interleaved_rounds_rotate_and_ratio_is_exact_on_known_delays():
+    clock = FakeClock()
+    order = []
 
-    def stats(batch, p50):
-        return LatencyStats(batch, 0, 1, p50, p50, p50, p50, p50, p50, batch / p50)
+    def runner(name, ms):
+        def run():
+            order.append(name)
+            clock.now += ms / 1000.0
 
-    report = BenchReport("m", [BenchRow("t", "dense", stats(1, 4.0)), BenchRow("t", "sparse", stats(1, 1.0))])
-    assert report.speedups() == [{"target": "t", "batch": 1, "dense_p50_ms": 4.0, "sparse_p50_ms": 1.0, "speedup": 4.0}]
+        return run
+
+    calls = {"dense": runner("dense", 4.0), "sparse": runner("sparse", 1.0), "other": runner("other", 2.0)}
+    timed = measure_interleaved(calls, batch=1, rounds=3, iterations=2, warmup=1, warmup_per_round=1, clock=clock)
+    assert timed.rounds == 3 and all(len(block) == 2 for blocks in timed.samples.values() for block in blocks)
+    # after one warm-up call each, every round runs each variant as a block of 1 + 2 calls, rotating who goes first
+    rounds = [order[3 + 9 * r : 3 + 9 * (r + 1)][::3] for r in range(3)]
+    assert rounds == [["dense", "sparse", "other"], ["sparse", "other", "dense"], ["other", "dense", "sparse"]]
+    ratio = timed.ratio("dense", "sparse")
+    assert (ratio.value, ratio.low, ratio.high) == pytest.approx((4.0, 4.0 / 1.02, 4.0 * 1.02))  # no noise: only the resolution floor
+    assert timed.ratio("dense", "sparse", resolution=0.0).low == pytest.approx(4.0)
+    assert ratio.verdict == "faster" and timed.ratio("sparse", "dense").verdict == "slower"
+    assert timed.stats("other").p50_ms == pytest.approx(2.0)
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.fixture(scope="module")
+def ort_model(tmp_path_factory):
+    """LeNet-300-100 in ONNX Runtime, ~0.1 ms a call at batch 32: long enough that where the
+    runtime happens to place its buffers does not dominate (a 7 us model showed 12% A/A gaps)."""
+    from dnsconvert.targets import build_artifact
+
+    from helpers import masked_checkpoint
+
+    ckpt = masked_checkpoint("lenet300100", 0.9)
+    artifact = build_artifact(ckpt, tmp_path_factory.mktemp("ort") / "m", target="ort")
+    return artifact.read("dense"), ckpt.model.inputs
+
+
+def test_two_identical_models_time_within_noise(ort_model):
+    """Two ONNX Runtime sessions of the same model, timed against each other: the reported
+    interval must contain 1.0 and be tight enough to mean something."""
+    from dnsconvert.targets.ort import OrtRunner
+
+    model, inputs = ort_model
+    a, b = OrtRunner(model, 1), OrtRunner(model, 1)
+    x = sample_feeds(inputs, batch=32)
+    timed = measure_interleaved({"a": lambda: a.run(x), "b": lambda: b.run(x)}, batch=32, rounds=30, iterations=10, warmup=20)
+    ratio = timed.ratio("a", "b", confidence=0.99)
+    assert ratio.low <= 1.0 <= ratio.high, ratio.text()
+    assert ratio.verdict == "within noise"
+    assert 0.8 < ratio.low and ratio.high < 1.25, f"interval too wide to be informative: {ratio.text()}"
+
+
+def test_a_deliberately_slowed_dense_side_is_caught(ort_model):
+    """The dense side does the same work plus a busy wait as long as the work itself (~2x):
+    the comparison must call the sparse side faster, with an interval around 2, and the reverse slower."""
+    from dnsconvert.targets.ort import OrtRunner
+
+    model, inputs = ort_model
+    runner = OrtRunner(model, 1)
+    x = sample_feeds(inputs, batch=32)
+    base = measure(lambda: runner.run(x), batch=32, warmup=20, iterations=200).p50_ms / 1e3
+
+    def slowed():
+        runner.run(x)
+        _spin(base)
+
+    timed = measure_interleaved({"dense": slowed, "sparse": lambda: runner.run(x)}, batch=32, rounds=20, iterations=10, warmup=10)
+    ratio = timed.ratio("dense", "sparse")
+    assert ratio.verdict == "faster" and ratio.low > 1.3, ratio.text()
+    assert timed.ratio("sparse", "dense").verdict == "slower"
+
+
+def test_bench_json_names_the_fastest_dense_baseline(tmp_path):
+    from dnsconvert.loading import load_checkpoint
+
+    report = bench(
+        load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors"), targets=("ort", "torch-sparse-cpu"), batches=(1, 4),
+        warmup=2, iterations=20, rounds=4, threads=1, build_options={"torch-sparse-cpu": {"plan": "sparsity"}}, workdir=tmp_path,
+    )  # fmt: skip
+    data = report.to_json()
+    assert data["report_version"] == 2 and data["threads"] == 1
+    assert data["thread_settings"]["torch_threads"] == 1 and data["thread_settings"]["numba_threading_layer"] == "workqueue"
+    rows = {(r["target"], r["variant"], r["batch"]) for r in data["rows"]}
+    assert {(BASELINE, "dense", 1), (BASELINE, "dense-int8", 1), ("torch-sparse-cpu", "sparse", 4)} <= rows
+    # the targets' dense variants are the reference ONNX model itself: timed once, as the baseline
+    assert data["own_dense_is"] == {"ort": "onnxruntime dense", "torch-sparse-cpu": "onnxruntime dense"}
+    for s in data["speedups"]:
+        head = s["speedup_vs_fastest_dense"]
+        assert head["baseline"] == "onnxruntime dense" and s["speedup"] == head["value"]
+        assert head["low"] <= head["value"] <= head["high"] and head["verdict"] in ("faster", "slower", "within noise")
+        assert s["speedup_vs_int8_dense"]["baseline"] == "onnxruntime dense-int8"
+        by_row = {(r["target"], r["variant"], r["batch"]): r["p50_ms"] for r in data["rows"]}
+        assert head["baseline_p50_ms"] == pytest.approx(by_row[(BASELINE, "dense", s["batch"])])
+
+
+def test_fastest_dense_is_the_minimum_over_dense_rows():
+    from dnsconvert.bench import _Entry, compare_rows
+    from dnsconvert.timing import Interleaved
+
+    timed = Interleaved(batch=1, warmup=0, samples={
+        "onnxruntime dense": [[3e-3]] * 3, "onnxruntime dense-nospin": [[2.5e-3]] * 3, "t dense": [[2e-3]] * 3, "t sparse": [[1e-3]] * 3, "onnxruntime dense-int8": [[0.5e-3]] * 3,
+    })  # fmt: skip
+    entries = [_Entry("onnxruntime", v, None) for v in ("dense", "dense-nospin", "dense-int8")] + [_Entry("t", "dense", None), _Entry("t", "sparse", None)]
+    rows, speedups = compare_rows(timed, entries, 1, 0.95)
+    assert len(rows) == 5 and len(speedups) == 1
+    s = speedups[0]
+    assert s.fastest_dense == "t dense" and s.vs_fastest_dense.value == pytest.approx(2.0)  # int8 is not an fp32 dense baseline
+    assert s.vs_own_dense.value == pytest.approx(2.0) and s.vs_int8_dense.value == pytest.approx(0.5)
+    assert s.vs_int8_dense.verdict == "slower"
 
 
 def test_bench_cli_json_and_plot(run_cli, tmp_path):
     plot = tmp_path / "b.png"
-    result = run_cli("bench", FIXTURES / "tiny_mlp_unstructured.safetensors", "--target", "ort", "--batch", "1", "--batch", "4", "--iterations", "5", "--warmup", "1", "--json", "--plot", plot)
+    result = run_cli("bench", FIXTURES / "tiny_mlp_unstructured.safetensors", "--target", "ort", "--batch", "1", "--batch", "4", "--iterations", "8", "--rounds", "4", "--warmup", "1", "--json", "--plot", plot)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert {(r["variant"], r["batch"]) for r in data["rows"]} == {("dense", 1), ("dense", 4), ("sparse", 1), ("sparse", 4)}
+    assert {(r["variant"], r["batch"]) for r in data["rows"]} >= {("dense", 1), ("dense", 4), ("sparse", 1), ("sparse", 4), ("dense-int8", 1)}
     assert "densifies" in data["exploits_sparsity"]["ort"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
-    result = run_cli("bench", FIXTURES / "tiny_mlp_unstructured.safetensors", "--iterations", "5", "--batch", "1", "--min-speedup", "1000")
+    result = run_cli("bench", FIXTURES / "tiny_mlp_unstructured.safetensors", "--iterations", "5", "--rounds", "2", "--batch", "1", "--min-speedup", "1000")
     assert result.exit_code == 1 and "below --min-speedup" in result.stderr
+    result = run_cli("bench", FIXTURES / "tiny_mlp_unstructured.safetensors", "--rounds", "0")
+    assert result.exit_code == 2 and "--rounds" in result.stderr
+
+
+def test_bench_cli_table_lists_speedup_first(run_cli):
+    result = run_cli("bench", FIXTURES / "tiny_mlp_unstructured.safetensors", "--iterations", "6", "--rounds", "3", "--batch", "2", "--baseline", "fp32", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    speed, latency = result.stdout.index("vs fastest dense"), result.stdout.index("latency")
+    assert speed < latency and "dense-int8" not in result.stdout and "OpenMP runtimes" in result.stdout
 
 
 def test_bench_artifact_folder(tmp_path):
@@ -79,12 +198,14 @@ def test_bench_artifact_folder(tmp_path):
     from dnsconvert.targets import build_artifact
 
     artifact = build_artifact(load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors"), tmp_path / "m", target="ort")
-    report = bench(artifact.root, batches=(2,), warmup=1, iterations=3)
-    assert len(report.rows) == 2 and report.speedups()[0]["batch"] == 2
+    report = bench(artifact.root, batches=(2,), warmup=1, iterations=3, rounds=3, baselines=("fp32",))
+    # ONNX Runtime's default threads: timed with and without its workers' spin-waiting; the ort target's dense file is that model
+    assert {(r.target, r.variant) for r in report.rows} == {(BASELINE, "dense"), (BASELINE, "dense-nospin"), ("ort", "sparse")}
+    assert report.speedups()[0]["batch"] == 2 and report.speedups()[0]["speedup_vs_own_dense"]["baseline"] == "onnxruntime dense"
 
 
-def test_device_runners_upload_once(tmp_path):
-    from dnsconvert.targets import Artifact, Target, register_target, unregister_target
+def test_device_runners_upload_once():
+    from dnsconvert.bench import _Entry, bench_runners
 
     calls = {"prepare": 0, "run_device": 0, "run": 0}
 
@@ -105,23 +226,11 @@ def test_device_runners_upload_once(tmp_path):
         def close(self):
             pass
 
-    class DeviceTarget(Target):
-        name = "device-double"
+    from dnsconvert.modelspec import ModelSpec
 
-        def load(self, artifact, variant="sparse", options=None, *, trust_model_code=False):
-            return DeviceRunner()
-
-    register_target("device-double", DeviceTarget)
-    try:
-        from dnsconvert.artifact import Manifest, SourceRecord
-        from dnsconvert.bench import BenchReport, bench_artifact
-        from dnsconvert.modelspec import ModelSpec
-
-        manifest = Manifest(target="device-double", format="test", files={}, model=ModelSpec("x:y", {}, (1, 4)).to_json(), source=SourceRecord())
-        artifact = Artifact(tmp_path, manifest)
-
-        report = BenchReport("m")
-        bench_artifact(artifact, batches=(1, 8), warmup=2, iterations=5, time_budget_s=None, threads=0, report=report)
-    finally:
-        unregister_target("device-double")
-    assert calls == {"prepare": 4, "run_device": 4 * 7, "run": 0}
+    report = BenchReport("m")
+    entries = [_Entry("device-double", "dense", DeviceRunner()), _Entry("device-double", "sparse", DeviceRunner())]
+    bench_runners(entries, report, inputs=ModelSpec("x:y", {}, (1, 4)).inputs, batches=(1, 8), warmup=2, iterations=5, time_budget_s=None, rounds=5, confidence=0.95)
+    # per batch and runner: 2 warm-up calls, then 5 rounds of (1 round warm-up + 1 timed call)
+    assert calls == {"prepare": 4, "run_device": 4 * (2 + 5 * 2), "run": 0}
+    assert len(report.comparisons) == 2

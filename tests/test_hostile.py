@@ -24,10 +24,12 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -281,66 +283,91 @@ def bench_args(manifest: Path) -> list:
     return ["bench", manifest, "--iterations", "2", "--warmup", "0", "--batch", "1"]
 
 
-def csr_case(edit: Callable[[dict, dict], None]):
-    """Edit the CSR artifact's tensors and metadata (``edit(tensors, meta)``), then bench it."""
+def csr_case(edit: Callable[[Any, Any], None]):
+    """Edit the torch-sparse-cpu artifact's sparse ONNX (``edit(model, plan)``: its sparse
+    initializers, or the execution plan in its metadata; a str plan is written as it is), then bench it."""
 
     def make(d):
-        from safetensors import safe_open
-        from safetensors.torch import save_file
+        import onnx
 
         manifest_path, manifest = copy_artifact(d, "csr")
         path = manifest_path.parent / manifest["files"]["sparse"]["path"]
-        with safe_open(str(path), "pt") as handle:
-            meta = json.loads(handle.metadata()["dnsconvert.torch_sparse_cpu"])
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        edit(tensors, meta)
-        save_file(tensors, str(path), metadata={"dnsconvert.torch_sparse_cpu": json.dumps(meta)})
+        model = onnx.load_from_string(path.read_bytes())
+        prop = next(p for p in model.metadata_props if p.key == CSR_PLAN_KEY)
+        box = [json.loads(prop.value)]
+        edit(model, box)
+        if box[0] is None:
+            model.metadata_props.remove(prop)
+        else:
+            prop.value = box[0] if isinstance(box[0], str) else json.dumps(box[0])
+        path.write_bytes(model.SerializeToString())
         reseal(manifest_path, manifest)
         return Run(bench_args(manifest_path), path)
 
     return make
 
 
-def _col(fn):
-    def edit(tensors, meta):
-        col = tensors["csr/1/col_indices"].clone()
-        fn(col, tensors)
-        tensors["csr/1/col_indices"] = col
+CSR_PLAN_KEY = "dnsconvert.sparse_cpu_plan"
+
+
+def _indices(fn):
+    """Edit the first sparse initializer's [NNZ] indices with ``fn(array) -> array``."""
+
+    def edit(model, box):
+        from onnx import numpy_helper
+
+        index = model.graph.sparse_initializer[0].indices
+        index.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(index).copy()), index.name))
 
     return edit
 
 
-def _set_col0(value):
-    return _col(lambda col, t: col.__setitem__(0, value))
+def _set0(value):
+    def fn(a):
+        a[0] = value
+        return a
+
+    return fn
 
 
-def _crow_decreasing(tensors, meta):
-    crow = tensors["csr/1/crow_indices"].clone()
-    crow[1], crow[2] = crow[2], crow[1] - 1
-    tensors["csr/1/crow_indices"] = crow
+def _swap01(a):
+    a[0], a[1] = a[1], a[0]
+    return a
 
 
-def _unsorted_row(tensors, meta):
-    crow, col = tensors["csr/1/crow_indices"], tensors["csr/1/col_indices"].clone()
-    row = next(i for i in range(len(crow) - 1) if crow[i + 1] - crow[i] >= 2)
-    a = int(crow[row])
-    col[a], col[a + 1] = col[a + 1].clone(), col[a].clone()
-    tensors["csr/1/col_indices"] = col
+def _dup01(a):
+    a[1] = a[0]
+    return a
 
 
-def _duplicate_in_row(tensors, meta):
-    crow, col = tensors["csr/1/crow_indices"], tensors["csr/1/col_indices"].clone()
-    row = next(i for i in range(len(crow) - 1) if crow[i + 1] - crow[i] >= 2)
-    a = int(crow[row])
-    col[a + 1] = col[a]
-    tensors["csr/1/col_indices"] = col
-
-
-def _layer(key, value):
-    def edit(tensors, meta):
-        meta["csr_layers"][0][key] = value
+def _dims(dims):
+    def edit(model, box):
+        sparse = model.graph.sparse_initializer[0]
+        del sparse.dims[:]
+        sparse.dims.extend(dims)
 
     return edit
+
+
+def _plan(fn):
+    def edit(model, box):
+        box[0] = fn(box[0])
+
+    return edit
+
+
+def _kernels(value):
+    def fn(plan):
+        regime = plan["regimes"]["small"]
+        regime["kernels"] = {k: value for k in regime["kernels"]}
+        return plan
+
+    return fn
+
+
+def _unknown_layer(plan):
+    plan["ops"]["no.such.weight"] = next(iter(plan["ops"].values()))
+    return plan
 
 
 def ort_case(edit: Callable[[Path, dict], None], batches: tuple[str, ...] = ("--batch", "1")):
@@ -620,21 +647,19 @@ CASES: list[Case] = [
     Case("ort-manifest-input-negative", ort_case(_manifest_input([BATCH, -16])), needs=("ort",), match="dimension"),
     Case("ort-manifest-input-string", ort_case(_manifest_input("big")), needs=("ort",), match="shape must be a list"),
     # -- CSR artifacts (torch-sparse-cpu) through bench ------------------------------------------
-    Case("csr-control-bench", csr_case(lambda t, m: None), exit=0, needs=("csr",)),
-    Case("csr-col-out-of-range", csr_case(_set_col0(10_000_000)), needs=("csr",), match="column index lies outside"),
-    Case("csr-col-negative", csr_case(_set_col0(-1)), needs=("csr",), match="column index lies outside"),
-    Case("csr-crow-decreasing", csr_case(_crow_decreasing), needs=("csr",), match="never decrease"),
-    Case("csr-crow-short", csr_case(lambda t, m: t.__setitem__("csr/1/crow_indices", t["csr/1/crow_indices"][:-1].clone())), needs=("csr",), match="crow_indices has"),
-    Case("csr-values-short", csr_case(lambda t, m: t.__setitem__("csr/1/values", t["csr/1/values"][:-1].clone())), needs=("csr",), match="values for"),
-    Case("csr-unsorted-row", csr_case(_unsorted_row), needs=("csr",), match="not sorted and unique"),
-    Case("csr-duplicate-in-row", csr_case(_duplicate_in_row), needs=("csr",), match="not sorted and unique"),
-    Case("csr-shape-300x2^21", csr_case(_layer("shape", [300, 1 << 21])), needs=("csr",), match="DNSCONVERT_MAX_DENSE_BYTES"),
-    Case("csr-shape-string", csr_case(_layer("shape", "big")), needs=("csr",), match="shape"),
-    Case("csr-shape-negative", csr_case(_layer("shape", [-32, 16])), needs=("csr",), match="positive"),
-    Case("csr-layers-not-list", csr_case(lambda t, m: m.__setitem__("csr_layers", {"1": 1})), needs=("csr",), match="csr_layers"),
-    Case("csr-values-missing", csr_case(lambda t, m: t.pop("csr/1/values")), needs=("csr",), match="has no values"),
-    Case("csr-float-indices", csr_case(lambda t, m: t.__setitem__("csr/1/col_indices", t["csr/1/col_indices"].float())), needs=("csr",), match="integer"),
-    Case("csr-model-kwargs-900M", csr_case(lambda t, m: m["model"]["kwargs"].__setitem__("hidden", [30000, 30000])), needs=("csr",), match="DNSCONVERT_MAX_PARAMETERS"),
+    Case("csr-control-bench", csr_case(lambda m, p: None), exit=0, needs=("csr",)),
+    Case("csr-index-out-of-range", csr_case(_indices(_set0(10**9))), needs=("csr",), match="outside"),
+    Case("csr-index-negative", csr_case(_indices(_set0(-1))), needs=("csr",), match="outside"),
+    Case("csr-indices-unsorted", csr_case(_indices(_swap01)), needs=("csr",), match="sorted and unique"),
+    Case("csr-indices-duplicate", csr_case(_indices(_dup01)), needs=("csr",), match="sorted and unique"),
+    Case("csr-indices-short", csr_case(_indices(lambda a: a[:-1])), needs=("csr",), match="indices for"),
+    Case("csr-float-indices", csr_case(_indices(lambda a: a.astype(np.float32))), needs=("csr",), match="indices"),
+    Case("csr-dims-300x2^21", csr_case(_dims([300, 1 << 21])), needs=("csr",), match="DNSCONVERT_MAX_DENSE_BYTES"),
+    Case("csr-plan-missing", csr_case(_plan(lambda p: None)), needs=("csr",), match="no execution plan"),
+    Case("csr-plan-not-json", csr_case(_plan(lambda p: "{not json")), needs=("csr",), match="not valid JSON"),
+    Case("csr-plan-unknown-kernel", csr_case(_plan(_kernels("gpu"))), needs=("csr",), match="plan"),
+    Case("csr-plan-unknown-layer", csr_case(_plan(_unknown_layer)), needs=("csr",), match="plan names layers"),
+    Case("csr-plan-wrong-version", csr_case(_plan(lambda p: {**p, "version": 99})), needs=("csr",), match="plan"),
     # -- pipeline files and their state files ----------------------------------------------------
     Case("pipe-state-corrupt-json", pipeline("[input]\ncheckpoint = '{input}/c.safetensors'\n[validate]\n", state="{not json", extra=lambda f: shutil.copy(GOOD, f / "c.safetensors")), match="unreadable"),
     Case("pipe-state-nested-100000", pipeline("[input]\ncheckpoint = '{input}/c.safetensors'\n[validate]\n", state=hostile.nested_json(100_000), extra=lambda f: shutil.copy(GOOD, f / "c.safetensors")), match="nests too deeply"),
@@ -769,17 +794,10 @@ def artifacts(tmp_path_factory):
     ckpt = load_checkpoint(GOOD)
     base = tmp_path_factory.mktemp("artifacts")
     ort = get_target("ort").build(ckpt, base / "ort" / "m.onnx", BuildOptions())
-    csr = get_target("torch-sparse-cpu").build(ckpt, base / "csr" / "m.safetensors", BuildOptions(extra={"plan": "sparsity", "min_sparsity": "0.5"}))
-    assert any(layer["name"] == "1" for layer in json.loads(_csr_meta(csr.path))["csr_layers"])
+    csr = get_target("torch-sparse-cpu").build(ckpt, base / "csr" / "m", BuildOptions(extra={"plan": "sparsity", "min_sparsity": "0.5"}))
+    assert onnx.load_from_string(csr.read("sparse")).graph.sparse_initializer  # the cases edit its sparse tensors
     _ARTIFACTS.update({"ort": ort.manifest_path, "csr": csr.manifest_path})
     return _ARTIFACTS
-
-
-def _csr_meta(path: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return handle.metadata()["dnsconvert.torch_sparse_cpu"]
 
 
 def snapshot(folder: Path) -> dict[str, str]:

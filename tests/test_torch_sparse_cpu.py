@@ -1,119 +1,252 @@
+import json
+
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from dnsconvert.models import BUILTIN_MODELS
+from dnsconvert.errors import TargetError
 from dnsconvert.model_io import sample_feeds
+from dnsconvert.models import BUILTIN_MODELS
 from dnsconvert.targets import BuildOptions, get_target, load_artifact
-from dnsconvert.targets.torch_sparse_cpu import CsrDetails, PlannedLinear, load_sparse_model
+from dnsconvert.targets.csr_kernels import CsrChain, CsrLayer
+from dnsconvert.targets.sparse_conv import SparseConv2d
+from dnsconvert.targets.torch_sparse_cpu import KERNELS, PLAN_KEY, SparseCpuDetails, SparseCpuRunner, read_plan
 from helpers import masked_checkpoint
+
+SPARSITY_PLAN = {"plan": "sparsity", "min_sparsity": "0.5"}
+
+
+def build(tmp_path, ckpt, name="m", **extra):
+    options = BuildOptions(atol=1e-5, rtol=1e-5, extra={k: str(v) for k, v in extra.items()})
+    return get_target("torch-sparse-cpu").build(ckpt, tmp_path / name, options)
+
+
+def load(artifact, variant="sparse", **options):
+    return get_target("torch-sparse-cpu").load(load_artifact(artifact.root), variant, {k: str(v) for k, v in options.items()})
+
+
+def details(artifact) -> SparseCpuDetails:
+    return artifact.manifest.details_as(SparseCpuDetails)
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
 def test_matches_dense_model_within_1e5(tmp_path, name):
     ckpt = masked_checkpoint(name, 0.95)
-    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m", BuildOptions(atol=1e-5, rtol=1e-5, extra={"plan": "sparsity", "min_sparsity": "0.5"}))
+    artifact = build(tmp_path, ckpt, **SPARSITY_PLAN)
     assert artifact.manifest.parity.passed and artifact.manifest.parity.max_abs <= 1e-5
-    kernels = {layer: d.kernels["small"] for layer, d in artifact.manifest.details_as(CsrDetails).plan.items()}
-    assert kernels and set(kernels.values()) == {"compiled"}
-    sparse = get_target("torch-sparse-cpu").load(load_artifact(tmp_path / "m"), "sparse")
-    dense = get_target("torch-sparse-cpu").load(load_artifact(tmp_path / "m"), "dense")
-    assert any(isinstance(m, PlannedLinear) for m in sparse.model.modules())
-    assert not any(isinstance(m, PlannedLinear) for m in dense.model.modules())
-    feeds = sample_feeds(ckpt.model.inputs, batch=5, seed=1)
-    np.testing.assert_allclose(sparse.run(feeds)[0], dense.run(feeds)[0], atol=1e-5, rtol=1e-5)
+    plan = details(artifact).plan
+    assert plan.ops and all(decision.mode == "sparse" for decision in plan.regimes.values())
+    assert set(plan.regimes["small"].kernels.values()) == {"serial"}
+    sparse, dense = load(artifact), load(artifact, "dense")
+    assert sparse.modes == {"small": "planned", "large": "planned"}
+    for batch in (5, 12):  # both regimes
+        feeds = sample_feeds(ckpt.model.inputs, batch=batch, seed=batch)
+        got, want = sparse.run(feeds), dense.run(feeds)
+        assert len(got) == len(want) == 1
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-5)
 
 
-def test_auto_plan_records_timings(tmp_path):
+def test_fully_sparse_lenets_never_call_onnxruntime(tmp_path):
+    # (the Flatten before the first Linear is absorbed by the chain: one Python step less per call)
+    for name, kinds in (("lenet300100", {"sparse linear chain"}), ("lenet5", {"sparse conv", "sparse linear chain"})):
+        artifact = build(tmp_path, masked_checkpoint(name, 0.95), name, **SPARSITY_PLAN)
+        steps = details(artifact).steps["small"]
+        assert {s["step"] for s in steps} == kinds, steps
+    # a transformer FFN keeps LayerNorm and the residual Add in ONNX Runtime, the Linear pair is one chain with GELU fused
+    artifact = build(tmp_path, masked_checkpoint("transformer_mlp", 0.95), "ffn", **SPARSITY_PLAN)
+    steps = details(artifact).steps["small"]
+    assert [s["step"] for s in steps] == ["onnxruntime", "sparse linear chain", "onnxruntime", "sparse linear chain", "onnxruntime"]
+    assert {op.activation for op in details(artifact).plan.ops.values()} == {"gelu", "identity"}
+
+
+def test_auto_plan_records_its_evidence(tmp_path):
     ckpt = masked_checkpoint("lenet300100", 0.99)
-    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m", BuildOptions(extra={"batches": "1,64"}))
-    for decision in artifact.manifest.details_as(CsrDetails).plan.values():
-        assert set(decision.kernels) == {"small", "large"}
-        assert set(decision.kernels.values()) <= {"dense", "torch", "compiled"}
-        assert set(decision.timings_ms) == {"1", "64"}
-        for regime, batch in (("small", "1"), ("large", "64")):
-            timing = decision.timings_ms[batch]
-            assert decision.kernels[regime] == min(timing, key=timing.get)
+    artifact = build(tmp_path, ckpt, batches="1,64", plan_budget=0.05, threads=1)
+    plan = details(artifact).plan
+    for regime, batch in (("small", 1), ("large", 64)):
+        decision = plan.regimes[regime]
+        assert decision.batch == batch and decision.mode in ("sparse", "dense")
+        assert set(decision.kernels) == set(plan.ops) and set(decision.kernels.values()) <= set(KERNELS)
+        assert set(decision.timings_ms) == set(plan.ops)
+        for timing in decision.timings_ms.values():
+            assert set(timing) == {"dense", "serial"}  # one thread: no parallel kernel
+        assert decision.candidates and decision.onnxruntime_dense_p50_ms > 0
+        if decision.mode == "dense":
+            assert set(decision.kernels.values()) == {"dense"}
+        assert any(r["verdict"] == "faster" for r in decision.candidates.values()) == (decision.mode == "sparse")
 
 
-def test_hostile_csr_indices_are_rejected(tmp_path):
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from dnsconvert.errors import TargetError
-
-    ckpt = masked_checkpoint("lenet300100", 0.95)
-    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m", BuildOptions(extra={"plan": "sparsity"}))
-    from safetensors import safe_open
-
-    with safe_open(str(artifact.path), "pt") as handle:
-        meta = handle.metadata()
-    tensors = load_file(str(artifact.path))
-    col = tensors["csr/1/col_indices"].clone()
-    col[0] = 10_000_000  # points far outside the matrix
-    tensors["csr/1/col_indices"] = col
-    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
-    # a user error naming the file (exit 2), not torch's RuntimeError (exit 3)
-    bad = tmp_path / "bad.safetensors"
-    with pytest.raises(TargetError, match="column index lies outside") as caught:
-        load_sparse_model(bad.read_bytes(), where=bad)
-    assert caught.value.exit_code == 2 and str(bad) in str(caught.value) and "\n" not in str(caught.value)
-    assert json.loads(meta["dnsconvert.torch_sparse_cpu"])["csr_layers"]
+def test_auto_plan_falls_back_to_dense_when_sparse_loses(tmp_path):
+    """Unpruned layers: a CSR kernel does the dense work with index overhead; the plan must keep ONNX Runtime."""
+    ckpt = masked_checkpoint("mlp", 0.0, hidden=[256, 256])
+    artifact = build(tmp_path, ckpt, batches="2,64", plan_budget=0.05, threads=1)
+    for decision in details(artifact).plan.regimes.values():
+        assert decision.mode == "dense", decision.reason
+    runner = load(artifact)
+    assert runner.modes == {"small": "onnxruntime dense", "large": "onnxruntime dense"}
+    feeds = sample_feeds(ckpt.model.inputs, batch=3)
+    np.testing.assert_allclose(runner.run(feeds)[0], load(artifact, "dense").run(feeds)[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "torch", "compiled"])
-def test_planned_linear_kernels_on_3d_input(kernel):
-    weight = torch.randn(8, 16) * (torch.rand(8, 16) > 0.8)
-    layer = PlannedLinear(weight, torch.randn(8), {"small": kernel, "large": kernel})
-    for batch in (2, 12):  # both regimes
-        x = torch.randn(batch, 3, 16)
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, layer.bias), atol=1e-5, rtol=1e-5)
+def test_hostile_or_tampered_models_are_rejected(tmp_path):
+    """What the hash check cannot catch (a file written by someone else with valid hashes):
+    sparse indices outside their tensor, and plans that do not fit, are TargetErrors."""
+    artifact = build(tmp_path, masked_checkpoint("lenet300100", 0.95), **SPARSITY_PLAN)
+    model = onnx.load_from_string(artifact.read("sparse"))
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    index = bad.graph.sparse_initializer[0].indices
+    values = onnx.numpy_helper.to_array(index).copy()
+    values[0] = 10**9  # points far outside the tensor
+    index.CopyFrom(onnx.numpy_helper.from_array(values, index.name))
+    with pytest.raises(TargetError, match="outside"):
+        SparseCpuRunner(bad, read_plan(bad))
+    for tamper in ("kernel", "mode", "layer", "version"):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(model)
+        prop = next(p for p in bad.metadata_props if p.key == PLAN_KEY)
+        plan = json.loads(prop.value)
+        regime = plan["regimes"]["small"]
+        if tamper == "kernel":
+            regime["kernels"] = {k: "gpu" for k in regime["kernels"]}
+        elif tamper == "mode":
+            regime["mode"] = "fast"
+        elif tamper == "layer":
+            regime["kernels"]["no.such.layer"] = "serial"
+        else:
+            plan["version"] = 99
+        prop.value = json.dumps(plan)
+        with pytest.raises(TargetError, match="plan"):
+            SparseCpuRunner(bad, read_plan(bad))
+    # and the artifact's own hash check refuses an edited file before any of this
+    artifact.path.write_bytes(bad.SerializeToString())
+    with pytest.raises(Exception, match="sha256|hash|changed|size"):
+        load(artifact)
 
 
-def test_chain_models_run_compiled_and_others_through_torch(tmp_path):
-    target = get_target("torch-sparse-cpu")
-    for name, expected in (("lenet300100", "compiled chain"), ("mlp", "compiled chain"), ("lenet5", "pytorch modules"), ("transformer_mlp", "pytorch modules")):
-        ckpt = masked_checkpoint(name, 0.95)
-        artifact = target.build(ckpt, tmp_path / name, BuildOptions(atol=1e-5, rtol=1e-5, extra={"plan": "sparsity"}))
-        assert artifact.manifest.details_as(CsrDetails).runner == expected, name
-        runner = target.load(load_artifact(tmp_path / name), "sparse")
-        assert runner.mode == expected
+@pytest.mark.parametrize("stride,pads,kernel,batch", [(1, (1, 1, 1, 1), 3, 1), (2, (1, 1, 1, 1), 3, 3), (2, (0, 0, 0, 0), 1, 2), (2, (3, 3, 3, 3), 7, 1), (1, (0, 0, 0, 0), 5, 4), (3, (2, 1, 0, 2), 4, 2)])
+@pytest.mark.parametrize("activation,residual", [(0, False), (1, True)])
+def test_sparse_conv_matches_torch(stride, pads, kernel, batch, activation, residual):
+    torch.manual_seed(stride * 100 + kernel)
+    weight = torch.randn(6, 5, kernel, kernel) * (torch.rand(6, 5, kernel, kernel) > 0.7)
+    bias = torch.randn(6)
+    x = torch.randn(batch, 5, 11, 13)
+    padded = torch.nn.functional.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+    expected = torch.nn.functional.conv2d(padded, weight, bias, stride=stride)
+    res = torch.randn_like(expected) if residual else None
+    if residual:
+        expected = expected + res
+    if activation == 1:
+        expected = torch.relu(expected)
+    for parts in (1, 2):
+        conv = SparseConv2d(weight.numpy(), bias.numpy(), stride=stride, pads=pads, activation=activation, parts=parts)
+        got = conv(x.numpy(), res.numpy() if residual else None)
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_chain_with_a_dense_layer_in_the_middle(tmp_path):
-    ckpt = masked_checkpoint("mlp", 0.95)
-    torch.manual_seed(5)
-    ckpt.weights["3.weight"] = torch.randn_like(ckpt.weights["3.weight"])  # a dense middle layer
-    ckpt.masks["3.weight"] = torch.ones_like(ckpt.masks["3.weight"])
-    artifact = get_target("torch-sparse-cpu").build(ckpt, tmp_path / "m", BuildOptions(atol=1e-5, rtol=1e-5, extra={"plan": "sparsity", "min_sparsity": "0.5"}))
-    details = artifact.manifest.details_as(CsrDetails)
-    kernels = {layer: d.kernels["large"] for layer, d in details.plan.items()}
-    assert kernels == {"1": "compiled", "3": "dense", "5": "compiled"}
-    assert details.runner == "compiled chain" and artifact.manifest.parity.passed
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_linear_chain_matches_torch(tokens):
+    torch.manual_seed(tokens)
+    acts = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda v: v}
+    names = list(acts)
+    shapes = [(40, 30), (20, 40), (25, 20), (10, 25), (7, 10)]
+    weights = [torch.randn(*s) * (torch.rand(*s) > 0.6) for s in shapes]
+    biases = [torch.randn(s[0]) for s in shapes]
+    layers = [CsrLayer.from_dense(w.numpy(), b.numpy(), a) for w, b, a in zip(weights, biases, names)]
+    x = torch.randn(tokens, 30)
+    expected = x
+    for w, b, a in zip(weights, biases, names):
+        expected = acts[a](torch.nn.functional.linear(expected, w, b))
+    for parts in (1, 2):
+        np.testing.assert_allclose(CsrChain(layers, parts=parts).rows_major(x.numpy()), expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_chain_runner_mixes_kernels_per_regime():
-    from dnsconvert.targets.torch_sparse_cpu import TorchSparseRunner
+def test_kernels_refuse_inputs_that_do_not_fit():
+    chain = CsrChain([CsrLayer.from_dense(np.eye(4, 6, dtype=np.float32), None)])
+    with pytest.raises(ValueError, match="6"):
+        chain.rows_major(np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError):
+        chain(np.zeros((6, 2), np.float64))
+    with pytest.raises(ValueError, match="shorter|chained"):
+        CsrChain([CsrLayer.from_dense(np.ones((4, 6), np.float32), None), CsrLayer.from_dense(np.ones((3, 5), np.float32), None)])
+    conv = SparseConv2d(np.ones((2, 3, 3, 3), np.float32), None, stride=1, pads=(0, 0, 0, 0))
+    with pytest.raises(ValueError, match="3"):
+        conv(np.zeros((1, 4, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="smaller"):
+        conv(np.zeros((1, 3, 2, 2), np.float32))
+
+
+class _Block(torch.nn.Module):
+    """A ResNet basic block with a strided 1x1 shortcut (conv-BN, BN folded by the exporter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(4, 8, 3, 2, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.down = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1, 2, bias=False), torch.nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+
+
+def test_residual_block_runs_with_fused_residual_and_relu():
+    from dnsconvert.export.onnx_export import torch_to_onnx
+    from dnsconvert.targets.sparse_graph import GraphRunner, build_steps, find_sparse_ops, load_graph
 
     torch.manual_seed(0)
-    dense = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
-    for layer in (dense[1], dense[3]):
-        layer.weight.data *= torch.rand_like(layer.weight) > 0.7
-    planned = torch.nn.Sequential(
-        torch.nn.Flatten(),
-        PlannedLinear(dense[1].weight, dense[1].bias, {"small": "compiled", "large": "torch"}),
-        torch.nn.ReLU(),
-        PlannedLinear(dense[3].weight, dense[3].bias, {"small": "compiled", "large": "dense"}),
-        torch.nn.GELU(),
-        dense[5],
-    )
-    from dnsconvert.modelspec import ModelSpec
+    block = _Block().eval()
+    for bn in (block.bn1, block.bn2, block.down[1]):  # non-trivial statistics so that folding matters
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        for conv in (block.conv1, block.conv2, block.down[0]):
+            conv.weight *= torch.rand_like(conv.weight) > 0.6
+    graph = load_graph(torch_to_onnx(block, torch.randn(2, 4, 10, 10)))
+    weights = [init.name for init in graph.model.graph.initializer if graph.arrays[init.name].ndim == 4]
+    ops = find_sparse_ops(graph, weights)
+    assert len(ops) == 3 and sum(op.residual is not None for op in ops) == 1
+    assert sorted(op.activation for op in ops) == ["identity", "relu", "relu"]
+    runner = GraphRunner(graph, build_steps(graph, ops, {op.name: "serial" for op in ops}, 1), "planned")
+    assert {s["step"] for s in runner.describe()} == {"sparse conv"}  # BN folded, Add+Relu fused: nothing left for ONNX Runtime
+    x = torch.randn(3, 4, 10, 10)
+    with torch.no_grad():
+        expected = block(x).numpy()
+    np.testing.assert_allclose(runner.run_feeds({graph.input_names[0]: x.numpy()})[0], expected, atol=1e-5, rtol=1e-5)
 
-    runner = TorchSparseRunner(planned, ModelSpec("test:planned", {}, (1, 2, 16)))
-    assert runner.mode == "compiled chain"
-    for batch in (1, 16):
-        x = np.random.default_rng(batch).standard_normal((batch, 2, 16)).astype(np.float32)
-        with torch.no_grad():
-            expected = dense(torch.from_numpy(x)).numpy()
-        np.testing.assert_allclose(runner.run({"input": x})[0], expected, atol=1e-5, rtol=1e-5)
+
+def test_one_openmp_runtime_with_parallel_kernels():
+    """torch's bundled libgomp and numba's kernels in one process: numba must not load a second
+    OpenMP runtime (that pairing made dense PyTorch runs 25-30x slower)."""
+    import numba
+
+    from dnsconvert.timing import openmp_runtimes, pin_threads
+
+    torch.ones(64, 64) @ torch.ones(64, 64)  # torch's OpenMP pool is up
+    chain = CsrChain([CsrLayer.from_dense(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), None, "relu")], parts=2)
+    chain.rows_major(np.ones((16, 32), np.float32))  # a parallel kernel has run
+    settings = pin_threads(2)
+    assert numba.threading_layer() == "workqueue" and settings.numba_threading_layer == "workqueue"
+    assert len(openmp_runtimes()) <= 1, openmp_runtimes()
+
+
+@pytest.mark.slow
+def test_kernels_stay_in_bounds_under_numba_boundscheck(tmp_path):
+    """The kernels index without bounds checks; rerun their tests with numba's checks on (a
+    fresh cache, so everything is recompiled): an out-of-bounds read or write raises there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    here = Path(__file__)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:logging", str(here), "-k", "conv or chain or residual or matches_dense"],
+        env=env, cwd=here.parent.parent, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]

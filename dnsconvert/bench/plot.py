@@ -1,4 +1,8 @@
-"""The bench plot (matplotlib is an optional extra: pip install dnsconvert[plot])."""
+"""The bench plot (matplotlib is an optional extra: pip install dnsconvert[plot]).
+
+Left: each target's speedup against the fastest dense runtime of the run, with its interval
+(the headline); right: p50 latency of every runtime and variant, bar to p99.
+"""
 
 from __future__ import annotations
 
@@ -17,18 +21,24 @@ def plot_report(report, path: str | Path) -> Path:
     except ImportError:
         raise UserError("--plot needs matplotlib", hint="pip install 'dnsconvert[plot]'") from None
     batches = sorted({r.stats.batch for r in report.rows})
-    targets = sorted({r.target for r in report.rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.8), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        for offset, variant in ((-0.2, "dense"), (0.2, "sparse")):
-            values = [next((r.stats.p50_ms for r in report.rows if r.target == t and r.variant == variant and r.stats.batch == batch), 0.0) for t in targets]
-            errors = [next((r.stats.p99_ms - r.stats.p50_ms for r in report.rows if r.target == t and r.variant == variant and r.stats.batch == batch), 0.0) for t in targets]
-            ax.bar([i + offset for i in range(len(targets))], values, width=0.4, yerr=errors, capsize=3, label=variant)
-        ax.set_xticks(range(len(targets)), targets, rotation=15)
+    fig, axes = plt.subplots(1, 1 + len(batches), figsize=(4.8 * (1 + len(batches)), 4.0), squeeze=False)
+    ax = axes[0][0]
+    labels = [f"{s.target}\nbatch {s.batch}" for s in report.comparisons]
+    values = [s.vs_fastest_dense.value for s in report.comparisons]
+    errors = [[s.vs_fastest_dense.value - s.vs_fastest_dense.low for s in report.comparisons], [s.vs_fastest_dense.high - s.vs_fastest_dense.value for s in report.comparisons]]
+    ax.bar(range(len(values)), values, yerr=errors, capsize=4, color="tab:green")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
+    ax.set_ylabel(f"speedup vs fastest dense ({report.confidence:.0%} interval)")
+    ax.set_title("sparse vs fastest dense runtime")
+    for ax, batch in zip(axes[0][1:], batches):
+        rows = [r for r in report.rows if r.stats.batch == batch]
+        ax.bar(range(len(rows)), [r.stats.p50_ms for r in rows], yerr=[[0] * len(rows), [r.stats.p99_ms - r.stats.p50_ms for r in rows]], capsize=3,
+               color=["tab:green" if r.variant == "sparse" else "tab:gray" if r.variant == "dense" else "tab:blue" for r in rows])  # fmt: skip
+        ax.set_xticks(range(len(rows)), [f"{r.target}\n{r.variant}" for r in rows], fontsize=7)
         ax.set_title(f"batch {batch}")
         ax.set_ylabel("latency p50 (ms), bar to p99")
-        ax.legend()
-    fig.suptitle(f"dense vs sparse: {Path(report.model).name}")
+    fig.suptitle(f"{Path(report.model).name}: {report.threads or 'default'} threads, {report.rounds} interleaved rounds")
     fig.tight_layout()
     target = Path(path)
     with atomic_path(target) as tmp:

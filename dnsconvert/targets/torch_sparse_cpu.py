@@ -1,361 +1,481 @@
-"""The ``torch-sparse-cpu`` target: PyTorch CPU models whose sparse Linear layers run on CSR kernels.
+"""The ``torch-sparse-cpu`` target: sparse layers as compiled CPU kernels, the rest in ONNX Runtime.
 
-DNS leaves Linear layers 95-99% sparse; a CSR matrix times a dense batch then does a small
-fraction of the dense work. Each Linear is planned at build time, separately for small
-batches (latency) and large ones (throughput): ``plan=auto`` times the dense layer, torch's
-CSR matmul (MKL, multi-threaded) and dnsconvert's compiled CSR kernel (:mod:`.csr_kernels`,
-no dispatch overhead) at the requested batch sizes and keeps the fastest per regime;
-``plan=sparsity`` uses the compiled kernel above ``min_sparsity``. When the whole model is a chain of Linear
-layers and element-wise activations (LeNet-300-100, ``mlp``), the runner executes it without
-PyTorch's per-module overhead: consecutive sparse layers become one compiled call.
-Convolutions stay dense: PyTorch has no sparse convolution kernel on CPU, and im2col + CSR
-would copy the activation K·K times for layers that are small in LeNets.
+Design, chosen by measurement (2 threads, this 2-core machine, interleaved rounds, p50):
+the first version ran the PyTorch model with CSR kernels swapped into its Linear layers. Dense
+PyTorch eager is itself 1.5-3x slower than ONNX Runtime on every model we benchmark (ResNet-18
+at 224: 34.6 vs 22.5 ms; an FFN block 768-3072-768 on 128 tokens: 15.1 vs 7.5 ms; LeNet-5 at
+batch 1: 0.150 vs 0.062 ms), so any layer left dense lost to ONNX Runtime, and at batch 1 the
+per-module dispatch alone cost more than ONNX Runtime's whole LeNet-300-100. ONNX Runtime's
+own sparse operator (``com.microsoft::SparseToDenseMatMul``) is slower than its dense MatMul at
+every size we tried (LeNet-300-100's first layer at 98.8%: 36 vs 12 us at batch 1; 768x3072 at
+90% on 128 tokens: 484 vs 2.3 ms), and a compiled custom-op library would need a C++ toolchain
+at install time. So the model runs from its dense ONNX export (:mod:`.sparse_graph`):
+each pruned Gemm / MatMul / Conv, with its bias, residual and activation, is either a compiled
+kernel (:mod:`.csr_kernels`, :mod:`.sparse_conv`) or left to ONNX Runtime, and every remaining
+run of nodes is one ONNX Runtime session; when every layer is sparse (LeNets) no ONNX Runtime
+call is made at all.
 
-Artifact: one safetensors file (``model.safetensors`` in the artifact folder) — dense tensors under ``dense/<name>``, CSR layers as
-``csr/<name>/{crow_indices,col_indices,values}`` — with the model spec and the plan in its
-metadata. The dense baseline is the same model with every layer dense, on the same runtime.
+Plan (``plan=auto``): at build time, for each batch regime (<= 8 samples: latency, above:
+throughput), every sparse op is timed on its real input against ONNX Runtime running the same
+nodes, in interleaved rounds, serial and (with ``threads`` > 1) parallel kernel; the fastest
+wins. Then the whole planned model is timed against ONNX Runtime's dense model in the same
+way; unless it is faster beyond noise (its interval above 1), that regime runs the dense model
+in ONNX Runtime: never slower than dense beyond noise. The evidence is recorded in the plan (artifact metadata and manifest).
+
+Artifact: ``<name>.onnx``, the model with pruned weights as sparse initializers and the plan in
+its metadata (``dnsconvert.sparse_cpu_plan``), and ``<name>.dense.onnx``, the dense baseline,
+which is exactly what ONNX Runtime runs in the ``ort`` target.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
-from torch import nn
-
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as schema
 
-from ..artifact import Artifact, write_artifact
+from ..artifact import Artifact
 from ..errors import TargetError
-from ..model_io import TorchRunner, output_names_of
-from ..models import build_masked_model, build_model, load_weights_
-from ..modelspec import ModelSpec
-from ..sparse_checks import check_csr_artifact
 from .base import BuildOptions, Target, option_number
 
-META_KEY = "dnsconvert.torch_sparse_cpu"
-MODEL_FILE = "model.safetensors"
-# CSR support is marked beta in PyTorch; the kernels used here (CSR x dense mm) are stable.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+PLAN_KEY = "dnsconvert.sparse_cpu_plan"
+PLAN_VERSION = 1
+SMALL_BATCH = 8  # plans are made per batch regime: <= this (latency) and above (throughput)
+REGIMES = ("small", "large")
+KERNELS = ("dense", "serial", "parallel")
+SPARSE_FILE, DENSE_FILE = "model.onnx", "model.dense.onnx"
+_RECORD = ConfigDict(extra="forbid")
 
 
-@schema(frozen=True, config=ConfigDict(extra="forbid"))
-class LayerPlan:
-    """One Linear layer's kernel per batch regime, and why."""
+@schema(frozen=True, config=_RECORD)
+class OpRecord:
+    """One sparse op as planned: what it is (the graph decides its geometry at load)."""
 
-    kernels: dict[str, str]
+    kind: Literal["linear", "conv"]
+    shape: list[int]
     sparsity: float
-    reason: str
-    timings_ms: dict[str, dict[str, float]] | None = None
+    nnz: int
+    activation: str
+    residual: bool
+    stride: int
+    pool: int = 0
 
 
-@schema(frozen=True, config=ConfigDict(extra="forbid"))
-class CsrDetails:
+@schema(frozen=True, config=_RECORD)
+class RegimePlan:
+    """The decision for one batch regime and its evidence (p50s in ms; whole-model ratios)."""
+
+    batch: int
+    mode: Literal["sparse", "dense"]
+    kernels: dict[str, Literal["dense", "serial", "parallel"]]
+    reason: str = ""
+    spinning: bool = True  # ONNX Runtime sessions' workers spin-wait (its default)
+    timings_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
+    candidates: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    onnxruntime_dense_p50_ms: float | None = None
+    planned_p50_ms: float | None = None
+
+
+@schema(frozen=True, config=_RECORD)
+class ExecutionPlan:
+    version: Literal[1]
+    small_batch: int
+    threads: int
+    plan: Literal["auto", "sparsity", "dense"]
+    ops: dict[str, OpRecord]
+    regimes: dict[Literal["small", "large"], RegimePlan]
+
+    def __post_init__(self) -> None:
+        if set(self.regimes) != set(REGIMES):
+            raise ValueError(f"a plan has the regimes {', '.join(REGIMES)}")
+        for decision in self.regimes.values():
+            unknown = set(decision.kernels) - set(self.ops)
+            if unknown:
+                raise ValueError(f"kernels for layers that are not planned: {', '.join(sorted(unknown))}")
+
+
+@schema(frozen=True, config=_RECORD)
+class SparseCpuDetails:
     """What the manifest of a torch-sparse-cpu artifact records (``Manifest.details``)."""
 
-    plan: dict[str, LayerPlan]
+    plan: ExecutionPlan
     runner: str
-
-
-SMALL_BATCH = 8  # plans are made per batch regime: <= this (latency) and above (throughput)
-KERNELS = ("dense", "torch", "compiled")
+    steps: dict[str, list[dict[str, Any]]]
 
 
 def batch_regime(batch: int) -> str:
     return "small" if batch <= SMALL_BATCH else "large"
 
 
-class PlannedLinear(nn.Module):
-    """A Linear layer with one kernel per batch regime: ``dense`` (BLAS), ``torch`` (torch.sparse.mm
-    on CSR, MKL, multi-threaded) or ``compiled`` (:mod:`.csr_kernels`, one thread, no dispatch)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: Mapping[str, str]):
-        super().__init__()
-        self.kernels = dict(kernels)
-        self.out_features, self.in_features = weight.shape
-        weight = weight.detach()
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.csr = nn.Parameter(weight.to_sparse_csr(), requires_grad=False)
-        self.dense = nn.Parameter(weight.clone(), requires_grad=False) if "dense" in self.kernels.values() else None
-        self._chain = None
-
-    def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        w = self.csr.detach()
-        bias = self.bias.detach().numpy() if self.bias is not None else np.zeros(self.out_features, np.float32)
-        return w.crow_indices().numpy(), w.col_indices().numpy(), w.values().numpy(), bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features)
-        kernel = self.kernels[batch_regime(flat.shape[0])]
-        if kernel == "dense":
-            y = nn.functional.linear(flat, self.dense, self.bias)
-        elif kernel == "compiled":
-            from .csr_kernels import CsrChain
-
-            if self._chain is None:
-                self._chain = CsrChain([(*self.csr_arrays(), "identity")])
-            y = torch.from_numpy(self._chain(flat.t().contiguous().numpy())).t()
-        else:
-            y = torch.sparse.mm(self.csr, flat.t().contiguous()).t()
-            if self.bias is not None:
-                y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+# ---------------------------------------------------------------- planning
 
 
-@torch.inference_mode()
-def plan_layer(weight: torch.Tensor, bias: torch.Tensor | None, batches: list[int], mode: str, min_sparsity: float) -> dict:
-    """Choose each batch regime's kernel for one Linear layer; returns the decision with its evidence."""
-    from ..bench.timing import measure
+def activations(graph, feeds: Mapping[str, np.ndarray], names: list[str], threads: int) -> dict[str, np.ndarray]:
+    """The values ``names`` take when the dense graph runs on ``feeds`` (one ONNX Runtime run)."""
+    import onnx
+    from onnx import helper
 
-    sparsity = 1.0 - float((weight != 0).float().mean())
+    from .sparse_graph import ort_session
+
+    model = onnx.ModelProto()
+    model.CopyFrom(graph.model)
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing and name not in feeds:
+            model.graph.output.append(helper.make_tensor_value_info(name, graph.elem_types.get(name, onnx.TensorProto.FLOAT), None))
+            existing.add(name)
+    wanted = [n for n in names if n not in feeds]
+    values = dict(zip(wanted, ort_session(model, threads).run(wanted, dict(feeds))))
+    values.update({n: feeds[n] for n in names if n in feeds})
+    return values
+
+
+def time_op(graph, op, values: Mapping[str, np.ndarray], threads: int, budget_s: float) -> dict[str, float]:
+    """p50 (ms) of one sparse op on its real input: ONNX Runtime's nodes vs the kernel(s)."""
+    from ..timing import measure_interleaved
+    from .sparse_graph import ConvStep, LinearChainStep, ort_session, subgraph_model
+
+    inputs = [op.x] + ([op.residual] if op.residual else [])
+    session = ort_session(subgraph_model(graph, op.nodes, inputs, [op.y]), threads)
+    feeds = {name: values[name] for name in inputs}
+    calls = {"dense": lambda: session.run(None, feeds)}
+    for kernel, parts in (("serial", 1), ("parallel", threads)):
+        if kernel == "parallel" and threads < 2:
+            continue
+        step = LinearChainStep([op], parts) if op.kind == "linear" else ConvStep(op, parts)
+        env = dict(feeds)
+        step(env)  # compile and size buffers before timing
+        calls[kernel] = lambda step=step, env=env: step(env)
+    result = measure_interleaved(calls, batch=1, rounds=5, iterations=None, time_budget_s=budget_s, warmup=2)
+    return {name: round(result.stats(name).p50_ms, 5) for name in calls}
+
+
+def plan_regime(graph, ops, *, inputs, batch: int, threads: int, mode: str, min_sparsity: float, budget_s: float) -> dict[str, Any]:
+    """Kernel per op for one batch regime, then the whole-model check against dense ONNX Runtime."""
     if mode == "sparsity":
-        kernel = "compiled" if sparsity >= min_sparsity else "dense"
-        return {"kernels": {"small": kernel, "large": kernel}, "sparsity": sparsity, "reason": f"sparsity {sparsity:.3f} {'>=' if kernel != 'dense' else '<'} {min_sparsity}"}
-    candidates = {name: PlannedLinear(weight, bias, {"small": name, "large": name}) for name in KERNELS}
-    timings: dict[str, dict[str, float]] = {}
-    for batch in batches:
-        x = torch.randn(batch, weight.shape[1])
-        timings[str(batch)] = {name: measure(lambda layer=layer: layer(x), batch=batch, warmup=3, iterations=30).mean_ms for name, layer in candidates.items()}
-    kernels = {}
-    for regime in ("small", "large"):
-        timed = [t for b, t in timings.items() if batch_regime(int(b)) == regime] or list(timings.values())
-        kernels[regime] = min(KERNELS, key=lambda name: sum(t[name] for t in timed))
-    return {"kernels": kernels, "sparsity": sparsity, "reason": f"fastest when timed at batches {batches}", "timings_ms": timings}
+        kernels = {op.name: ("serial" if op.sparsity >= min_sparsity else "dense") for op in ops}
+        return {"batch": batch, "mode": "sparse" if any(k != "dense" for k in kernels.values()) else "dense", "kernels": kernels, "reason": f"sparsity >= {min_sparsity}"}
+    if mode == "dense":
+        return {"batch": batch, "mode": "dense", "kernels": {op.name: "dense" for op in ops}, "reason": "plan=dense"}
+    from ..model_io import sample_feeds
+
+    feeds = sample_feeds(inputs, batch=batch, seed=0)
+    values = activations(graph, feeds, sorted({op.x for op in ops} | {op.residual for op in ops if op.residual}), threads)
+    kernels, evidence = {}, {}
+    for op in ops:
+        timed = time_op(graph, op, values, threads, budget_s)
+        evidence[op.name] = timed
+        kernels[op.name] = min(timed, key=timed.get)
+    decision = {"batch": batch, "kernels": kernels, "timings_ms": evidence}
+    decision.update(check_whole_model(graph, ops, kernels, feeds, threads, budget_s=4 * budget_s, timings=evidence))
+    if decision["mode"] == "dense":
+        decision["kernels"] = {op.name: "dense" for op in ops}
+    return decision
 
 
-def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+def chain_groups(ops) -> list[list[str]]:
+    """Sparse Linear ops that feed one another directly: run sparse together, they share one
+    layout change at each end, so deciding them one by one would overcharge the kernels."""
+    by_input = {op.x: op for op in ops if op.kind == "linear"}
+    groups, seen = [], set()
+    for op in ops:
+        if op.kind != "linear" or op.name in seen:
+            continue
+        group, current = [op.name], op
+        while current.y in by_input and by_input[current.y].name not in seen:
+            current = by_input[current.y]
+            group.append(current.name)
+        seen.update(group)
+        if len(group) > 1:
+            groups.append(group)
+    return groups
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+SLACK = (1.25, 1.6)  # candidates that also run layers this much slower than dense sparse
 
 
-_ELEMENTWISE = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity", nn.Dropout: "identity"}
+def candidate_plans(ops, kernels: Mapping[str, str], timings: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, dict[str, str]]:
+    """Whole-model candidates. Each layer boundary between a kernel and ONNX Runtime costs a
+    session call and ONNX Runtime's cross-layer work (its blocked conv layout is converted
+    back and forth), which per-layer timings cannot see; so besides the per-layer choice the
+    whole model is tried with each chain of Linear layers wholly sparse where any of it is, with
+    layers up to ``SLACK`` times slower than dense also sparse (fewer boundaries), and all sparse."""
+    per_layer = {name: k for name, k in kernels.items() if k != "dense"}
+    chained = dict(per_layer)
+    for group in chain_groups(ops):
+        if any(name in per_layer for name in group):
+            for name in group:
+                chained.setdefault(name, "serial")
+
+    def fastest_kernel(name: str) -> str:
+        timed = {k: v for k, v in (timings or {}).get(name, {}).items() if k != "dense"}
+        return min(timed, key=timed.get) if timed else "serial"
+
+    plans = [("per-layer", per_layer), ("chains sparse", chained)]
+    for slack in SLACK if timings else ():
+        within = {name: fastest_kernel(name) for name, t in timings.items() if min(v for k, v in t.items() if k != "dense") <= slack * t["dense"]}
+        plans.append((f"layers within {slack}x of dense sparse", within))
+    plans.append(("all sparse", {op.name: fastest_kernel(op.name) for op in ops}))
+    candidates: dict[str, dict[str, str]] = {}
+    for label, chosen in plans:
+        if chosen and chosen not in candidates.values():
+            candidates[label] = chosen
+    return candidates
 
 
-def _activation_name(module: nn.Module) -> str | None:
-    if isinstance(module, nn.GELU):
-        return "gelu" if module.approximate == "none" else None
-    for cls, name in _ELEMENTWISE.items():
-        if type(module) is cls:
-            return name
-    return None
+def check_whole_model(graph, ops, kernels: Mapping[str, str], feeds, threads: int, *, budget_s: float, timings: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
+    """Time candidate plans against the dense model in ONNX Runtime (the faster of its spinning
+    and non-spinning settings), in the same rounds; keep the fastest plan only if its interval
+    says faster (otherwise this regime runs dense)."""
+    from ..timing import measure_interleaved
+    from .sparse_graph import GraphRunner, build_steps, ort_session
+
+    candidates = candidate_plans(ops, kernels, timings)
+    if not candidates:
+        return {"mode": "dense", "reason": "no layer to run sparse"}
+    dense, quiet = ort_session(graph.model, threads), ort_session(graph.model, threads, spinning=False)
+    calls = {"onnxruntime dense": lambda: dense.run(None, feeds), "onnxruntime dense, not spinning": lambda: quiet.run(None, feeds)}
+    chosen_by_label: dict[str, tuple[dict[str, str], bool]] = {}
+    for name, chosen in candidates.items():
+        # ONNX Runtime segments between kernels never spin-wait: their idle workers would take
+        # the core a kernel runs on next. Timed with spinning too, the planner picked it on a
+        # noisy build (FFN 90%: 2.68x [1.06, 4.85]) and the model then ran at 0.56x; without
+        # spinning a segment pays one worker wake-up (microseconds) instead.
+        runner = GraphRunner(graph, build_steps(graph, ops, chosen, threads, spinning=False), "planned")
+        runner.run_feeds(feeds)
+        chosen_by_label[name] = (chosen, False)
+        calls[name] = lambda runner=runner: runner.run_feeds(feeds)
+    result = measure_interleaved(calls, batch=next(iter(feeds.values())).shape[0], rounds=8, iterations=None, time_budget_s=budget_s, warmup=3)
+    dense_labels = ("onnxruntime dense", "onnxruntime dense, not spinning")
+    baseline = min(dense_labels, key=lambda label: result.stats(label).p50_ms)
+    ratios = {label: result.ratio(dense_labels, label) for label in chosen_by_label}
+    shown_faster = [label for label in ratios if ratios[label].verdict == "faster"]
+    best = max(shown_faster or ratios, key=lambda label: ratios[label].value)
+    ratio = ratios[best]
+    evidence = {"candidates": {label: r.to_json() for label, r in ratios.items()}, "onnxruntime_dense_p50_ms": result.stats(baseline).p50_ms, "planned_p50_ms": result.stats(best).p50_ms}
+    if ratio.verdict != "faster":  # not shown faster beyond noise: dense is the safe choice
+        # the dense fallback runs with whichever ONNX Runtime setting was faster here
+        spinning = baseline == "onnxruntime dense"
+        return {"mode": "dense", "spinning": spinning, "reason": f"no plan faster than dense ONNX Runtime (best: {best}, {ratio.text()})", **evidence}
+    chosen, spinning = chosen_by_label[best]
+    return {"mode": "sparse", "kernels": {op.name: chosen.get(op.name, "dense") for op in ops}, "spinning": spinning, "reason": f"{best} vs dense ONNX Runtime: {ratio.text()}", **evidence}
 
 
-def compile_chain(model: nn.Module, regime: str):
-    """A straight chain [Flatten] (Linear | PlannedLinear | activation)* as steps on [features, batch]
-    numpy arrays for one batch regime, or None if the model is anything else (PyTorch runs it)."""
-    from .csr_kernels import CsrChain
+def plan_model(graph, ops, *, inputs, batches: list[int], threads: int, mode: str, min_sparsity: float, budget_s: float) -> dict[str, Any]:
+    """The plan for every batch regime (a regime no batch falls in reuses the other's plan)."""
+    regimes: dict[str, Any] = {}
+    for regime in REGIMES:
+        timed = [b for b in batches if batch_regime(b) == regime]
+        if timed:
+            regimes[regime] = plan_regime(graph, ops, inputs=inputs, batch=max(timed), threads=threads, mode=mode, min_sparsity=min_sparsity, budget_s=budget_s)
+    for regime in REGIMES:
+        if regime not in regimes:
+            other = regimes[next(iter(regimes))]
+            regimes[regime] = {**other, "reason": f"not timed; uses the {next(iter(regimes))}-batch plan"}
+    return {"version": PLAN_VERSION, "small_batch": SMALL_BATCH, "threads": threads, "plan": mode, "ops": {op.name: op.describe() for op in ops}, "regimes": regimes}
 
-    if not isinstance(model, nn.Sequential):
-        return None
-    modules = list(model)
-    if modules and isinstance(modules[0], nn.Flatten) and modules[0].start_dim == 1:
-        modules = modules[1:]
-    steps: list = []
-    pending: list = []  # compiled sparse layers waiting to be fused: [indptr, indices, data, bias, activation]
-    last_was_compiled = False
 
-    def flush() -> None:
-        if pending:
-            steps.append(CsrChain([tuple(layer) for layer in pending]))
-            pending.clear()
+# ---------------------------------------------------------------- running
 
-    for module in modules:
-        act = _activation_name(module)
-        kernel = module.kernels[regime] if isinstance(module, PlannedLinear) else "dense"
-        if isinstance(module, PlannedLinear) and kernel == "compiled":
-            pending.append([*module.csr_arrays(), "identity"])
-            last_was_compiled = True
-        elif isinstance(module, PlannedLinear) and kernel == "torch":
-            flush()
-            weight, bias = module.csr.detach(), module.csr_arrays()[3][:, None].copy()
-            steps.append(lambda h, w=weight, b=bias: torch.sparse.mm(w, torch.from_numpy(h)).numpy() + b)
-            last_was_compiled = False
-        elif isinstance(module, (nn.Linear, PlannedLinear)):
-            flush()
-            weight = module.dense if isinstance(module, PlannedLinear) else module.weight
-            bias = module.bias.detach() if module.bias is not None else torch.zeros(weight.shape[0])
-            w, b = weight.detach().numpy().copy(), bias.numpy()[:, None].copy()
-            steps.append(lambda h, w=w, b=b: w @ h + b)
-            last_was_compiled = False
-        elif act is not None:
-            if pending and last_was_compiled and pending[-1][4] == "identity":
-                pending[-1][4] = act  # fused into the kernel's epilogue
+
+class SparseCpuRunner:
+    """Runs a planned model: per batch regime either the planned steps or ONNX Runtime's dense model."""
+
+    def __init__(self, sparse_model, plan: Mapping[str, Any], threads: int = 0, *, dense_model: bytes | None = None, where: Any = None):
+        from .sparse_graph import GraphRunner, build_steps, find_sparse_ops, load_graph, ort_session
+
+        graph = load_graph(sparse_model)
+        check_plan(plan)
+        ops = find_sparse_ops(graph, list(plan["ops"]))
+        missing = sorted(set(plan["ops"]) - {op.name for op in ops})
+        if missing:
+            raise TargetError(f"plan names layers the model does not have as sparse ops: {', '.join(missing[:4])}")
+        self.graph, self.where = graph, where
+        self.input_names, self.output_names = graph.input_names, graph.output_names
+        self.runners: dict[str, Any] = {}
+        self.modes: dict[str, str] = {}
+        dense: dict[bool, _SessionRunner] = {}
+        for regime in REGIMES:
+            decision = plan["regimes"][regime]
+            chosen = {name: k for name, k in decision["kernels"].items() if k != "dense"}
+            if decision["mode"] == "dense" or not chosen:
+                spinning = bool(decision.get("spinning", True))
+                if spinning not in dense:
+                    # the artifact's dense file when given: byte for byte the model ONNX Runtime's baseline runs
+                    dense[spinning] = _SessionRunner(ort_session(dense_model or graph.model, threads, spinning=spinning), self.output_names)
+                self.runners[regime], self.modes[regime] = dense[spinning], "onnxruntime dense"
             else:
-                flush()
-                steps.append(_numpy_activation(act))
-            last_was_compiled = False
-        else:
-            return None
-    flush()
-    return steps
+                steps = build_steps(graph, ops, chosen, threads, spinning=bool(decision.get("spinning", False)))
+                self.runners[regime], self.modes[regime] = GraphRunner(graph, steps, "planned"), "planned"
+        # the per-call path is kept as short as OrtRunner's: a dense regime must cost what ONNX
+        # Runtime costs, and at LeNet's 16 us a call every extra dict copy shows
+        self._first = self.input_names[0]
+        self._small, self._large = self.runners["small"].run_feeds, self.runners["large"].run_feeds
 
+    @property
+    def mode(self) -> str:
+        return ", ".join(f"{regime}: {mode}" for regime, mode in self.modes.items())
 
-def _numpy_activation(name: str):
-    if name == "relu":
-        return lambda h: np.maximum(h, 0.0, out=h)
-    if name == "identity":
-        return lambda h: h
-    fn = {"gelu": nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[name]
-    return lambda h: fn(torch.from_numpy(h)).numpy()
-
-
-class TorchSparseRunner:
-    """Runs the planned model: as a compiled chain when it is one, else through PyTorch."""
-
-    def __init__(self, model: nn.Module, spec: ModelSpec, threads: int = 0, *, fuse: bool = True):
-        self.model = model.eval()
-        self.torch_runner = TorchRunner(self.model, spec)
-        self.input_name = spec.inputs[0].name
-        if threads:
-            torch.set_num_threads(threads)
-            try:
-                import numba
-
-                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            except ImportError:
-                pass
-        planned = fuse and any(isinstance(m, PlannedLinear) for m in self.model.modules())
-        self.chains = {regime: compile_chain(self.model, regime) for regime in ("small", "large")} if planned else {}
-        single_float_input = len(spec.inputs) == 1 and spec.inputs[0].dtype == "float32"
-        chained = self.chains and all(c is not None for c in self.chains.values())
-        self.mode = "compiled chain" if chained and single_float_input else "pytorch modules"
+    def describe(self) -> dict[str, Any]:
+        return {regime: (runner.describe() if hasattr(runner, "describe") else [{"step": "onnxruntime", "nodes": "all"}]) for regime, runner in self.runners.items()}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        if self.mode == "compiled chain":
-            x = feeds[self.input_name]
-            h = np.ascontiguousarray(x.reshape(x.shape[0], -1).T, dtype=np.float32)
-            for step in self.chains[batch_regime(x.shape[0])]:
-                h = step(h)
-            return [h.T]
-        return self.torch_runner.run(feeds)
+        """Named inputs -> the graph's outputs in order; the batch (leading dim of the first
+        input) picks the regime's plan."""
+        try:
+            first = feeds[self._first]
+            return (self._small if not first.ndim or first.shape[0] <= SMALL_BATCH else self._large)(feeds)
+        except KeyError as exc:  # inputs described by a file (a manifest) that do not fit the model
+            raise TargetError(f"the model needs an input {exc.args[0]!r} that its description lacks", path=self.where, hint="re-export the artifact") from None
+        except ValueError as exc:  # a kernel's shape check
+            raise TargetError(f"the inputs do not fit the model ({exc})", path=self.where, hint="the manifest's inputs do not match the model; re-export the artifact") from None
+        except Exception as exc:
+            if type(exc).__name__ != "InvalidArgument":  # ONNX Runtime's error for feeds of the wrong shape or dtype
+                raise
+            first_line = str(exc).strip().splitlines()[0][:200]
+            raise TargetError(f"ONNX Runtime refused the inputs ({first_line})", path=self.where, hint="the manifest's inputs do not match the model; re-export the artifact") from None
 
     def synchronize(self) -> None:
         pass
 
     def close(self) -> None:
-        pass
+        self.runners = {}
+        self._small = self._large = None
 
 
-def load_sparse_model(data: bytes, *, dense: bool = False, trust_code: bool = False, where: Path | None = None) -> tuple[nn.Module, ModelSpec]:
-    """Rebuild the planned model from a torch-sparse-cpu artifact's file (``dense`` densifies
-    CSR layers); returns the model and its spec."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+class _SessionRunner:
+    def __init__(self, session, output_names):
+        self.session, self.output_names = session, output_names
+        self.input_names = [i.name for i in session.get_inputs()]
 
+    def run_feeds(self, feeds):
+        return self.session.run(None, {name: feeds[name] for name in self.input_names})
+
+
+def check_plan(plan: Any) -> ExecutionPlan:
+    """A plan read from a file, validated as an :class:`ExecutionPlan` (TargetError if it is not one)."""
     try:
-        tensors = load(data)
-        meta = json.loads(_metadata(data)[META_KEY])
-        spec = ModelSpec.from_json(meta["model"])
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
-        raise TargetError(f"not a torch-sparse-cpu artifact ({type(exc).__name__}: {exc})", path=where) from None
-    check_csr_artifact(meta, tensors, where)  # h11 (issue 11): types, CSR invariants, dense size, model size, before allocating
-    model = build_model(spec, trust_code=trust_code)
-    dense_state = {key.removeprefix("dense/"): value for key, value in tensors.items() if key.startswith("dense/")}
-    for layer in meta["csr_layers"]:
-        crow, col, values = (tensors[f"csr/{layer['name']}/{part}"] for part in ("crow_indices", "col_indices", "values"))
-        try:  # never trust a file's indices
-            weight = torch.sparse_csr_tensor(crow, col, values, size=tuple(layer["shape"]), check_invariants=True).to_dense()
-        except RuntimeError as exc:
-            raise TargetError(f"CSR layer {layer['name']!r} is malformed ({str(exc).splitlines()[0][:200]})", path=where, hint="re-export it with dnsconvert export") from None
-        dense_state[f"{layer['name']}.weight"] = weight
-    load_weights_(model, dense_state, where=str(where))
-    if not dense:
-        for layer in meta["csr_layers"]:
-            module = model.get_submodule(layer["name"])
-            _replace(model, layer["name"], PlannedLinear(module.weight.detach(), module.bias, layer["kernels"]))
-    return model.eval(), spec
+        return TypeAdapter(ExecutionPlan).validate_python(plan)
+    except (ValidationError, ValueError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TargetError(f"the artifact's execution plan is malformed or from another dnsconvert version ({first})", hint="re-run dnsconvert export") from None
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file held in memory."""
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__") or {}
+def read_plan(model) -> dict[str, Any]:
+    props = {p.key: p.value for p in model.metadata_props}
+    if PLAN_KEY not in props:
+        raise TargetError("not a torch-sparse-cpu artifact (no execution plan in its metadata)", hint="re-run dnsconvert export -t torch-sparse-cpu")
+    try:
+        return json.loads(props[PLAN_KEY])
+    except ValueError:
+        raise TargetError("the artifact's execution plan is not valid JSON", hint="re-run dnsconvert export") from None
+
+
+# ---------------------------------------------------------------- the target
 
 
 class TorchSparseCpuTarget(Target):
     name: ClassVar[str] = "torch-sparse-cpu"
-    description: ClassVar[str] = "PyTorch CPU, unstructured-sparse Linear layers on CSR kernels, planned per layer"
-    exploits_sparsity: ClassVar[str] = "yes: CSR matmul for Linear layers where it is faster (convs dense)"
+    description: ClassVar[str] = "CPU: pruned Linear/Conv layers as compiled sparse kernels where timed faster, the rest in ONNX Runtime"
+    exploits_sparsity: ClassVar[str] = "yes: sparse Linear and Conv kernels where they were timed faster; otherwise ONNX Runtime dense"
     option_help: ClassVar[dict[str, str]] = {
-        "plan": "auto (time dense vs CSR per layer, default) or sparsity",
-        "min_sparsity": "with plan=sparsity: use CSR at or above this sparsity (default 0.7)",
+        "plan": "auto (time every layer and the whole model, default), sparsity (kernel at/above min_sparsity, untimed) or dense",
+        "min_sparsity": "with plan=sparsity: use the sparse kernel at or above this sparsity (default 0.7)",
         "batches": f"batch sizes the auto plan times, comma-separated (default 1,64); <= {SMALL_BATCH} plans the small-batch regime",
-        "threads": "torch threads for planning, parity and bench (default: torch's)",
+        "threads": "threads for ONNX Runtime and parallel kernels, in planning, parity and bench (default: ONNX Runtime's; kernels serial)",
+        "plan_budget": "seconds of timing per layer and regime in plan=auto (default 0.2; the whole-model check gets 4x)",
     }
 
-    def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
-        from ..export.parity import compare
-        from ..model_io import parity_feeds
+    def plan(self, ckpt, options: BuildOptions):
+        """Export the model and plan it: returns (the ONNX export, the plan). The target-specific part of build."""
+        from ..export import export_checkpoint
+        from ..timing import pin_threads
         from ..validate import ensure_usable
+        from .sparse_graph import find_sparse_ops, load_graph
 
         extra = options.extra
         self.check_options(extra)
         mode = extra.get("plan", "auto")
-        if mode not in ("auto", "sparsity"):
-            raise TargetError(f"plan={mode!r} is not auto or sparsity")
+        if mode not in ("auto", "sparsity", "dense"):
+            raise TargetError(f"plan={mode!r} is not auto, sparsity or dense")
         threads = option_number(extra, "threads", 0, int)
-        if threads:
-            torch.set_num_threads(threads)
         try:
             batches = [int(b) for b in extra.get("batches", "1,64").split(",")]
         except ValueError:
             raise TargetError(f"batches={extra['batches']!r} is not a comma-separated list of integers") from None
+        if not batches or min(batches) < 1:
+            raise TargetError(f"batches={extra.get('batches')!r} must list positive batch sizes")
+        pin_threads(threads)
         ensure_usable(ckpt)
-        reference = build_masked_model(ckpt, trust_code=options.trust_model_code)
-        sparse_model = build_masked_model(ckpt, trust_code=options.trust_model_code)
-        tensors: dict[str, torch.Tensor] = {}
-        plan, csr_layers = {}, []
-        linears = _linear_layers(sparse_model)
-        for name, module in linears.items():
-            decision = plan_layer(module.weight.detach(), module.bias, batches, mode, option_number(extra, "min_sparsity", 0.7))
-            plan[name] = decision
-            if set(decision["kernels"].values()) != {"dense"}:
-                layer = PlannedLinear(module.weight.detach(), module.bias, decision["kernels"])
-                _replace(sparse_model, name, layer)
-                csr = layer.csr.detach()
-                tensors[f"csr/{name}/crow_indices"] = csr.crow_indices().contiguous()
-                tensors[f"csr/{name}/col_indices"] = csr.col_indices().contiguous()
-                tensors[f"csr/{name}/values"] = csr.values().contiguous()
-                csr_layers.append({"name": name, "shape": list(module.weight.shape), "kernels": decision["kernels"]})
-        csr_names = {f"{layer['name']}.weight" for layer in csr_layers}
-        for key, value in reference.state_dict().items():
-            if key not in csr_names:
-                tensors[f"dense/{key}"] = value.detach().contiguous().clone()
-        feeds = parity_feeds(ckpt.model.inputs, (1, 4), where=ckpt.source)
-        reference_runner = TorchRunner(reference, ckpt.model)
-        sparse_runner = TorchSparseRunner(sparse_model, ckpt.model)
-        names = output_names_of(reference, ckpt.model)
-        parity = compare(reference_runner.run, sparse_runner.run, feeds, atol=options.atol, rtol=options.rtol, output_names=names)
-        from safetensors.torch import save
+        exported = export_checkpoint(ckpt, trust_code=options.trust_model_code)
+        graph = load_graph(exported.model)
+        ops = find_sparse_ops(graph, list(exported.names.values()))
+        plan = plan_model(
+            graph, ops, inputs=ckpt.model.inputs, batches=batches, threads=threads, mode=mode,
+            min_sparsity=option_number(extra, "min_sparsity", 0.7), budget_s=option_number(extra, "plan_budget", 0.2),
+        )  # fmt: skip
+        return exported, plan
 
-        meta = {"model": ckpt.model.to_json(), "csr_layers": csr_layers, "plan": plan}
-        return write_artifact(
-            output,
-            ckpt=ckpt,
-            files={"sparse": (MODEL_FILE, save(tensors, metadata={META_KEY: json.dumps(meta)}))},
-            aliases={"dense": "sparse"},  # one file: the dense variant densifies its CSR layers
-            target=self.name,
-            format="safetensors+csr",
-            outputs=names,
-            parity=parity,
-            details={"plan": plan, "runner": sparse_runner.mode},
-        )
+    def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
+        exported, plan = self.plan(ckpt, options)
+        return write_sparse_cpu_artifact(self.name, ckpt, exported, plan, output, options)
 
-    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False) -> TorchSparseRunner:
+    def load(self, artifact: Artifact, variant: str = "sparse", options: Mapping[str, str] | None = None, *, trust_model_code: bool = False):
+        from ..export.onnx_check import parse_onnx
+        from .ort import OrtRunner
+
         threads = option_number(options or {}, "threads", 0, int)
-        model, spec = load_sparse_model(artifact.read(variant), dense=variant == "dense", trust_code=trust_model_code, where=artifact.files[variant])
-        # the dense baseline runs as PyTorch runs any model; the sparse one may be a compiled chain
-        return TorchSparseRunner(model, spec, threads, fuse=variant == "sparse")
+        if variant not in ("sparse", "dense"):
+            raise TargetError(f"unknown variant {variant!r}", hint="sparse or dense")
+        data = artifact.read(variant)  # hash-checked bytes
+        if variant == "dense":
+            return OrtRunner(data, threads, where=artifact.files[variant])
+        # the checked reader: sparse indices in range, sorted, sizes bounded, before anything is densified
+        where = artifact.files[variant]
+        model = parse_onnx(data, path=where, error=TargetError).model
+        try:
+            plan = read_plan(model)
+            check_plan(plan)
+            dense = any(decision["mode"] == "dense" for decision in plan["regimes"].values())
+            return SparseCpuRunner(model, plan, threads, dense_model=artifact.read("dense") if dense else None, where=where)
+        except TargetError as exc:  # name the file: the plan and the graph are in it
+            if exc.path is None:
+                raise TargetError(exc.message, path=where, hint=exc.hint) from None
+            raise
+
+
+def write_sparse_cpu_artifact(target: str, ckpt, exported, plan: dict, output: Path, options: BuildOptions) -> Artifact:
+    """End-of-build wrap-up: parity against PyTorch (one batch per regime), then the shared
+    writer commits the sparse ONNX (with its plan), the dense ONNX and the manifest at once."""
+    from ..artifact import write_artifact
+    from ..artifact.manifest import SizeRecord
+    from ..export.onnx_build import layer_records
+    from ..export.parity import compare
+    from ..export.sparse_init import sparsify_initializers
+    from ..model_io import TorchRunner, parity_feeds
+
+    sparse_proto, records = sparsify_initializers(exported.model, list(plan["ops"]))
+    entry = sparse_proto.metadata_props.add()
+    entry.key, entry.value = PLAN_KEY, json.dumps(plan)
+    runner = SparseCpuRunner(sparse_proto, plan, plan["threads"])
+    feeds = parity_feeds(ckpt.model.inputs, (1, SMALL_BATCH + 1), where=ckpt.source)
+    parity = compare(TorchRunner(exported.torch_model, ckpt.model).run, runner.run, feeds, atol=options.atol, rtol=options.rtol, output_names=exported.output_names)
+    sparse_bytes, dense_bytes = sparse_proto.SerializeToString(), exported.model.SerializeToString()
+    details = {"plan": plan, "runner": runner.mode, "steps": runner.describe()}
+    return write_artifact(
+        output,
+        ckpt=ckpt,
+        files={"sparse": (SPARSE_FILE, sparse_bytes), "dense": (DENSE_FILE, dense_bytes)},
+        target=target,
+        format="onnx+plan",
+        outputs=exported.output_names,
+        parity=parity,
+        layers=layer_records(records, exported.names),
+        sizes=SizeRecord(len(sparse_bytes), len(dense_bytes), len(sparse_bytes) / len(dense_bytes)),
+        details=details,
+        extra_tools=("numba",),
+    )

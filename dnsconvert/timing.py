@@ -1,0 +1,312 @@
+"""Latency measurement: single runs, interleaved comparisons with confidence intervals, thread settings.
+
+Why interleave: on a shared CPU the background load changes from second to second, so a dense
+run timed at 10:00 and a sparse run timed at 10:01 differ by the load as much as by the model.
+:func:`measure_interleaved` times every variant in the same rounds (the order rotates each
+round), so load changes hit all variants alike; a ratio of medians is then bootstrapped over
+rounds (paired: a resample keeps each round's variants together) into a confidence interval.
+A ratio whose interval spans 1.0 is reported as "within noise".
+
+The interval is never narrower than +-2% (``RESOLUTION``): timing two ONNX Runtime sessions of
+one model against each other 12 times (30 rounds each) gave estimates from 0.993 to 1.009 with
+bootstrap intervals of +-0.5% that often excluded 1.0. Two copies of the same model differ by
+up to 1% (memory placement), which is real but says nothing about the model; a ratio is only
+claimed beyond that floor.
+
+Both targets and bench sit above this module (it imports neither).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    batch: int
+    warmup: int
+    iterations: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    max_ms: float
+    throughput: float  # samples per second at the mean latency
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method) of an ascending list."""
+    if not sorted_values:
+        raise ValueError("no samples")
+    position = (len(sorted_values) - 1) * q / 100.0
+    low, high = math.floor(position), math.ceil(position)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def latency_stats(samples: Sequence[float], *, batch: int, warmup: int) -> LatencyStats:
+    """Statistics of per-call durations given in seconds."""
+    ordered = sorted(samples)
+    mean = sum(ordered) / len(ordered)
+    return LatencyStats(
+        batch=batch,
+        warmup=warmup,
+        iterations=len(ordered),
+        mean_ms=1e3 * mean,
+        p50_ms=1e3 * percentile(ordered, 50),
+        p90_ms=1e3 * percentile(ordered, 90),
+        p99_ms=1e3 * percentile(ordered, 99),
+        min_ms=1e3 * ordered[0],
+        max_ms=1e3 * ordered[-1],
+        throughput=batch / mean if mean > 0 else float("inf"),
+    )
+
+
+def measure(
+    run: Callable[[], object],
+    *,
+    batch: int,
+    warmup: int = 10,
+    iterations: int | None = 100,
+    time_budget_s: float | None = None,
+    synchronize: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LatencyStats:
+    """Time ``run``: ``warmup`` untimed calls, then ``iterations`` timed calls, or as many as
+    fit in ``time_budget_s`` (at least 5). ``synchronize`` is called before each clock read,
+    so asynchronous devices (CUDA) are timed to completion."""
+    if iterations is None and time_budget_s is None:
+        raise ValueError("give iterations or a time budget")
+    for _ in range(warmup):
+        run()
+    synchronize()
+    samples: list[float] = []
+    started = clock()
+    while True:
+        t0 = clock()
+        run()
+        synchronize()
+        samples.append(clock() - t0)
+        if iterations is not None and len(samples) >= iterations:
+            break
+        if iterations is None and clock() - started >= time_budget_s and len(samples) >= 5:
+            break
+    return latency_stats(samples, batch=batch, warmup=warmup)
+
+
+RESOLUTION = 0.02  # the smallest relative difference a ratio claims (see the module docstring)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``baseline`` p50 / ``candidate`` p50 (above 1: the candidate is faster), with its interval."""
+
+    baseline: str
+    candidate: str
+    value: float
+    low: float
+    high: float
+    confidence: float
+    rounds: int
+
+    @property
+    def verdict(self) -> str:
+        if self.low > 1.0:
+            return "faster"
+        if self.high < 1.0:
+            return "slower"
+        return "within noise"
+
+    def text(self) -> str:
+        return f"{self.value:.2f}x [{self.low:.2f}, {self.high:.2f}]"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+@dataclass
+class Interleaved:
+    """Per-call durations (seconds) of several variants timed in the same rounds."""
+
+    batch: int
+    warmup: int
+    samples: dict[str, list[list[float]]] = field(default_factory=dict)  # variant -> rounds -> calls
+
+    @property
+    def rounds(self) -> int:
+        return len(next(iter(self.samples.values()), []))
+
+    def stats(self, name: str) -> LatencyStats:
+        return latency_stats([s for block in self.samples[name] for s in block], batch=self.batch, warmup=self.warmup)
+
+    def ratio(self, baseline: str | Sequence[str], candidate: str, *, confidence: float = 0.95, resolution: float = RESOLUTION, resamples: int = 1000, seed: int = 0) -> Ratio:
+        """p50(baseline) / p50(candidate) with a paired bootstrap interval over rounds, never
+        narrower than ``resolution`` either side of the estimate.
+
+        Several baselines mean "the fastest of them": each bootstrap resample picks its own
+        fastest, so the interval carries the uncertainty of that choice too (taking the
+        minimum of equally fast baselines favours the baseline by the noise)."""
+        names = [baseline] if isinstance(baseline, str) else list(baseline)
+        bases, cand = [self.samples[n] for n in names], self.samples[candidate]
+        value = min(_pooled_median(b) for b in bases) / _pooled_median(cand)
+        low, high = value / (1.0 + resolution), value * (1.0 + resolution)
+        rounds = len(cand)
+        if rounds >= 2:
+            rng = np.random.default_rng(seed)
+            picks = rng.integers(0, rounds, size=(resamples, rounds))
+            ratios = np.array([min(_pooled_median([b[i] for i in pick]) for b in bases) / _pooled_median([cand[i] for i in pick]) for pick in picks])
+            tail = 100.0 * (1.0 - confidence) / 2.0
+            boot_low, boot_high = np.percentile(ratios, [tail, 100.0 - tail])
+            low, high = min(low, float(boot_low)), max(high, float(boot_high))
+        label = names[0] if len(names) == 1 else "fastest of " + ", ".join(names)
+        return Ratio(label, candidate, value, float(low), float(high), confidence, rounds)
+
+
+def _pooled_median(blocks: Sequence[Sequence[float]]) -> float:
+    return float(np.median(np.concatenate([np.asarray(b, dtype=np.float64) for b in blocks])))
+
+
+def measure_interleaved(
+    calls: Mapping[str, Callable[[], object]],
+    *,
+    batch: int,
+    rounds: int = 20,
+    iterations: int | None = 20,
+    time_budget_s: float | None = None,
+    warmup: int = 10,
+    warmup_per_round: int = 1,
+    synchronize: Mapping[str, Callable[[], None]] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Interleaved:
+    """Time every call in ``calls`` in ``rounds`` rounds; in each round each variant runs
+    ``warmup_per_round`` untimed calls (caches, thread pools), then ``iterations`` timed calls
+    (or its share of ``time_budget_s``: budget / rounds / variants, at least 3 calls). The
+    order of variants rotates from round to round so that none always follows the same one."""
+    if iterations is None and time_budget_s is None:
+        raise ValueError("give iterations or a time budget")
+    if rounds < 1 or not calls:
+        raise ValueError("need at least one round and one call")
+    names = list(calls)
+    sync = synchronize or {}
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+        sync.get(name, _noop)()
+    result = Interleaved(batch=batch, warmup=warmup, samples={name: [] for name in names})
+    block_budget = time_budget_s / (rounds * len(names)) if time_budget_s is not None else None
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            run, done = calls[name], sync.get(name, _noop)
+            for _ in range(warmup_per_round):
+                run()
+            done()
+            block: list[float] = []
+            started = clock()
+            while True:
+                t0 = clock()
+                run()
+                done()
+                block.append(clock() - t0)
+                if iterations is not None and len(block) >= iterations:
+                    break
+                if iterations is None and clock() - started >= block_budget and len(block) >= 3:
+                    break
+            result.samples[name].append(block)
+    return result
+
+
+def _noop() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ThreadSettings:
+    """What every runtime in this process was told about threads, and what is loaded."""
+
+    threads: int  # requested intra-op threads (0: each runtime's default)
+    torch_threads: int | None
+    numba_threading_layer: str | None
+    numba_threads: int | None
+    cpu_affinity: list[int]
+    openmp_runtimes: list[str]  # OpenMP libraries mapped into this process (one is healthy)
+    environment: dict[str, str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")
+
+
+def openmp_runtimes() -> list[str]:
+    """OpenMP runtime libraries loaded in this process (Linux: from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as handle:
+            paths = {line.split()[-1] for line in handle if "/" in line}
+    except OSError:
+        return []
+    names = {os.path.basename(p) for p in paths}
+    return sorted(n for n in names if n.startswith(("libgomp", "libiomp", "libomp")))
+
+
+def use_numba_workqueue() -> str:
+    """Make numba's parallel kernels use its own ``workqueue`` thread pool, never OpenMP.
+
+    numba's default layer picks OpenMP through the *system* libgomp, while torch ships its own
+    copy: two OpenMP runtimes in one process, whose spinning workers fought for the cores and
+    made dense PyTorch runs 25-30x slower in about half the runs. Must run before numba launches
+    its threads (they start on the first parallel call or ``numba.set_num_threads``); returns the
+    layer in effect, which is not "workqueue" only if someone launched numba's threads earlier.
+    """
+    import numba
+    from numba.np.ufunc import parallel
+
+    if not parallel._is_initialized:
+        numba.config.THREADING_LAYER = "workqueue"
+        return "workqueue"
+    return numba.threading_layer()
+
+
+def pin_threads(threads: int, *, pin_cpus: bool = False) -> ThreadSettings:
+    """Give every runtime already imported ``threads`` intra-op threads (ONNX Runtime takes its
+    count per session) and, with ``pin_cpus``, bind the process to the first ``threads`` CPUs."""
+    import sys
+
+    if pin_cpus and threads and hasattr(os, "sched_setaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[:threads])
+    torch_threads = None
+    if "torch" in sys.modules:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        torch_threads = torch.get_num_threads()
+    layer = numba_threads = None
+    if "numba" in sys.modules:
+        layer = use_numba_workqueue()
+        import numba
+
+        if threads:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        numba_threads = numba.get_num_threads()
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return ThreadSettings(
+        threads=threads,
+        torch_threads=torch_threads,
+        numba_threading_layer=layer,
+        numba_threads=numba_threads,
+        cpu_affinity=affinity,
+        openmp_runtimes=openmp_runtimes(),
+        environment={k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+    )
