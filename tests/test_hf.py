@@ -126,7 +126,7 @@ def test_gpt2_through_every_stage(run_cli, hf_models, tmp_path):
         manifest = json.loads((out / "manifest.json").read_text())
         parity = manifest["parity"]
         assert parity["passed"] and [o["name"] for o in parity["outputs"]] == ["logits"]
-        assert parity["batches"][:2] == [1, 4] and len(parity["batches"]) == 3  # + a feed at the minimum sequence length
+        assert parity["batches"][0] == 1 and parity["batches"][1] > 1 and len(parity["batches"]) == 3  # + a feed at the minimum sequence length
     graph_2_4 = json.loads((tmp_path / "gpt2-ort" / "manifest.json").read_text())["graph_2_4"]
     checked = {r["initializer"]: r for r in graph_2_4 if r["initializer"] in conv1d}
     assert set(checked) == conv1d and all(r["compliant"] and r["reduction_axis"] == 0 for r in checked.values())  # Conv1D's [in, out]: axis 0

@@ -71,7 +71,7 @@ def test_two_input_model_with_dict_outputs_on_user_dicts(run_cli, tmp_path, user
         artifact = build_artifact(ckpt, tmp_path / f"two-{target}", target=target, trust_model_code=True)
         parity = artifact.manifest.parity
         assert parity.passed and [o.name for o in parity.outputs] == ["logits", "score"], parity
-        assert 1 in parity.batches and 4 in parity.batches
+        assert 1 in parity.batches and len(parity.batches) >= 2  # a single sample and a batch (each target picks its sizes)
     report = bench(tmp_path / "two-torch-sparse-cpu", batches=(1, 4), warmup=1, iterations=3, trust_model_code=True)
     assert {row["batch"] for row in report.speedups()} == {1, 4}
 
