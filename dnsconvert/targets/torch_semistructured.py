@@ -16,12 +16,10 @@ so CUTLASS is Ampere/Ada only: on Hopper (sm90) the conversion succeeds and the 
 raises. cuSPARSELt needs a torch built with it (``torch.backends.cusparselt.is_available()``)
 and sm80+. :func:`backend_support` states both rules as a pure function of the capability.
 
-Eligible layers: Linear weights whose mask is 2:4 along the input features and whose shape
-meets the backend's minimums (from ``torch.sparse.semi_structured``'s constraints, e.g.
-cuSPARSELt fp16: rows and columns multiples of 16; CUTLASS fp16: rows of 32, columns of 64).
-Artifact: a safetensors file with the masked weights (in the chosen dtype), the model spec
-and the list of converted layers; loading rebuilds the model on the GPU and converts those
-layers with ``to_sparse_semi_structured``. The dense baseline is the same model, same dtype.
+Runners replay each input shape from a CUDA graph (``-T cuda_graphs=1``, the default, for the
+dense and the sparse variant alike): measured on an H200 with torch 2.11, cuSPARSELt's matmul
+spends ~0.55 ms of host time per call setting up its plan, against ~0.03 ms of kernel time, so
+eager 2:4 Linear layers lose to dense at every size; replayed, the kernels are what is timed.
 """
 
 from __future__ import annotations
