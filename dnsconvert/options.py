@@ -210,7 +210,7 @@ class BenchOptions:
     warmup: int = Field(10, description="Untimed calls before timing.")
     iterations: int = Field(100, description="Timed calls per measurement.")
     threads: int = Field(0, description="Intra-op threads for every runtime (0: defaults).")
-    min_speedup: float | dict[str, float] | None = Field(None, description="Gate: the least speedup, overall or per target.")
+    min_speedup: float | dict[str, float] | None = Field(None, description="Gate: the least speedup against the fastest dense runtime, overall or per target; fails when below it beyond noise (the interval's upper end).")
 
 
 def parse_options(kind: type[T], values: Mapping[str, Any], *, where: str | Path | None = None, section: str | None = None) -> T:

@@ -411,8 +411,10 @@ def stage_bench(run: Run) -> None:
             floor = options.min_speedup.get(name) if isinstance(options.min_speedup, dict) else options.min_speedup
             gates = []
             if floor is not None:
-                worst = min(s["speedup"] for s in report.speedups())
-                gates.append(Gate(f"min_speedup:{name}", worst >= floor, f"worst speedup {worst:.2f}x vs required {floor}x"))
+                worst = min(report.comparisons, key=lambda c: c.vs_fastest_dense.value)
+                ratio = worst.vs_fastest_dense
+                detail = f"worst speedup vs {worst.fastest_dense} {ratio.value:.2f}x [{ratio.low:.2f}, {ratio.high:.2f}] (batch {worst.batch}) vs required {floor}x"
+                gates.append(Gate(f"min_speedup:{name}", not report.below(floor, name), detail))
             return StepOutput({}, report.to_json(), gates)
 
         run.step(f"bench:{name}", asdict(options), {"manifest": folder / "manifest.json"}, [], work)

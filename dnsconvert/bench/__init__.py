@@ -91,6 +91,11 @@ class BenchReport:
     def speedups(self) -> list[dict[str, Any]]:
         return [c.to_json() for c in self.comparisons]
 
+    def below(self, floor: float, target: str | None = None) -> list[Speedup]:
+        """The comparisons slower than ``floor`` beyond the noise: the upper end of their
+        interval against the fastest dense runtime is under it (what a speed gate fails on)."""
+        return [c for c in self.comparisons if (target is None or c.target == target) and c.vs_fastest_dense.high < floor]
+
     def to_json(self) -> dict:
         return {
             "kind": "bench-report",

@@ -21,7 +21,7 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 @click.option("--baseline", "baselines", type=click.Choice(["fp32", "int8", "none"]), multiple=True, help="ONNX Runtime dense baselines (repeatable; default fp32 and int8).")
 @click.option("--threads", type=int, default=0, help="Intra-op threads for every runtime (0: defaults); recorded in the report.")
 @click.option("--pin-cpus", is_flag=True, help="Also bind the process to the first --threads CPUs.")
-@click.option("--min-speedup", type=float, default=None, help="Gate: fail (exit 1) if a speedup against the fastest dense runtime is below this.")
+@click.option("--min-speedup", type=float, default=None, help="Gate: fail (exit 1) if a speedup against the fastest dense runtime is below this beyond noise (the upper end of its interval).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a speedup and latency plot (PNG) here (needs matplotlib).")
@@ -68,9 +68,12 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
     else:
         render(result, f"bench {source}")
     if min_speedup is not None:
-        slow = [s for s in result.comparisons if s.vs_fastest_dense.value < min_speedup]
+        slow = result.below(min_speedup)
         if slow:
-            raise GateFailed(f"speedup below --min-speedup {min_speedup}: " + ", ".join(f"{s.target} batch {s.batch} {s.vs_fastest_dense.value:.2f}x vs {s.fastest_dense}" for s in slow))
+            raise GateFailed(
+                f"speedup below --min-speedup {min_speedup} beyond noise: "
+                + ", ".join(f"{s.target} batch {s.batch} {s.vs_fastest_dense.value:.2f}x [{s.vs_fastest_dense.low:.2f}, {s.vs_fastest_dense.high:.2f}] vs {s.fastest_dense}" for s in slow)
+            )
 
 
 def render(result, title: str) -> None:
