@@ -221,26 +221,6 @@ def pretrained(path: str, **overrides: Any):
             raise ModelSpecError(f"transformers cannot load this model ({first})", path=directory) from None
 
 
-def load_directory(path: str | Path):
-    """A model directory as a dense SparseCheckpoint (masks from exact zeros) with its hf: spec."""
-    from .loading import from_state_dict
-
-    from .models import check_model_size
-
-    directory = model_directory(path)
-    # without a vocabulary the inputs are unknown: the spec still names the model (its layer
-    # kinds), and commands that run it ask for --input
-    spec = hf_spec(directory) if _has_vocab(directory) else ModelSpec(FACTORY, {"path": str(directory)})
-    check_model_size(spec, source=directory)  # sized on the meta device before any weight is allocated
-    model = pretrained(str(directory))
-    # clone: tied parameters (GPT-2's wte / lm_head) share storage, which safetensors cannot save
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ckpt = from_state_dict(weights, source=directory)
-    ckpt.model = spec
-    ckpt.source_sha256 = directory_sha256(directory)
-    return ckpt
-
-
-def _has_vocab(directory: Path) -> bool:
+def has_vocab(directory: Path) -> bool:
     vocab = read_config(directory).get("vocab_size")
     return isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0

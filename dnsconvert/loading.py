@@ -37,9 +37,7 @@ def load_checkpoint(path: str | Path) -> SparseCheckpoint:
         raise CheckpointError("no such file", path=path, hint="check the path")
     if path.is_dir():
         if (path / "config.json").is_file():  # a transformers model directory (save_pretrained)
-            from .hf import load_directory
-
-            return load_directory(path)
+            return _load_hf_directory(path)
         raise CheckpointError("is a directory, expected a checkpoint file", path=path, hint="pass the .safetensors or .pt file inside it")
     size = path.stat().st_size
     if size == 0:
@@ -228,3 +226,23 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: Path | No
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _load_hf_directory(path: str | Path) -> SparseCheckpoint:
+    """A model directory as a dense SparseCheckpoint (masks from exact zeros) with its hf: spec."""
+    from .hf import FACTORY, directory_sha256, has_vocab, hf_spec, model_directory, pretrained
+    from .modelspec import ModelSpec
+    from .models import check_model_size
+
+    directory = model_directory(path)
+    # without a vocabulary the inputs are unknown: the spec still names the model (its layer
+    # kinds), and commands that run it ask for --input
+    spec = hf_spec(directory) if has_vocab(directory) else ModelSpec(FACTORY, {"path": str(directory)})
+    check_model_size(spec, source=directory)  # sized on the meta device before any weight is allocated
+    model = pretrained(str(directory))
+    # clone: tied parameters (GPT-2's wte / lm_head) share storage, which safetensors cannot save
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt = from_state_dict(weights, source=directory)
+    ckpt.model = spec
+    ckpt.source_sha256 = directory_sha256(directory)
+    return ckpt

@@ -123,7 +123,10 @@ def test_every_stage_on_a_real_model(name, tmp_path):
     source = load_checkpoint(tmp_path / "projected.safetensors")
     artifacts = {}
     for target, options in (("ort", {}), ("torch-sparse-cpu", {"plan": "sparsity", "min_sparsity": "0.4"})):
-        artifact = build_artifact(source, tmp_path / target, target=target, options=options, trust_model_code=True)
+        # 1e-3: deep random-weight CNNs (BatchNorm folded into convs by the exporter) differ from
+        # PyTorch by float32 summation order, which moves with the thread count (seen: 1.9e-4 on
+        # MobileNetV2 logits of magnitude ~7, relative 3e-5)
+        artifact = build_artifact(source, tmp_path / target, target=target, options=options, atol=1e-3, rtol=1e-3, trust_model_code=True)
         parity = artifact.manifest.parity
         assert parity.passed and parity.outputs, (target, parity)
         assert [o.name for o in parity.outputs] == list(artifact.manifest.outputs)

@@ -327,7 +327,7 @@ def gemm_speedup(out_features: int, in_features: int, batch: int, *, dtype: torc
 
     Raises TargetError (not RuntimeError) when the backend's kernels refuse this GPU or shape.
     """
-    from ..bench.timing import measure
+    from ..timing import measure
     from ..pattern import nm_mask
 
     weight = torch.randn(out_features, in_features, device=DEVICE, dtype=dtype)
