@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a test dependency (the [test] extra): a missing one fails, never skips
 
-transformers = pytest.importorskip("transformers")
-
-from dnsconvert.hf import directory_sha256, model_files  # noqa: E402
-from dnsconvert.loading import load_checkpoint  # noqa: E402
+from dnsconvert.hf import directory_sha256, model_files
+from dnsconvert.loading import load_checkpoint
 
 QUIET = ["--no-progress", "--checkpoint-every", "0"]
 

@@ -12,18 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+import transformers  # noqa: F401  a test dependency (the [test] extra): a missing one fails, never skips
 
-pytest.importorskip("transformers")
-
-import real_models  # noqa: E402  (tests/ is on sys.path)
-from dnsconvert.bench import bench  # noqa: E402
-from dnsconvert.checkpoint import PruningInfo, SparseCheckpoint  # noqa: E402
-from dnsconvert.model_io import FlatIO, sample_feeds, to_tensors  # noqa: E402
-from dnsconvert.modelspec import InputSpec, ModelSpec  # noqa: E402
-from dnsconvert.project import project_nm  # noqa: E402
-from dnsconvert.surgery import DNSConfig, DynamicNetworkSurgery  # noqa: E402
-from dnsconvert.targets import build_artifact  # noqa: E402
-from dnsconvert.validate import validate  # noqa: E402
+import real_models  # tests/ is on sys.path
+from dnsconvert.bench import bench
+from dnsconvert.checkpoint import PruningInfo, SparseCheckpoint
+from dnsconvert.model_io import FlatIO, sample_feeds, to_tensors
+from dnsconvert.modelspec import InputSpec, ModelSpec
+from dnsconvert.project import project_nm
+from dnsconvert.surgery import DNSConfig, DynamicNetworkSurgery
+from dnsconvert.targets import build_artifact
+from dnsconvert.validate import validate
 
 
 class ThreeHeads(nn.Module):

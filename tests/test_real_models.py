@@ -11,19 +11,18 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+import transformers  # noqa: F401  a test dependency (the [test] extra): a missing one fails, never skips
 
-pytest.importorskip("transformers")
-
-import real_models  # noqa: E402  (tests/ is on sys.path)
-from dnsconvert.checkpoint import SparseCheckpoint  # noqa: E402
-from dnsconvert.layers import describe_model  # noqa: E402
-from dnsconvert.loading import from_state_dict, load_checkpoint  # noqa: E402
-from dnsconvert.modelspec import ModelSpec  # noqa: E402
-from dnsconvert.pattern import TWO_FOUR, complies, nm_mask  # noqa: E402
-from dnsconvert.project import project_nm  # noqa: E402
-from dnsconvert.surgery import DNSConfig, DynamicNetworkSurgery, prunable_parameters  # noqa: E402
-from dnsconvert.validate import validate  # noqa: E402
-from dnsconvert.errors import UserError  # noqa: E402
+import real_models  # tests/ is on sys.path
+from dnsconvert.checkpoint import SparseCheckpoint
+from dnsconvert.layers import describe_model
+from dnsconvert.loading import from_state_dict, load_checkpoint
+from dnsconvert.modelspec import ModelSpec
+from dnsconvert.pattern import TWO_FOUR, complies, nm_mask
+from dnsconvert.project import project_nm
+from dnsconvert.surgery import DNSConfig, DynamicNetworkSurgery, prunable_parameters
+from dnsconvert.validate import validate
+from dnsconvert.errors import UserError
 
 FACTORY = {
     "bert": "real_models:bert_mlm",

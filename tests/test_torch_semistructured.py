@@ -158,3 +158,40 @@ def test_gpu_benchmark_refuses_cutlass_on_hopper_with_reason(fake_gpu):
     assert bench.backends_to_run("auto") == (["cusparselt"], {})
     fake_gpu((8, 6), name="NVIDIA RTX A6000", cusparselt=False)
     assert bench.backends_to_run("auto") == (["cutlass"], {})
+
+
+def test_gpu_benchmark_ffn_is_the_target_against_its_own_dense(monkeypatch, tmp_path):
+    """gpu_2to4's end to end, CPU-safe part: bench() without the ONNX Runtime baselines, so the
+    recorded speedup is against the target's own dense variant; the fastest-dense ratio kept apart.
+    (An `ort` artifact of a small FFN stands in for the torch-2to4-cuda one, which needs a GPU.)"""
+    import importlib.util
+
+    import helpers
+    from helpers import ROOT
+
+    import dnsconvert.bench
+    from dnsconvert.targets.torch_semistructured import TorchSemiStructuredTarget
+
+    spec = importlib.util.spec_from_file_location("gpu_2to4", ROOT / "benchmarks" / "gpu_2to4.py")
+    gpu_2to4 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_2to4)
+    small = masked_checkpoint("transformer_mlp", 0.5, dim=32, hidden=64, depth=1)
+    monkeypatch.setattr(helpers, "masked_checkpoint", lambda *args, **kwargs: small)
+    monkeypatch.setattr(TorchSemiStructuredTarget, "build", lambda self, ckpt, output, options: get_target("ort").build(ckpt, output, BuildOptions()))
+    monkeypatch.setattr(gpu_2to4, "BATCHES", (1, 4))
+    calls = []
+    real_bench = dnsconvert.bench.bench
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_bench(*args, **kwargs)
+
+    monkeypatch.setattr(dnsconvert.bench, "bench", spy)
+    row = gpu_2to4.end_to_end("cusparselt", "fp16", iterations=4)
+    assert calls and calls[0]["baselines"] == ()
+    assert [s["batch"] for s in row["speedups"]] == [1, 4]
+    for s in row["speedups"]:
+        assert s["fastest_dense"] == "ort dense"  # no other dense runtime was timed
+        assert s["speedup"] > 0 and s["speedup_interval"][0] <= s["speedup"] <= s["speedup_interval"][1]
+        assert s["dense_p50_ms"] > 0 and s["sparse_p50_ms"] > 0
+    assert row["dense_baselines"].startswith("the target's own dense") and row["parity"]["passed"]

@@ -9,9 +9,11 @@ the recorded layer-information samples. They stand in for what cannot exist on t
 
 from __future__ import annotations
 
+import ctypes
 import types
 from typing import Any
 
+import numpy as np
 import onnx
 
 # The Python API the plugin may use, per generation, with where each part is documented.
@@ -21,6 +23,15 @@ import onnx
 #   (.def("set_timing_cache", &IBuilderConfig::setTimingCache, "cache"_a, "ignore_mismatch"_a)
 #   returns bool; .def("get_timing_cache", ...)); ICudaEngine name-based I/O per the 10.0
 #   C++ reference (getTensorShape, getTensorDataType, getTensorIOMode).
+#   Runtime (EngineRunner), from the same pyCore.cpp (10.x, with IRuntimeConfig): ILogger.Severity
+#   .export_values() (so trt.Logger.WARNING), class Logger(min_severity=WARNING); Runtime(logger)
+#   .deserialize_cuda_engine(serialized_engine) (None when it cannot); ICudaEngine.num_io_tensors
+#   (property), get_tensor_name(index), get_tensor_mode(name), get_tensor_dtype(name),
+#   create_execution_context(); IExecutionContext.set_input_shape(name, shape),
+#   get_tensor_shape(name), set_tensor_address(name, memory), execute_async_v3(stream_handle) -> bool.
+#   Python API pages Core/Runtime, Core/Engine, Core/ExecutionContext; NVIDIA's "Migrating I/O
+#   Buffer Allocation to Named Tensors" (num_io_tensors, get_tensor_name, get_tensor_mode,
+#   set_tensor_address, execute_async_v3) is the 8.x -> 10.x pattern the 11.x docs still carry.
 # 11.x: TensorRT 11.0-11.4 Python API reference (Core/Builder 11.0: NetworkDefinitionCreationFlag
 #   is STRONGLY_TYPED "[DEPRECATED] ... always enabled ... ignored", PREFER_AOT/JIT_PYTHON_PLUGINS;
 #   Builder variables no longer list platform_has_*), and "Migrating Python Code from TensorRT
@@ -28,11 +39,14 @@ import onnx
 #   OBEY/PREFER_PRECISION_CONSTRAINTS, DIRECT_IO, IBuilderConfig.int8_calibrator,
 #   set/get_calibration_profile, quantization flags; C++ list: platformHasFastFp16/Int8 removed;
 #   ILayer precision / output types removed with weak typing. BuilderFlag.TF32 and
-#   SPARSE_WEIGHTS remain; IEngineInspector remains (JSON schema changed).
+#   SPARSE_WEIGHTS remain; IEngineInspector remains (JSON schema changed). The runtime calls above
+#   stay in 11.x: the 11.0 Core/Engine page lists num_io_tensors, and the 11.x "Removed Python APIs"
+#   list names none of them (its ICudaEngine entries are device_memory_size* -> *_v2).
 _COMMON = {
     "module": ["__version__", "ILogger", "Logger", "Builder", "OnnxParser", "Runtime", "BuilderFlag", "NetworkDefinitionCreationFlag",
                "MemoryPoolType", "ProfilingVerbosity", "LayerInformationFormat", "TensorIOMode", "DataType"],
     "ILogger.Severity": ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"],
+    "Logger": ["Severity", "INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE", "min_severity", "log"],
     "Builder": ["create_network", "create_builder_config", "create_optimization_profile", "build_serialized_network"],
     "IBuilderConfig": ["set_memory_pool_limit", "profiling_verbosity", "set_flag", "clear_flag", "add_optimization_profile",
                        "create_timing_cache", "set_timing_cache", "get_timing_cache"],
@@ -40,6 +54,7 @@ _COMMON = {
     "IOptimizationProfile": ["set_shape"],
     "Runtime": ["deserialize_cuda_engine"],
     "ICudaEngine": ["create_engine_inspector", "num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype", "create_execution_context"],
+    "IExecutionContext": ["set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"],
     "EngineInspector": ["get_engine_information"],
     "ITimingCache": ["serialize"],
     "MemoryPoolType": ["WORKSPACE"],
@@ -153,7 +168,7 @@ class FakeTensorRT:
     """Build a stand-in ``tensorrt`` module of one generation."""
 
     def __init__(self, generation: str, *, version: str | None = None, layer_info: str = '{"Layers": []}', accept_cache: bool = True,
-                 timing_cache_none: bool = False, log_messages: tuple[tuple[str, str], ...] = ()) -> None:  # fmt: skip
+                 timing_cache_none: bool = False, log_messages: tuple[tuple[str, str], ...] = (), refuse: str | None = None) -> None:  # fmt: skip
         self.generation = generation
         self.surface = SURFACES[generation]
         self.recorder = Recorder()
@@ -161,6 +176,7 @@ class FakeTensorRT:
         self.accept_cache = accept_cache
         self.timing_cache_none = timing_cache_none
         self.log_messages = log_messages
+        self.refuse = refuse  # an IExecutionContext method that returns False, as TensorRT does on failure
         self.parsed_onnx: onnx.ModelProto | None = None
         self.module = self._module(version or f"{generation}.0.0")
 
@@ -178,11 +194,21 @@ class FakeTensorRT:
             def __init__(self) -> None:
                 pass
 
-        class Logger(ILogger):
-            WARNING = severity.WARNING
+        class LoggerMeta(type):
+            def __getattribute__(cls, name):
+                if not name.startswith("_"):
+                    if name not in fake.surface["Logger"]:
+                        rec.probes.append(f"Logger.{name}")
+                        raise AttributeError(f"TensorRT {fake.generation}.x: type object 'Logger' has no attribute '{name}'")
+                    rec.attributes.append(f"Logger.{name}")
+                return type.__getattribute__(cls, name)
+
+        class Logger(ILogger, metaclass=LoggerMeta):
+            # ILogger.Severity values are exported into the class scope (trt.Logger.WARNING)
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = (getattr(severity, n) for n in ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"))
 
             def __init__(self, min_severity=None) -> None:
-                self.min_severity = min_severity
+                self.min_severity = min_severity if min_severity is not None else severity.WARNING
 
         class TimingCache(Surface):
             _kind = "ITimingCache"
@@ -288,8 +314,107 @@ class FakeTensorRT:
                 rec.call("EngineInspector.get_engine_information", fmt.name)
                 return fake.layer_info
 
+        class Context(Surface):
+            """Runs the parsed ONNX with ONNX Runtime on host buffers given by address, as the engine would on device ones."""
+
+            _kind = "IExecutionContext"
+
+            def __init__(self, engine) -> None:
+                super().__init__(fake)
+                object.__setattr__(self, "_engine", engine)
+                object.__setattr__(self, "_shapes", {})
+                object.__setattr__(self, "_addresses", {})
+
+            def set_input_shape(self, name: str, shape) -> bool:
+                rec.call("IExecutionContext.set_input_shape", (name, tuple(shape)))
+                io = object.__getattribute__(self, "_engine")._io
+                if fake.refuse == "set_input_shape" or name not in io or io[name][0] != "INPUT" or len(shape) != len(io[name][2]):
+                    return False
+                object.__getattribute__(self, "_shapes")[name] = tuple(int(d) for d in shape)
+                return True
+
+            def get_tensor_shape(self, name: str):
+                rec.call("IExecutionContext.get_tensor_shape", name)
+                engine, shapes = object.__getattribute__(self, "_engine"), object.__getattribute__(self, "_shapes")
+                if engine._io[name][0] == "INPUT":
+                    return shapes.get(name, engine._io[name][2])
+                if not all(n in shapes for n in engine._inputs()):
+                    return engine._io[name][2]  # -1 where dynamic, until every input shape is set
+                feeds = {n: np.zeros(shapes[n], dtype=engine._numpy(n)) for n in engine._inputs()}
+                return tuple(engine._run(feeds)[name].shape)
+
+            def set_tensor_address(self, name: str, memory: int) -> bool:
+                rec.call("IExecutionContext.set_tensor_address", name)
+                if fake.refuse == "set_tensor_address" or not isinstance(memory, int) or memory == 0:
+                    return False
+                object.__getattribute__(self, "_addresses")[name] = memory
+                return True
+
+            def execute_async_v3(self, stream_handle: int) -> bool:
+                rec.call("IExecutionContext.execute_async_v3", stream_handle)
+                engine = object.__getattribute__(self, "_engine")
+                shapes, addresses = object.__getattribute__(self, "_shapes"), object.__getattribute__(self, "_addresses")
+                if fake.refuse == "execute_async_v3" or set(addresses) != set(engine._io) or not all(n in shapes for n in engine._inputs()):
+                    return False
+                feeds = {}
+                for n in engine._inputs():
+                    dtype = engine._numpy(n)
+                    size = int(np.prod(shapes[n])) * dtype.itemsize
+                    feeds[n] = np.frombuffer((ctypes.c_char * size).from_address(addresses[n]), dtype=dtype).reshape(shapes[n]).copy()
+                for n, value in engine._run(feeds).items():
+                    value = np.ascontiguousarray(value, dtype=engine._numpy(n))
+                    ctypes.memmove(addresses[n], value.ctypes.data, value.nbytes)
+                return True
+
+        onnx_types = {onnx.TensorProto.FLOAT: "FLOAT", onnx.TensorProto.FLOAT16: "HALF", onnx.TensorProto.BFLOAT16: "BF16", onnx.TensorProto.INT64: "INT64",
+                      onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT8: "INT8", onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.BOOL: "BOOL"}  # fmt: skip
+        numpy_types = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}  # no bf16 in numpy
+
         class Engine(Surface):
+            """The engine of the last parsed ONNX: its graph inputs and outputs are the I/O tensors (dynamic dims as -1)."""
+
             _kind = "ICudaEngine"
+
+            def __init__(self, model: onnx.ModelProto) -> None:
+                super().__init__(fake)
+                io = {}
+                for mode, values in (("INPUT", model.graph.input), ("OUTPUT", model.graph.output)):
+                    for v in values:
+                        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
+                        io[v.name] = (mode, onnx_types[v.type.tensor_type.elem_type], dims)
+                object.__setattr__(self, "_io", io)
+                object.__setattr__(self, "_model", model)
+                object.__setattr__(self, "num_io_tensors", len(io))
+
+            def _inputs(self) -> list[str]:
+                return [n for n, (mode, _, _) in object.__getattribute__(self, "_io").items() if mode == "INPUT"]
+
+            def _numpy(self, name: str) -> np.dtype:
+                return np.dtype(numpy_types[object.__getattribute__(self, "_io")[name][1]])
+
+            def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                import onnxruntime as ort
+
+                model = object.__getattribute__(self, "_model")
+                session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+            def get_tensor_name(self, index: int) -> str:
+                rec.call("ICudaEngine.get_tensor_name", index)
+                return list(object.__getattribute__(self, "_io"))[index]
+
+            def get_tensor_mode(self, name: str):
+                rec.call("ICudaEngine.get_tensor_mode", name)
+                io = object.__getattribute__(self, "_io")
+                return getattr(enums["TensorIOMode"], io[name][0] if name in io else "NONE")
+
+            def get_tensor_dtype(self, name: str):
+                rec.call("ICudaEngine.get_tensor_dtype", name)
+                return getattr(enums["DataType"], object.__getattribute__(self, "_io")[name][1])
+
+            def create_execution_context(self):
+                rec.call("ICudaEngine.create_execution_context")
+                return Context(self)
 
             def create_engine_inspector(self):
                 rec.call("ICudaEngine.create_engine_inspector")
@@ -303,7 +428,9 @@ class FakeTensorRT:
 
             def deserialize_cuda_engine(self, data: bytes):
                 rec.call("Runtime.deserialize_cuda_engine")
-                return Engine(fake)
+                if bytes(data) != b"serialized-engine" or fake.parsed_onnx is None:
+                    return None  # as the bindings do when TensorRT cannot deserialize
+                return Engine(fake.parsed_onnx)
 
         module.ILogger, module.Logger, module.Builder, module.OnnxParser, module.Runtime = ILogger, Logger, Builder, OnnxParser, Runtime
         for kind, enum in enums.items():

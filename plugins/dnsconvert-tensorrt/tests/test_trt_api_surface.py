@@ -1,13 +1,15 @@
-"""The builder against TensorRT 10.x and 11.x Python surfaces (stand-in modules; no TensorRT here).
+"""The builder and the engine runner against TensorRT 10.x and 11.x Python surfaces (stand-in modules; no TensorRT here).
 
 Each generation's documented surface is listed, with its sources, in ``fake_tensorrt.SURFACES``;
 the stand-in raises AttributeError on anything outside it, so a call the plugin makes that the
 generation does not document fails these tests.
 """
 
+import inspect
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -15,7 +17,8 @@ from dnsconvert.export.precision import model_precision
 from dnsconvert.project import project_nm
 from dnsconvert.targets import BuildOptions
 from dnsconvert_tensorrt.api import BuildPlan, TrtFeatures, detect, plan_build
-from dnsconvert_tensorrt.builder import build_engine, capturing_logger
+from dnsconvert_tensorrt import builder as builder_module
+from dnsconvert_tensorrt.builder import EngineRunner, build_engine, capturing_logger
 from dnsconvert_tensorrt.core import ParityReport, TargetError
 from dnsconvert_tensorrt.settings import BuildSettings
 from dnsconvert_tensorrt.target import TensorRTTarget
@@ -87,6 +90,74 @@ def test_builder_uses_only_the_generations_surface(tmp_path, generation, precisi
         assert network_flags == (strongly if precision == "int8" else 0)
     cleared = [arg for what, arg in fake.recorder.calls if what == "IBuilderConfig.clear_flag"]
     assert cleared == (["TF32"] if precision == "fp32" else [])
+
+
+DYNAMIC_ONNX = onnx.helper.make_model(
+    onnx.helper.make_graph([onnx.helper.make_node("Relu", ["input"], ["output"])], "g", [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 4])],
+                           [onnx.helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["batch", 4])])
+).SerializeToString()  # fmt: skip
+FEEDS = {"input": np.array([[-1, 2, -3, 4], [5, -6, 7, -8], [0.5, -0.5, 1, -1]], dtype=np.float32)}  # batch 3: set through the dynamic dim
+RUNNER_CALLS = {"Runtime.deserialize_cuda_engine", "ICudaEngine.create_execution_context", "ICudaEngine.get_tensor_name", "ICudaEngine.get_tensor_mode",
+                "ICudaEngine.get_tensor_dtype", "IExecutionContext.set_input_shape", "IExecutionContext.get_tensor_shape",
+                "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3"}  # fmt: skip
+
+
+def _built_engine(tmp_path, generation: str, **fake_options) -> tuple[FakeTensorRT, bytes]:
+    fake = FakeTensorRT(generation, **fake_options)
+    build_engine(DYNAMIC_ONNX, tmp_path / "e.engine", _settings(tmp_path, precision="fp32"), "input", (1, 4), sparse=True,
+                 plan=plan_build("fp32", detect(fake.module)), trt=fake.module)  # fmt: skip
+    fake.recorder.calls.clear()
+    fake.recorder.attributes.clear()
+    return fake, (tmp_path / "e.engine").read_bytes()
+
+
+@pytest.mark.parametrize("generation", ["10", "11"])
+def test_runner_uses_only_the_generations_surface(tmp_path, generation):
+    """EngineRunner (engine parity, bench, run) against the stand-in: every call and attribute is in the generation's list."""
+    fake, engine = _built_engine(tmp_path, generation)
+    runner = EngineRunner(engine, trt=fake.module, device="cpu")
+    (out,) = runner.run(FEEDS)
+    runner.close()
+    np.testing.assert_array_equal(out, np.maximum(FEEDS["input"], 0))
+    assert runner.inputs == ["input"] and runner.outputs == ["output"]
+    calls = {what for what, _ in fake.recorder.calls}
+    assert calls == RUNNER_CALLS
+    assert ("IExecutionContext.set_input_shape", ("input", (3, 4))) in fake.recorder.calls
+    for attribute in set(fake.recorder.attributes):  # Logger.WARNING, TensorIOMode.INPUT, DataType.FLOAT, ICudaEngine.num_io_tensors, ...
+        kind, _, name = attribute.rpartition(".")
+        assert name in SURFACES[generation][kind], attribute
+    assert {"Logger.WARNING", "ICudaEngine.num_io_tensors", "TensorIOMode.INPUT", "TensorIOMode.OUTPUT"} <= set(fake.recorder.attributes)
+    if generation == "11":
+        assert _removed_touched(fake) == []
+
+
+@pytest.mark.parametrize(
+    "right,wrong",
+    [("deserialize_cuda_engine", "deserialize_engine"), ("create_execution_context", "create_context"), ("num_io_tensors", "num_bindings"),
+     ("get_tensor_name", "get_binding_name"), ("get_tensor_mode", "get_tensor_io_mode"), ("get_tensor_dtype", "get_binding_dtype"),
+     ("set_input_shape", "set_binding_shape"), ("get_tensor_shape", "get_binding_shape"), ("set_tensor_address", "set_tensor_addr"),
+     ("execute_async_v3", "execute_async_v2"), ("Logger.WARNING", "Logger.WARN")],
+)  # fmt: skip
+def test_a_misspelled_runner_call_fails(tmp_path, right, wrong):
+    """Each runtime call, misspelled (or in its 8.x spelling) in a copy of EngineRunner, makes the runner test fail."""
+    source = inspect.getsource(builder_module)
+    runner_source = source[source.index("class EngineRunner"):]
+    assert right in runner_source
+    namespace = dict(vars(builder_module))
+    exec(compile(runner_source.replace(right, wrong), builder_module.__file__, "exec"), namespace)
+    fake, engine = _built_engine(tmp_path, "11")
+    with pytest.raises(AttributeError, match=wrong.rpartition(".")[2]):
+        namespace["EngineRunner"](engine, trt=fake.module, device="cpu").run(FEEDS)
+
+
+@pytest.mark.parametrize("refused,message", [("set_input_shape", "refused input 'input' of shape \\[3, 4\\]"), ("set_tensor_address", "refused the buffer"),
+                                             ("execute_async_v3", "could not enqueue")])  # fmt: skip
+def test_runner_failures_reported_by_false_are_target_errors(tmp_path, refused, message):
+    fake, engine = _built_engine(tmp_path, "10", refuse=refused)
+    with pytest.raises(TargetError, match=message):
+        EngineRunner(engine, trt=fake.module, device="cpu").run(FEEDS)
+    with pytest.raises(TargetError, match="could not deserialize"):
+        EngineRunner(b"an engine of another TensorRT", trt=fake.module, device="cpu")
 
 
 def test_plans_per_generation():

@@ -1,6 +1,6 @@
 """Build TensorRT engines through the Python API (TensorRT 10.x and 11.x), capturing the builder log.
 
-The calls, by generation, are listed with their sources in ``tests/test_trt_api_surface.py``
+The calls (build and runner), by generation, are listed with their sources in ``tests/fake_tensorrt.py``
 (TensorRT Python API pages for 10.x and 11.x, NVIDIA's 10.x -> 11.x migration pages, and the
 ``python/src/infer/pyCore.cpp`` bindings); the tests run this module against stand-in
 ``tensorrt`` modules exposing exactly one generation's surface. Precision comes from the
@@ -152,11 +152,13 @@ class EngineRunner:
     a typed ONNX asked for native I/O), every output out (floating ones as float32).
     """
 
-    def __init__(self, engine: bytes):
-        import tensorrt as trt
+    def __init__(self, engine: bytes, *, trt: Any = None, device: str = "cuda"):
+        """``trt`` and ``device="cpu"`` let the tests run this against a stand-in ``tensorrt`` (no GPU there)."""
+        if trt is None:
+            import tensorrt as trt
         import torch
 
-        self.torch = torch
+        self.torch, self.device = torch, device
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine)
         if self.engine is None:
@@ -166,34 +168,43 @@ class EngineRunner:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-        self.stream = torch.cuda.Stream()
+        self.stream = torch.cuda.Stream() if device == "cuda" else None
 
     def prepare(self, feeds):
         """The named inputs on the GPU in the engine's types (bench uploads once and times run_device alone)."""
         import numpy as np
 
-        return {name: self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", self.dtypes[name]).contiguous() for name in self.inputs}
+        return {name: self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, self.dtypes[name]).contiguous() for name in self.inputs}
 
     def run_device(self, tensors):
+        # set_input_shape, set_tensor_address and execute_async_v3 return False on failure (10.x bindings); never ignore it
         torch = self.torch
         for name in self.inputs:
-            self.context.set_input_shape(name, tuple(tensors[name].shape))
-            self.context.set_tensor_address(name, tensors[name].data_ptr())
+            shape = tuple(tensors[name].shape)
+            if self.context.set_input_shape(name, shape) is False:
+                raise TargetError(f"TensorRT refused input {name!r} of shape {list(shape)}", hint="the engine's optimization profile does not cover it; rebuild with -T min_batch/max_batch")
+            self._bind(name, tensors[name])
         outputs = []
         for name in self.outputs:
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, out.data_ptr())
+            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device)
+            self._bind(name, out)
             outputs.append(out)
-        self.context.execute_async_v3(self.stream.cuda_stream)
+        if self.context.execute_async_v3(self.stream.cuda_stream if self.stream is not None else 0) is False:
+            raise TargetError("TensorRT could not enqueue the engine (execute_async_v3 returned False)", hint="TensorRT printed its reason above ([TRT] [E] ...)")
         return outputs
+
+    def _bind(self, name: str, tensor) -> None:
+        if self.context.set_tensor_address(name, tensor.data_ptr()) is False:
+            raise TargetError(f"TensorRT refused the buffer of {name!r}")
 
     def run(self, feeds):
         outputs = self.run_device(self.prepare(feeds))
-        self.stream.synchronize()
+        self.synchronize()
         return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outputs]
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def close(self) -> None:
         self.context = None
