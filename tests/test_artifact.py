@@ -220,8 +220,7 @@ def _prepare(exported, tmp_path, case) -> Path:
     a, b = exported
     folder = tmp_path / "a"
     shutil.copytree(a, folder)
-    damage, _ = CASES[case]
-    damage(folder, b) if damage is _stale else damage(folder)
+    _damage(case, folder, b)
     return folder
 
 
@@ -243,18 +242,73 @@ def test_damaged_artifact_bench_exit_2(exported, tmp_path, run_cli, case):
     assert CASES[case][1] in lines[0]
 
 
-def test_run_rebuilds_a_damaged_artifact_it_made(tmp_path):
-    """A pipeline's own artifact that was tampered with is noticed (content hashes) and rebuilt,
-    never timed as it is."""
+def _damage(case: str, folder: Path, other: Path) -> None:
+    damage, _ = CASES[case]
+    damage(folder, other) if damage is _stale else damage(folder)
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(exported, tmp_path_factory):
+    """Two pipeline folders, each run once (relative paths, so a copy of the folder is a copy
+    of the run): ``own`` exports and benches a checkpoint, ``given`` benches the artifact ``a``."""
     from dnsconvert.pipeline import run_pipeline
 
-    path = tmp_path / "p.toml"
-    path.write_text(f'[pipeline]\nworkdir = "w"\n[input]\ncheckpoint = "{FIXTURES / "tiny_mlp_unstructured.safetensors"}"\n[export]\ntargets = ["ort"]\n[bench]\nbatches = [1]\niterations = 2\nwarmup = 0\n')
-    run_pipeline(path)
-    _tamper(tmp_path / "w" / "model-ort")
-    report = run_pipeline(path)
-    assert {s.name: s.status for s in report.stages} == {"export:ort": "ran", "bench:ort": "ran"}
-    load_artifact(tmp_path / "w" / "model-ort", verify=True)
+    base = tmp_path_factory.mktemp("pipelines")
+    bench = "[bench]\nbatches = [1]\niterations = 2\nwarmup = 0\n"
+    own, given = base / "own", base / "given"
+    own.mkdir()
+    (own / "p.toml").write_text(f'[pipeline]\nworkdir = "w"\n[input]\ncheckpoint = "{FIXTURES / "tiny_mlp_unstructured.safetensors"}"\n[export]\ntargets = ["ort"]\n{bench}')
+    given.mkdir()
+    shutil.copytree(exported[0], given / "a")
+    (given / "p.toml").write_text(f'[pipeline]\nworkdir = "w"\n{bench}artifact = "a"\n')
+    cwd = Path.cwd()
+    try:
+        for folder in (own, given):
+            os.chdir(folder)
+            assert all(s.status == "ran" for s in run_pipeline("p.toml").stages)
+        assert [(s.name, s.status) for s in run_pipeline("p.toml").stages] == [("bench:artifact", "skipped")]
+    finally:
+        os.chdir(cwd)
+    return own, given
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_run_rebuilds_a_damaged_artifact_it_made(exported, pipeline_runs, tmp_path, monkeypatch, case):
+    """A pipeline's own artifact, damaged in any way, is noticed (verified as a reader would),
+    named in the report and rebuilt, never timed as it is."""
+    from dnsconvert.pipeline import run_pipeline
+
+    shutil.copytree(pipeline_runs[0], tmp_path / "own")
+    monkeypatch.chdir(tmp_path / "own")
+    _damage(case, Path.cwd() / "w" / "model-ort", exported[1])
+    report = run_pipeline("p.toml")
+    stages = {s.name: s for s in report.stages}
+    assert {name: s.status for name, s in stages.items()} == {"export:ort": "ran", "bench:ort": "ran"}
+    because = stages["export:ort"].rerun_because
+    assert because and "w/model-ort" in because and CASES[case][1] in because, because
+    saved = json.loads(Path("w/report.json").read_text())
+    assert saved["stages"][0]["rerun_because"] == because
+    load_artifact("w/model-ort", verify=True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_damaged_artifact_run_exit_2(exported, pipeline_runs, tmp_path, monkeypatch, run_cli, case):
+    """``[bench] artifact = ...`` names an artifact the pipeline did not make: damaged, the run
+    exits 2 with one line naming the file, even though its bench step would be skipped; the
+    Python API raises the same UserError."""
+    from dnsconvert.pipeline import run_pipeline
+
+    shutil.copytree(pipeline_runs[1], tmp_path / "given")
+    monkeypatch.chdir(tmp_path / "given")
+    _damage(case, Path.cwd() / "a", exported[1])
+    result = run_cli("run", "p.toml")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert CASES[case][1] in lines[0] and "a/manifest.json" in lines[0], lines[0]
+    report = json.loads(Path("w/report.json").read_text())
+    assert not report["passed"] and report["stages"][-1]["status"] == "failed"
+    with pytest.raises(UserError, match=CASES[case][1]):
+        run_pipeline("p.toml")
 
 
 def test_export_refuses_its_input_and_non_artifact_destinations(tmp_path, run_cli):
