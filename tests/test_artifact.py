@@ -17,31 +17,55 @@ from dnsconvert.artifact import ArtifactWriter, load_artifact
 from dnsconvert.errors import UserError
 from helpers import FIXTURES
 
-# A writer run in a child process that dies (os._exit, no cleanup, like SIGKILL) just before
-# its KILL_AT-th file operation. Without KILL_AT it reports how many operations there were.
-WRITER_SCRIPT = textwrap.dedent(
+# Every file operation an export may use, wrapped so that a hook runs just before each
+# top-level one (the calls inside it, e.g. rmtree's unlinks, belong to that one operation)
+# and sees its arguments.
+# Each script below defines the hook; os._exit in it is a kill: no cleanup, like SIGKILL.
+FILE_OPERATIONS = textwrap.dedent(
     """
-    import os, pathlib, shutil, sys
-    from dnsconvert.artifact import ArtifactWriter, writer as writer_module
+    import functools, os, pathlib, shutil
+    from dnsconvert.artifact import writer as writer_module
+
+    depth = 0
+
+    def counted(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            global depth
+            if depth == 0:
+                before_operation(args)
+            depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth -= 1
+        return wrapper
+
+    for owner, name in [
+        (os, "rename"), (os, "replace"), (os, "mkdir"), (os, "makedirs"), (os, "rmdir"), (os, "unlink"), (os, "remove"),
+        (os, "fsync"), (shutil, "rmtree"), (shutil, "copyfile"), (pathlib.Path, "write_bytes"), (pathlib.Path, "write_text"),
+        (pathlib.Path, "mkdir"), (pathlib.Path, "unlink"), (pathlib.Path, "rename"), (pathlib.Path, "replace"),
+        (writer_module, "_exchange"),
+    ]:
+        setattr(owner, name, counted(getattr(owner, name)))
+    """
+)
+
+# A writer with two stand-in files that dies just before its KILL_AT-th file operation.
+# Without KILL_AT it reports how many operations there were.
+WRITER_SCRIPT = FILE_OPERATIONS + textwrap.dedent(
+    """
+    import sys
+    from dnsconvert.artifact import ArtifactWriter
 
     kill_at = int(os.environ.get("KILL_AT", "-1"))
     count = 0
 
-    def counted(fn):
-        def wrapper(*args, **kwargs):
-            global count
-            if count == kill_at:
-                os._exit(137)
-            count += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    os.rename = counted(os.rename)
-    os.mkdir = counted(os.mkdir)
-    os.rmdir = counted(os.rmdir)
-    shutil.rmtree = counted(shutil.rmtree)
-    pathlib.Path.write_bytes = counted(pathlib.Path.write_bytes)
-    writer_module._exchange = counted(writer_module._exchange)
+    def before_operation(args):
+        global count
+        if count == kill_at:
+            os._exit(137)
+        count += 1
 
     class Checkpoint:
         model = None
@@ -54,6 +78,113 @@ WRITER_SCRIPT = textwrap.dedent(
         writer.write_bytes("dense", "model.dense.onnx", f"dense {tag} ".encode() * 100)
         writer.commit(target="test", format="bytes", ckpt=Checkpoint())
     print(count)
+    """
+)
+
+# Real `dnsconvert export` runs killed at every file operation in the destination's folder
+# (operations elsewhere, e.g. the exporter's caches, cannot change what is there). The
+# expensive part of an export (model export, parity) comes before the first of them, so the
+# driver runs one export per scenario and, at that first operation, forks one child per kill
+# point k: each child is that export going on from there and dying just before its k-th
+# operation (the last child completes). Between children the driver records what a reader
+# finds at the destination, lets the writer's recovery clean up, and puts it back. Torch runs
+# on one thread: a child forked from a process with a live OpenMP pool may hang.
+EXPORT_SCRIPT = FILE_OPERATIONS + textwrap.dedent(
+    """
+    import hashlib, itertools, json, sys
+    from pathlib import Path
+    import torch
+    from dnsconvert.artifact import load_artifact
+    from dnsconvert.artifact.writer import recover
+    from dnsconvert.cli import cli
+    from dnsconvert.errors import UserError
+
+    torch.set_num_threads(1)
+    new_ckpt, old_ckpt, work, results = sys.argv[1:5]
+    targets = json.loads(sys.argv[5])  # target -> its -T options
+    work = Path(work)
+    dest, pristine = work / "model", work / "old"
+    tags = {hashlib.sha256(Path(p).read_bytes()).hexdigest(): tag for p, tag in ((new_ckpt, "new"), (old_ckpt, "old"))}
+    branch_here, kill_at, count, rows = False, None, 0, []
+
+    class Branched(BaseException):  # unwinds the driver's own export once its children covered every kill point
+        pass
+
+    def in_work(path):
+        if not isinstance(path, (str, os.PathLike)):
+            return True  # a file descriptor: counted, to be safe
+        path = os.path.abspath(path)
+        return path == str(work) or path.startswith(str(work) + os.sep)
+
+    def before_operation(args):
+        global branch_here, count
+        if not args or not in_work(args[0]):
+            return
+        if branch_here:
+            branch_here = False
+            branch()  # returns only in a child, which goes on with the export
+        if kill_at is not None:
+            if count == kill_at:
+                os._exit(137)
+            count += 1
+
+    def export(ckpt, output, options):
+        try:
+            cli.main(["export", ckpt, "-o", str(output), *options], standalone_mode=True)
+        except SystemExit as exc:
+            return exc.code
+        return 0
+
+    def found():  # the complete, verified artifact a reader finds at dest ('old', 'new'), or None
+        try:
+            return tags.get(load_artifact(dest, verify=True).manifest.source.sha256, "unknown")
+        except UserError as exc:
+            return None if "no such artifact" in str(exc) else f"refused: {exc}"
+
+    def reset(replacing):
+        shutil.rmtree(dest, ignore_errors=True)
+        if replacing:
+            shutil.copytree(pristine, dest)
+
+    def branch():
+        global kill_at, count
+        for k in itertools.count():
+            reset(replacing)
+            pid = os.fork()
+            if pid == 0:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1), os.dup2(null, 2)
+                kill_at, count = k, 0
+                return
+            rc = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            what = found()
+            recover(dest)  # as the next writer would
+            leftovers = sorted(p.name for p in work.iterdir() if p.name.startswith(".model."))
+            rows.append({"kill_at": k, "rc": rc, "found": what, "leftovers": leftovers})
+            if rc != 137:
+                break
+        raise Branched
+
+    scenarios = {"fresh": (False, False), "replacing": (True, False), "replacing-rename-aside": (True, True)}
+    report = {}
+    for target, options in targets.items():
+        options = ["--target", target, *options]
+        shutil.rmtree(pristine, ignore_errors=True)
+        assert export(old_ckpt, pristine, options) == 0  # also warms up every lazy import
+        for scenario, (replacing, aside) in scenarios.items():
+            os.environ["DNSCONVERT_NO_RENAME_EXCHANGE"] = "1" if aside else "0"
+            rows = []
+            reset(replacing)
+            branch_here = True
+            try:
+                code = export(new_ckpt, dest, options)
+            except Branched:
+                report[f"{target}/{scenario}"] = rows
+                continue
+            if kill_at is None:
+                sys.exit(f"the {target} export made no file operation in {work}")
+            os._exit(code)  # a child that completed the export; it must not go on as the driver
+    Path(results).write_text(json.dumps(report))
     """
 )
 
@@ -137,6 +268,30 @@ def test_a_real_export_killed_at_its_commit_leaves_the_old_artifact(tmp_path):
 
     recover(dest)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.")]  # ...recognised as stale and removed
+
+
+def test_a_real_export_killed_at_every_file_operation_leaves_one_complete_artifact(tmp_path):
+    """`dnsconvert export` (ort, and torch-sparse-cpu with its untimed plan), into an empty
+    destination and over an older artifact (renameat2 exchange and the rename-aside fallback),
+    killed just before each of its file operations in turn: the destination holds the complete
+    old artifact (or none) up to the commit and the complete new one after it, verified by
+    load_artifact; what the killed run left behind is recognised and removed."""
+    results = tmp_path / "results.json"
+    targets = {"ort": [], "torch-sparse-cpu": ["-T", "plan=sparsity"]}
+    new, old = FIXTURES / "tiny_mlp_unstructured.safetensors", FIXTURES / "tiny_mlp_2to4.safetensors"
+    done = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(new), str(old), str(tmp_path), str(results), json.dumps(targets)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(results.read_text())
+    assert sorted(report) == sorted(f"{t}/{s}" for t in targets for s in ("fresh", "replacing", "replacing-rename-aside"))
+    for scenario, rows in report.items():
+        before = None if scenario.endswith("fresh") else "old"
+        *killed, completed = rows
+        assert len(killed) >= 5 and all(row["rc"] == 137 for row in killed), (scenario, rows)  # mkdir, 3 files, commit...
+        assert completed["rc"] == 0 and completed["found"] == "new", (scenario, completed)
+        states = [row["found"] for row in rows]
+        committed = states.index("new")
+        assert states == [before] * committed + ["new"] * (len(states) - committed), (scenario, states)
+        assert all(row["leftovers"] == [] for row in rows), (scenario, rows)
 
 
 # -- verified loads --------------------------------------------------------------------------
