@@ -358,6 +358,28 @@ def _manifest_nested(folder: Path) -> None:
     (folder / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
 
 
+def _manifest_unknown_key(folder: Path) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["runtime_hint"] = "trust me"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _manifest_oversized(folder: Path) -> None:
+    """A valid manifest padded past the limit: refused by its size, before it is parsed."""
+    from dnsconvert.artifact.manifest import MAX_MANIFEST_BYTES
+
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text + " " * (MAX_MANIFEST_BYTES + 1 - len(text)))
+
+
+def _manifest_too_many_files(folder: Path) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    record = manifest["files"]["sparse"]
+    for i in range(65):
+        manifest["files"][f"extra_{i}"] = {**record, "path": f"extra_{i}.onnx"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 CASES = {
     "tampered": (_tamper, "does not match its sha256"),
     "swapped": (_swap, "manifest says"),
@@ -368,6 +390,9 @@ CASES = {
     "stale-manifest": (_stale, "manifest"),
     "manifest-wrong-types": (_manifest_garbage, "not a valid dnsconvert artifact manifest"),
     "manifest-deeply-nested": (_manifest_nested, "not a valid dnsconvert artifact manifest"),
+    "manifest-unknown-key": (_manifest_unknown_key, "runtime_hint: Unexpected keyword argument"),
+    "manifest-oversized": (_manifest_oversized, "over the 16,777,216-byte limit"),
+    "manifest-too-many-files": (_manifest_too_many_files, "at most 64 files"),
 }
 
 
@@ -384,8 +409,9 @@ def test_damaged_artifact_api_refuses(exported, tmp_path, case):
     from dnsconvert.bench import bench
 
     folder = _prepare(exported, tmp_path, case)
-    with pytest.raises(UserError, match=CASES[case][1]):
+    with pytest.raises(UserError, match=CASES[case][1]) as refused:
         bench(folder, batches=(1,), warmup=0, iterations=1)
+    assert refused.value.path == str(folder / "manifest.json")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -394,7 +420,7 @@ def test_damaged_artifact_bench_exit_2(exported, tmp_path, run_cli, case):
     result = run_cli("bench", folder, "--batch", "1", "--iterations", "1", "--warmup", "0")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
-    assert CASES[case][1] in lines[0]
+    assert CASES[case][1] in lines[0] and str(folder / "manifest.json") in lines[0], lines[0]
 
 
 def _damage(case: str, folder: Path, other: Path) -> None:
