@@ -25,7 +25,7 @@ from helpers import masked_checkpoint  # noqa: E402
 
 from dnsconvert.export.onnx_export import torch_to_onnx  # noqa: E402
 from dnsconvert.models import build_masked_model  # noqa: E402
-from dnsconvert.targets import BuildOptions, get_target  # noqa: E402
+from dnsconvert.targets import build_artifact  # noqa: E402
 
 
 def main() -> None:
@@ -33,15 +33,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    target = get_target("ort")
     out: dict = {"sizes": [], "timing": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in ("lenet300100", "lenet5"):
             for sparsity in (0.5, 0.9, 0.95, 0.99):
-                artifact = target.build(masked_checkpoint(name, sparsity), tmp / f"{name}{sparsity}.onnx", BuildOptions(atol=1e-5, rtol=1e-5))
-                m = artifact.manifest
-                row = {"model": name, "sparsity": sparsity, "sparse_bytes": m["sizes"]["sparse_bytes"], "dense_bytes": m["sizes"]["dense_bytes"], "ratio": m["sizes"]["ratio"], "max_abs": m["parity"]["max_abs"], "max_rel": m["parity"]["max_rel"]}
+                manifest = build_artifact(masked_checkpoint(name, sparsity), tmp / f"{name}{sparsity}", target="ort", atol=1e-5, rtol=1e-5).manifest
+                sizes, parity = manifest.sizes, manifest.parity
+                row = {"model": name, "sparsity": sparsity, "sparse_bytes": sizes.sparse_bytes, "dense_bytes": sizes.dense_bytes, "ratio": sizes.ratio, "max_abs": parity.max_abs, "max_rel": parity.max_rel}
                 out["sizes"].append(row)
                 print(f"{name:12s} {sparsity:5.0%}  sparse/dense {row['ratio']:.4f}  max|Δ| {row['max_abs']:.2e}", flush=True)
         for name, kwargs in (("lenet5", {}), ("mlp", {"hidden": [4096, 2048]})):
@@ -56,7 +55,7 @@ def main() -> None:
                 torch_to_onnx(model, example)
                 bare.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                target.build(ckpt, tmp / f"t{name}{i}.onnx", BuildOptions())
+                build_artifact(ckpt, tmp / f"t{name}{i}", target="ort")
                 full.append(time.perf_counter() - t0)
             b, f = statistics.median(bare), statistics.median(full)
             out["timing"].append({"model": name, "params": params, "bare_export_s": b, "export_and_validate_s": f, "ratio": f / b})

@@ -66,12 +66,38 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 0 < header_len <= size - 8 and head[8:9] == b"{"
 
 
+def safetensors_metadata(source: Path | bytes, *, path: str | Path | None = None) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, or of its bytes in memory (an artifact's
+    file after its hash check): the header length must fit in the bytes present, the header is
+    depth-limited JSON, and the metadata maps strings to strings. Any fault is a
+    CheckpointError naming ``path`` (default: the file read)."""
+    where = path if path is not None or isinstance(source, bytes) else source
+    if isinstance(source, bytes):
+        raw = source[8 : 8 + _header_length(source[:8], len(source), where)]
+    else:
+        with open(source, "rb") as fh:
+            raw = fh.read(_header_length(fh.read(8), source.stat().st_size, where))
+    header = read_json_text(raw, what="safetensors header", path=where, error=CheckpointError)
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object", path=where)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError("safetensors __metadata__ is not an object of strings", path=where)
+    return metadata
+
+
+def _header_length(head: bytes, size: int, where: str | Path | None) -> int:
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 0 < header_len <= size - 8:
+        raise CheckpointError(f"safetensors header length {header_len:,} does not fit in its {size:,} bytes", path=where, hint="the file is truncated or corrupt")
+    return header_len
+
+
 def _load_safetensors(path: Path) -> SparseCheckpoint:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(
@@ -79,6 +105,7 @@ def _load_safetensors(path: Path) -> SparseCheckpoint:
             path=path,
             hint="the file is truncated, corrupt or of an unsupported kind; dnsconvert reads .safetensors, .pt and .pth",
         ) from None
+    metadata = safetensors_metadata(path)  # safe_open has checked the header; its metadata is read the one way
     check_dtypes(tensors, path)
     if METADATA_KEY in metadata:
         read_json_text(metadata[METADATA_KEY], what="metadata", path=path, error=CheckpointError)

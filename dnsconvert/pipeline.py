@@ -44,6 +44,15 @@ class InputSettings(ModelChoice):
     checkpoint: str | None = Field(None, description="The checkpoint to start from (instead of a [prune] section).")
 
 
+@schema(frozen=True, config=ConfigDict(extra="forbid", strict=True))
+class BenchSettings(BenchOptions):
+    artifact: str | None = Field(
+        None,
+        description="Also bench this artifact folder, relative to the pipeline file (e.g. one exported elsewhere); it is verified "
+        "(paths, sizes, sha256) on every run, even when its bench step is skipped.",
+    )
+
+
 @dataclass(frozen=True)
 class PipelineFile:
     """A pipeline file, validated: every section typed, no unknown key."""
@@ -55,7 +64,7 @@ class PipelineFile:
     validate: ValidateOptions | None = None
     project: ProjectOptions | None = None
     export: ExportOptions | None = None
-    bench: BenchOptions | None = None
+    bench: BenchSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class StageResult:
     result: dict[str, Any] = field(default_factory=dict)
     gates: list[Gate] = field(default_factory=list)
     error: str | None = None
+    rerun_because: str | None = None  # why a step that ran before ran again (e.g. a damaged output)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "gates": [asdict(g) for g in self.gates]}
@@ -142,7 +152,7 @@ def load_pipeline(path: str | Path) -> PipelineFile:
                 path=path,
                 hint="remove the key and pass dnsconvert run --trust-model-code if you trust the model code this pipeline names",
             )
-    kinds = {"pipeline": PipelineSettings, "input": InputSettings, "prune": PruneOptions, "validate": ValidateOptions, "project": ProjectOptions, "export": ExportOptions, "bench": BenchOptions}
+    kinds = {"pipeline": PipelineSettings, "input": InputSettings, "prune": PruneOptions, "validate": ValidateOptions, "project": ProjectOptions, "export": ExportOptions, "bench": BenchSettings}
     sections = {}
     for name, values in config.items():
         try:
@@ -150,8 +160,12 @@ def load_pipeline(path: str | Path) -> PipelineFile:
         except UserError as exc:
             raise PipelineError(exc.message, path=path, hint=exc.hint or "use the option names of the matching dnsconvert command, with _ for -") from None
     pipeline = PipelineFile(path, sections.pop("pipeline", PipelineSettings()), **sections)
-    if pipeline.prune is None and (pipeline.input is None or pipeline.input.checkpoint is None):
-        raise PipelineError("needs a [prune] section or [input] checkpoint = ...", path=path)
+    has_checkpoint = pipeline.prune is not None or (pipeline.input is not None and pipeline.input.checkpoint is not None)
+    on_checkpoint = [f"[{name}]" for name in ("validate", "project", "export") if getattr(pipeline, name) is not None]
+    benches_artifact = pipeline.bench is not None and pipeline.bench.artifact is not None
+    if not has_checkpoint and (on_checkpoint or not benches_artifact):
+        hint = f"{', '.join(on_checkpoint)} work on a checkpoint" if on_checkpoint else "or only bench an artifact: [bench] artifact = ..."
+        raise PipelineError("needs a [prune] section or [input] checkpoint = ...", path=path, hint=hint)
     if pipeline.prune is not None and pipeline.input is not None and pipeline.input.checkpoint is not None:
         raise PipelineError("has both a [prune] section and an [input] checkpoint; keep one", path=path)
     return pipeline
@@ -235,14 +249,29 @@ class Run:
             return {}
         return {f"model:{f.name}": f for f in model_files(options.model[len(PREFIX) :])}
 
-    def _fresh(self, name: str, key: str) -> _RecordedStep | None:
+    def given_artifact(self, folder: Path):
+        """The artifact the user named, verified now (paths, sizes, sha256): its bench step may
+        be skipped, but a damaged artifact is refused on every run, naming the file."""
+        from .artifact import load_artifact
+
+        try:
+            return load_artifact(folder, verify=True)
+        except UserError as exc:
+            self.report.stages.append(StageResult("bench:artifact", "failed", "", error=str(exc)))
+            raise
+
+    def _stale(self, name: str, key: str) -> str | None:
+        """Why step ``name`` must run again (None: its recorded run still holds)."""
         recorded = self.state.get(name)
-        if recorded is None or recorded.key != key:
-            return None
+        if recorded is None:
+            return "no recorded run"
+        if recorded.key != key:
+            return "its settings or inputs changed"
         for path, digest in recorded.output_sha256.items():
-            if not Path(path).exists() or (Path(path).is_file() and sha256_file(path) != digest) or (Path(path).is_dir() and _tree_sha256(Path(path)) != digest):
-                return None
-        return recorded
+            damage = _output_damage(Path(path), digest)
+            if damage:
+                return damage
+        return None
 
     def step(self, name: str, settings: Any, inputs: dict[str, Path], outputs: list[Path], work: Callable[[], StepOutput]) -> StageResult:
         """Run (or skip) one step; ``outputs`` are checked against every input before it runs."""
@@ -254,13 +283,14 @@ class Run:
                 if Path(given).exists() and Path(out).exists() and os.path.samefile(given, out):
                     raise PipelineError(f"[{name}] would write its output over its input {given}", path=self.pipeline.path, hint="choose another workdir or input path")
         key = _key(settings, inputs)
-        recorded = self._fresh(name, key)
-        if recorded is not None:
+        stale = self._stale(name, key)
+        if stale is None:
+            recorded = self.state[name]
             result = StageResult(name, "skipped", key, outputs=dict(recorded.outputs), result=dict(recorded.result), gates=[Gate(**g) for g in recorded.gates])
             self.report.stages.append(result)
             return result
         started = time.perf_counter()
-        result = StageResult(name, "ran", key)
+        result = StageResult(name, "ran", key, rerun_because=None if name not in self.state else stale)
         self.report.stages.append(result)
         try:
             done = work()
@@ -288,6 +318,22 @@ class Run:
         return result
 
 
+def _output_damage(path: Path, digest: str) -> str | None:
+    """What changed in a step's output since it was recorded, or None."""
+    from .artifact import MANIFEST_NAME, load_artifact
+
+    if not path.exists():
+        return f"its output {path} is missing"
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():  # an artifact: verified as a reader would (paths, sizes, sha256)
+        try:
+            load_artifact(path, verify=True)
+        except UserError as exc:
+            return f"its output is damaged: {exc.path}: {exc.message}"
+    if (_tree_sha256(path) if path.is_dir() else sha256_file(path)) != digest:
+        return f"its output {path} changed"
+    return None
+
+
 def _tree_sha256(folder: Path) -> str:
     """One digest of a folder's files (an artifact): names and contents."""
     digest = hashlib.sha256()
@@ -312,6 +358,9 @@ def stage_input(run: Run) -> None:
     if source is not None and source.checkpoint is not None:
         run.checkpoint = run.path(source.checkpoint)
         run.user_inputs.append(run.checkpoint)
+    bench = run.pipeline.bench
+    if bench is not None and bench.artifact is not None:
+        run.user_inputs.append(run.path(bench.artifact))  # no stage may write over it
 
 
 def stage_prune(run: Run) -> None:
@@ -404,20 +453,25 @@ def stage_bench(run: Run) -> None:
         return
     from .bench import bench
 
-    for name, folder in run.artifacts.items():
+    subjects = [(f"bench:{name}", name, folder) for name, folder in run.artifacts.items()]
+    if options.artifact is not None:
+        folder = run.path(options.artifact)
+        subjects.append(("bench:artifact", run.given_artifact(folder).target, folder))
+    settings = asdict(replace(options, artifact=None))  # where the artifact is lies in the step's inputs
+    for step_name, target, folder in subjects:
 
-        def work(folder=folder, name=name) -> StepOutput:
+        def work(folder=folder, target=target) -> StepOutput:
             report = bench(folder, batches=options.batches, warmup=options.warmup, iterations=options.iterations, threads=options.threads, trust_model_code=run.trust_model_code)
-            floor = options.min_speedup.get(name) if isinstance(options.min_speedup, dict) else options.min_speedup
+            floor = options.min_speedup.get(target) if isinstance(options.min_speedup, dict) else options.min_speedup
             gates = []
             if floor is not None:
                 worst = min(report.comparisons, key=lambda c: c.vs_fastest_dense.value)
                 ratio = worst.vs_fastest_dense
                 detail = f"worst speedup vs {worst.fastest_dense} {ratio.value:.2f}x [{ratio.low:.2f}, {ratio.high:.2f}] (batch {worst.batch}) vs required {floor}x"
-                gates.append(Gate(f"min_speedup:{name}", not report.below(floor, name), detail))
+                gates.append(Gate(f"min_speedup:{target}", not report.below(floor, target), detail))
             return StepOutput({}, report.to_json(), gates)
 
-        run.step(f"bench:{name}", asdict(options), {"manifest": folder / "manifest.json"}, [], work)
+        run.step(step_name, settings, {"artifact": folder}, [], work)
 
 
 STAGES: tuple[tuple[str, Callable[[Run], None]], ...] = (

@@ -10,6 +10,12 @@ point group. Its ``build`` turns a checkpoint into an artifact folder, usually b
 3. staging its files with :class:`ArtifactWriter` and calling ``commit`` (which refuses a
    failed parity, writes the typed :class:`Manifest` and commits once).
 
+A target that builds in reduced precision (fp16, bf16, int8) compares against
+:func:`ort_runner`, ONNX Runtime on CPU running a model of any of those precisions (bf16
+emulated in fp32), within :data:`PRECISION_TOLERANCES` (``precision -> (atol, rtol)``; int8:
+max |Δ| within :data:`INT8_RANGE_TOLERANCE` of each output's range); INT8 calibration inputs
+come from :func:`load_calibration` as a :class:`CalibrationSet`.
+
 Its ``load`` reads files with :meth:`Artifact.read` (size- and hash-checked) and returns a
 runner: ``run(feeds) -> list of outputs``, ``synchronize()``, ``close()``. Options come as
 ``-T key=value`` strings: declare them in ``option_help`` and read them with
@@ -24,6 +30,8 @@ from .errors import GateFailed, TargetError, UserError
 from .export.graph_nm import check_graph_nm
 from .export.onnx_build import OnnxBuild, build_onnx
 from .export.parity import compare
+from .export.precision import INT8_RANGE_TOLERANCE, CalibrationSet, load_calibration, ort_runner
+from .export.precision import TOLERANCES as PRECISION_TOLERANCES
 from .model_io import FlatIO, TorchRunner, output_names_of, parity_feeds, sample_feeds
 from .models import build_masked_model, build_model
 from .modelspec import Dim, InputSpec, ModelSpec
@@ -36,11 +44,13 @@ __all__ = [
     "ArtifactWriter",
     "Availability",
     "BuildOptions",
+    "CalibrationSet",
     "Dim",
     "FileRecord",
     "FlatIO",
     "GateFailed",
     "GraphNMRecord",
+    "INT8_RANGE_TOLERANCE",
     "InputSpec",
     "LayerRecord",
     "Manifest",
@@ -48,6 +58,7 @@ __all__ = [
     "NMPattern",
     "OnnxBuild",
     "OrtRunner",
+    "PRECISION_TOLERANCES",
     "ParityReport",
     "Runner",
     "SizeRecord",
@@ -62,8 +73,10 @@ __all__ = [
     "check_graph_nm",
     "compare",
     "load_artifact",
+    "load_calibration",
     "option_bool",
     "option_number",
+    "ort_runner",
     "ort_session",
     "output_names_of",
     "parity_feeds",

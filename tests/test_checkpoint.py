@@ -123,3 +123,26 @@ def test_each_broken_fixture_gives_its_declared_exit_code(run_cli, name):
     if result.exit_code == 2:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and str(BROKEN / name) in lines[0] and "Traceback" not in result.output
+
+
+def test_safetensors_metadata_one_reader_for_files_and_bytes():
+    """The one safetensors metadata reader (checkpoints on disk, artifact files in memory)
+    bounds the header by the bytes present and names the file it refuses."""
+    from safetensors.torch import save
+
+    from dnsconvert.loading import safetensors_metadata
+
+    path = FIXTURES / "tiny_mlp_2to4.safetensors"
+    assert set(safetensors_metadata(path)) == {"dnsconvert"}
+    assert safetensors_metadata(path.read_bytes()) == safetensors_metadata(path)
+    assert safetensors_metadata(save({"w": torch.zeros(2)})) == {}
+    for bad, message in [
+        (b"\x05", "header length 0 does not fit in its 1 bytes"),
+        ((10**9).to_bytes(8, "little") + b"{}", "header length 1,000,000,000 does not fit"),
+        ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
+        ((21).to_bytes(8, "little") + b'{"__metadata__": [1]}', "not an object of strings"),
+        ((4).to_bytes(8, "little") + b"[" * 4, "not valid JSON"),
+    ]:
+        with pytest.raises(CheckpointError, match=message) as refused:
+            safetensors_metadata(bad, path="model.safetensors")
+        assert refused.value.path == "model.safetensors"

@@ -115,6 +115,9 @@ def test_pipeline_and_cli_mean_the_same_words(tmp_path):
         ("[validate]\nmin_sparsity = true\n[prune]\n", "[validate] min_sparsity"),
         ("pipeline = 3\n[prune]\n", "pipeline must be a [pipeline] table"),
         ('[input]\ncheckpoint = "a.safetensors"\n[prune]\n', "both a [prune] section and an [input] checkpoint"),
+        ("[bench]\nbatches = [1]\n", "needs a [prune] section or [input] checkpoint"),
+        ('[bench]\nartifact = "a"\n[export]\n', "needs a [prune] section or [input] checkpoint = ... ([export] work on a checkpoint)"),
+        ("[bench]\nartifact = 3\n", "[bench] artifact: Input should be a valid string"),
     ],
 )
 def test_pipeline_schema_errors_name_the_key(tmp_path, run_cli, body, expected):

@@ -1,7 +1,9 @@
 """Targets come from entry points; a fake plugin is found and selectable, a broken one is listed."""
 
+import ast
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,23 @@ def test_broken_plugin_selected_is_a_clear_error(fake_plugins, run_cli):
 
 def test_plugin_removed_after_test():
     assert "fake" not in {entry.name for entry in list_targets()}
+
+
+def test_plugins_import_only_the_plugin_surface():
+    """Every dnsconvert import in a bundled plugin's package (at any depth: imports inside
+    functions count) is a name of ``dnsconvert.plugin.__all__``."""
+    import dnsconvert.plugin
+
+    sources = sorted(Path(__file__).resolve().parent.parent.glob("plugins/*/src/**/*.py"))
+    assert sources
+    wrong = []
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
+            if isinstance(node, ast.Import):
+                wrong += [f"{source.name}:{node.lineno} import {a.name}" for a in node.names if a.name.split(".")[0] == "dnsconvert"]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "dnsconvert":
+                if node.module != "dnsconvert.plugin":
+                    wrong.append(f"{source.name}:{node.lineno} from {node.module}")
+                else:
+                    wrong += [f"{source.name}:{node.lineno} {a.name}" for a in node.names if a.name not in dnsconvert.plugin.__all__]
+    assert wrong == [], f"plugin imports outside dnsconvert.plugin: {wrong}"

@@ -1,10 +1,10 @@
 """The ONNX builder shared by every ONNX-based target: a checkpoint -> a checked sparse ONNX and
 its dense twin, in memory. Writing them is the target's job (through the artifact writer).
 
-Steps, each a function: check the checkpoint -> export the masked model -> move pruned
-weights to ``graph.sparse_initializer`` -> run ``onnx.checker`` -> prove every masked weight
-is zero in the graph -> compare the runtime with PyTorch on every output -> check 2:4 along
-the reduction axes the graph's ops use.
+Steps, each a function: check the checkpoint -> export the masked model -> reduce its
+precision (fp16/bf16/int8, when asked) -> move pruned weights to ``graph.sparse_initializer``
+-> run ``onnx.checker`` -> prove every masked weight is zero in the graph -> compare the
+runtime with PyTorch on every output -> check 2:4 along the reduction axes the graph's ops use.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -27,6 +28,9 @@ from .graph_nm import GraphNMResult, check_graph_nm
 from .onnx_export import DEFAULT_OPSET, OnnxExport, export_checkpoint
 from .parity import RunFn, compare
 from .sparse_init import SparsifiedTensor, initializer_arrays, sparsify_initializers
+
+if TYPE_CHECKING:
+    from .precision import PrecisionStep
 
 OnnxRunnerFactory = Callable[[bytes], RunFn]
 
@@ -104,6 +108,50 @@ def graph_records(results: Iterable[GraphNMResult]) -> list[GraphNMRecord]:
     return [GraphNMRecord(g.initializer, g.op, g.reduction_axis, g.compliant, g.violating_groups, g.skipped_reason) for g in results]
 
 
+def reduce_precision(exported: OnnxExport, precision: str, *, io: str, calibration) -> PrecisionStep | None:
+    """The exported fp32 model cast to fp16/bf16 or quantized to int8 (:mod:`.precision`);
+    None for fp32, where the export is used as it is."""
+    if precision == "fp32":
+        return None
+    from .precision import precision_step
+
+    return precision_step(exported.model, dict(exported.names), precision, io=io, calibration=calibration)
+
+
+def measure_parity(
+    ckpt: SparseCheckpoint,
+    exported: OnnxExport,
+    sparse_proto: onnx.ModelProto,
+    sparse_bytes: bytes,
+    make_runner: OnnxRunnerFactory,
+    step: PrecisionStep | None,
+    *,
+    batches: tuple[int, ...],
+    atol: float,
+    rtol: float,
+) -> ParityReport:
+    """The sparse model against PyTorch on every output, at ``batches``. fp32: ``make_runner``'s
+    runtime against the masked model at ``atol``/``rtol``; a reduced precision: ONNX Runtime
+    (bf16 emulated in fp32) against PyTorch in the same dtype, at that type's tolerances."""
+    feeds = parity_feeds(ckpt.model.inputs, batches, where=ckpt.source)
+    if step is None:
+        reference = TorchRunner(exported.torch_model, ckpt.model)
+        return compare(reference.run, make_runner(sparse_bytes), feeds, atol=atol, rtol=rtol, output_names=exported.output_names)
+    from .precision import precision_parity
+
+    return precision_parity(exported.torch_model, ckpt.model, sparse_proto, step.precision, feeds, exported.output_names)
+
+
+def precision_details(exported: OnnxExport, step: PrecisionStep, sparse_bytes: bytes, dense_bytes: bytes, *, min_saving: float) -> dict:
+    """What a reduced-precision export records: the step, what parity compared, and sizes beside fp32."""
+    precision = step.precision
+    fp32_sparse = sparsify_initializers(exported.model, exported.names.values(), min_saving=min_saving)[0].ByteSize()
+    return {**step.to_json(), "parity_reference": "PyTorch fp32" if precision == "int8" else f"PyTorch {precision}",
+            "parity_runtime": "onnxruntime CPU" + (" (bf16 emulated in fp32)" if precision == "bf16" else ""),
+            "sizes": {"fp32": {"sparse_bytes": fp32_sparse, "dense_bytes": exported.model.ByteSize()},
+                      precision: {"sparse_bytes": len(sparse_bytes), "dense_bytes": len(dense_bytes)}}}  # fmt: skip
+
+
 def build_onnx(
     ckpt: SparseCheckpoint,
     *,
@@ -126,15 +174,8 @@ def build_onnx(
     check_exportable(ckpt)
     exported = export_checkpoint(ckpt, opset=opset, dynamic_batch=dynamic_batch, trust_code=trust_code)
     timings["torch_onnx_export_s"] = time.perf_counter() - started
-    model, names = exported.model, dict(exported.names)
-    # --- precision hook (issue 14): the standalone steps of export/precision.py ---
-    step = None
-    if precision != "fp32":
-        from .precision import precision_step
-
-        step = precision_step(model, names, precision, io=io, calibration=calibration)
-        model, names = step.model, step.names
-    # --- end of precision hook ---
+    step = reduce_precision(exported, precision, io=io, calibration=calibration)
+    model, names = (exported.model, dict(exported.names)) if step is None else (step.model, step.names)
     sparse_proto, records = sparsify_initializers(model, names.values(), min_saving=min_saving)
     check_onnx(sparse_proto)
     arrays = initializer_arrays(sparse_proto)
@@ -143,22 +184,10 @@ def build_onnx(
     dense_bytes = model.SerializeToString()
     parity = None
     if make_runner is not None:
-        feeds = parity_feeds(ckpt.model.inputs, parity_batches if dynamic_batch else (ckpt.model.input_shape[0],), where=ckpt.source)
-        if step is None:
-            reference = TorchRunner(exported.torch_model, ckpt.model)
-            parity = compare(reference.run, make_runner(sparse_bytes), feeds, atol=atol, rtol=rtol, output_names=exported.output_names)
-        else:  # PyTorch in the same dtype vs ONNX Runtime (bf16 emulated there), at the type's tolerances
-            from .precision import precision_parity
-
-            parity = precision_parity(exported.torch_model, ckpt.model, sparse_proto, precision, feeds, exported.output_names)
+        batches = parity_batches if dynamic_batch else (ckpt.model.input_shape[0],)
+        parity = measure_parity(ckpt, exported, sparse_proto, sparse_bytes, make_runner, step, batches=batches, atol=atol, rtol=rtol)
     # the 2:4 pattern is checked on the fp32 graph (before any cast or quantization)
     graph_nm = check_graph_nm(exported.model, TWO_FOUR, arrays=arrays if step is None else initializer_arrays(exported.model))
     timings["total_s"] = time.perf_counter() - started
-    details = None
-    if step is not None:
-        fp32_sparse = sparsify_initializers(exported.model, exported.names.values(), min_saving=min_saving)[0].ByteSize()
-        details = {**step.to_json(), "parity_reference": "PyTorch fp32" if precision == "int8" else f"PyTorch {precision}",
-                   "parity_runtime": "onnxruntime CPU" + (" (bf16 emulated in fp32)" if precision == "bf16" else ""),
-                   "sizes": {"fp32": {"sparse_bytes": fp32_sparse, "dense_bytes": exported.model.ByteSize()},
-                             precision: {"sparse_bytes": len(sparse_bytes), "dense_bytes": len(dense_bytes)}}}  # fmt: skip
+    details = None if step is None else precision_details(exported, step, sparse_bytes, dense_bytes, min_saving=min_saving)
     return OnnxBuild(sparse_bytes, dense_bytes, exported, ckpt.model, layer_records(records, names), graph_records(graph_nm), parity, timings, details)

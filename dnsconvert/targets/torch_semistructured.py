@@ -212,18 +212,13 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else DEVICE
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file held in memory (was torch_sparse_cpu's, whose artifact is ONNX now)."""
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__") or {}
-
-
 def _load(data: bytes, variant: str, *, trust_code: bool = False) -> tuple[nn.Module, torch.dtype, ModelSpec]:
     from safetensors.torch import load
 
+    from ..loading import safetensors_metadata
     from ..models import build_model, load_weights_
-    meta = json.loads(_metadata(data)[META_KEY])
+
+    meta = json.loads(safetensors_metadata(data, path=MODEL_FILE)[META_KEY])
     state = load(data)
     dtype = DTYPES[meta["dtype"]]
     spec = ModelSpec.from_json(meta["model"])

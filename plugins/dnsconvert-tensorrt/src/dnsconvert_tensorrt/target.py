@@ -3,7 +3,7 @@
 Works with TensorRT 10.x and 11.x (``tensorrt>=10,<12``): :mod:`.api` detects which surface
 the installed module (or ``trtexec``) has and plans the build -- precision flags on an fp32
 ONNX where weak typing exists, a typed ONNX (fp16/bf16 casts, INT8 Q/DQ) from
-:mod:`dnsconvert.export.precision` otherwise. The manifest records the features, the plan
+``build_onnx(..., precision=...)`` otherwise. The manifest records the features, the plan
 that ran, the timing-cache outcome and, per checkpoint layer, what TensorRT did and on what
 evidence (inspector fields first, builder log second).
 """
@@ -24,8 +24,8 @@ from . import PINNED_TENSORRT
 from .api import BuildPlan, TrtFeatures, detect, plan_build
 from .compat import check_engine_compat, current_setup
 from .core import (
-    Artifact, ArtifactWriter, Availability, BuildOptions, GateFailed, Target, build_onnx, load_calibration, parity_feeds,
-    precision_tolerances, reference_runner,
+    INT8_RANGE_TOLERANCE, PRECISION_TOLERANCES, Artifact, ArtifactWriter, Availability, BuildOptions, GateFailed, Target, build_onnx,
+    load_calibration, ort_runner, parity_feeds,
 )  # fmt: skip
 from .eligibility import layer_eligibility
 from .logparse import parse_engine_info
@@ -53,13 +53,12 @@ class TrtDetails:
 
 def engine_tolerance(plan: BuildPlan, atol: float, rtol: float) -> tuple[float, float, bool]:
     """(atol, rtol, range_relative) of the engine-vs-ONNX-Runtime parity for this plan."""
-    tolerances, int8_range = precision_tolerances()
     if plan.precision == "int8":
-        return 0.0, int8_range, True
+        return 0.0, INT8_RANGE_TOLERANCE, True
     if plan.precision == "fp32":
         return atol, rtol, False
     if plan.onnx_precision in ("fp16", "bf16"):  # typed ONNX: the same dtype on both sides
-        a, r = tolerances[plan.onnx_precision]
+        a, r = PRECISION_TOLERANCES[plan.onnx_precision]
         return max(atol, a), max(rtol, r), False
     loose = {"fp16": 1e-2, "tf32": 1e-2, "bf16": 5e-2}[plan.precision]  # reduced precision in TensorRT vs an fp32 reference
     return max(atol, loose), max(rtol, loose), False
@@ -119,7 +118,7 @@ class TensorRTTarget(Target):
         """
         calibration = load_calibration(settings.calibration, ckpt.model.input_shape, samples=settings.calibration_samples) if plan.onnx_precision == "int8" else None
         onnx_build = build_onnx(
-            ckpt, make_runner=reference_runner, atol=options.atol, rtol=options.rtol, opset=settings.opset, trust_code=options.trust_model_code,
+            ckpt, make_runner=ort_runner, atol=options.atol, rtol=options.rtol, opset=settings.opset, trust_code=options.trust_model_code,
             precision=plan.onnx_precision, io=settings.io if plan.onnx_precision in ("fp16", "bf16") else "fp32", calibration=calibration,
         )  # fmt: skip
         if not onnx_build.parity.passed:
@@ -167,7 +166,7 @@ class TensorRTTarget(Target):
                 atol, rtol, relative = engine_tolerance(plan, options.atol, options.rtol)
                 runner = EngineRunner(engine_bytes)
                 try:
-                    parity = engine_parity(reference_runner(onnx_build.dense_bytes), runner.run, feeds, atol, rtol, relative, onnx_build.output_names)
+                    parity = engine_parity(ort_runner(onnx_build.dense_bytes), runner.run, feeds, atol, rtol, relative, onnx_build.output_names)
                 finally:
                     runner.close()
             else:
