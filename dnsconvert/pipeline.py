@@ -484,6 +484,35 @@ STAGES: tuple[tuple[str, Callable[[Run], None]], ...] = (
 )
 
 
+def planned_outputs(run: Run) -> list[Path]:
+    """Every path a run of this pipeline may write (its stages' outputs, its report and state)."""
+    outputs = [run.work / "report.json", run.state_path]
+    if run.pipeline.prune is not None:
+        outputs.append(run.work / "pruned.safetensors")
+    if run.pipeline.project is not None:
+        outputs.append(run.work / "projected.safetensors")
+    if run.pipeline.export is not None:
+        outputs += [run.work / f"model-{name}" for name in run.pipeline.export.targets]
+    return outputs
+
+
+def refuse_outputs_over_inputs(run: Run) -> None:
+    """Before any stage runs: no output of the run may be a file the user gave (the pipeline
+    file, its input checkpoint, a benched artifact, a model folder's files), so that a run that
+    would overwrite one stops before doing any work (each step checks again before it writes)."""
+    given = [run.pipeline.path]
+    if run.pipeline.input is not None and run.pipeline.input.checkpoint is not None:
+        given.append(run.path(run.pipeline.input.checkpoint))
+    if run.pipeline.bench is not None and run.pipeline.bench.artifact is not None:
+        given.append(run.path(run.pipeline.bench.artifact))
+    for options in (run.pipeline.prune, run.pipeline.input):
+        given += run.model_inputs(run.with_model_path(options)).values()
+    for out in planned_outputs(run):
+        for path in given:
+            if Path(path).exists() and out.exists() and os.path.samefile(path, out):
+                raise PipelineError(f"the run would write its output {out.name} over its input {path}", path=run.pipeline.path, hint="choose another workdir or input path")
+
+
 def run_pipeline(
     path: str | Path,
     *,
@@ -510,6 +539,7 @@ def run_pipeline(
     with output_error(work):
         work.mkdir(parents=True, exist_ok=True)
     run = Run(pipeline, work, progress=progress, trust_model_code=trust_model_code)
+    refuse_outputs_over_inputs(run)
     try:
         for _, stage in STAGES:
             stage(run)

@@ -157,3 +157,22 @@ def test_stage_output_over_its_input_is_refused(tmp_path, run_cli):
     result = run_cli("run", path)
     assert result.exit_code == 2 and "over its input" in result.stderr
     assert ckpt.read_bytes() == before
+
+
+def test_an_output_over_an_input_stops_the_run_before_any_stage(tmp_path, run_cli):
+    """Issue 11: refused before work starts, not when the offending stage comes: here validate
+    (which comes first and writes nothing over anything) must not have run either."""
+    import shutil
+
+    from helpers import FIXTURES
+
+    work = tmp_path / "work"
+    work.mkdir()
+    ckpt = work / "projected.safetensors"
+    shutil.copy(FIXTURES / "tiny_mlp_unstructured.safetensors", ckpt)
+    path = tmp_path / "p.toml"
+    path.write_text('[pipeline]\nworkdir = "work"\n[input]\ncheckpoint = "work/projected.safetensors"\n[validate]\n[project]\nnm = "2:4"\n')
+    result = run_cli("run", path)
+    assert result.exit_code == 2 and "over its input" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in work.iterdir()) == ["projected.safetensors"]  # no report, no state: nothing ran
