@@ -30,6 +30,11 @@ from .errors import DnsconvertError, GateFailed, PipelineError, UserError
 from .options import BenchOptions, ExportOptions, ModelChoice, ProjectOptions, PruneOptions, ValidateOptions, parse_options
 
 STATE_FILE = ".pipeline-state.json"
+REPORT, PRUNED, PROJECTED = "report.json", "pruned.safetensors", "projected.safetensors"  # in the workdir
+
+
+def export_folder(target: str) -> str:
+    return f"model-{target}"
 T = TypeVar("T")
 SECTIONS = ("pipeline", "input", "prune", "validate", "project", "export", "bench")
 
@@ -249,6 +254,21 @@ class Run:
             return {}
         return {f"model:{f.name}": f for f in model_files(options.model[len(PREFIX) :])}
 
+    def given_files(self) -> list[Path]:
+        """The files the user gave that no stage may write over: the input checkpoint, a benched artifact."""
+        files = []
+        if self.pipeline.input is not None and self.pipeline.input.checkpoint is not None:
+            files.append(self.path(self.pipeline.input.checkpoint))
+        if self.pipeline.bench is not None and self.pipeline.bench.artifact is not None:
+            files.append(self.path(self.pipeline.bench.artifact))
+        return files
+
+    def refuse_overwrite(self, who: str, outputs: list[Path], given: list[Path]) -> None:
+        for out in outputs:
+            for path in given:
+                if Path(path).exists() and Path(out).exists() and os.path.samefile(path, out):
+                    raise PipelineError(f"{who} would write its output over its input {path}", path=self.pipeline.path, hint="choose another workdir or input path")
+
     def given_artifact(self, folder: Path):
         """The artifact the user named, verified now (paths, sizes, sha256): its bench step may
         be skipped, but a damaged artifact is refused on every run, naming the file."""
@@ -278,10 +298,7 @@ class Run:
         for role, path in inputs.items():
             if not Path(path).exists():
                 raise PipelineError(f"[{name}] needs its {role} {path}, which does not exist", path=self.pipeline.path, hint="fix the path in the pipeline file")
-        for out in outputs:
-            for given in [*self.user_inputs, *inputs.values()]:
-                if Path(given).exists() and Path(out).exists() and os.path.samefile(given, out):
-                    raise PipelineError(f"[{name}] would write its output over its input {given}", path=self.pipeline.path, hint="choose another workdir or input path")
+        self.refuse_overwrite(f"[{name}]", outputs, [*self.user_inputs, *inputs.values()])
         key = _key(settings, inputs)
         stale = self._stale(name, key)
         if stale is None:
@@ -357,10 +374,7 @@ def stage_input(run: Run) -> None:
     source = run.pipeline.input
     if source is not None and source.checkpoint is not None:
         run.checkpoint = run.path(source.checkpoint)
-        run.user_inputs.append(run.checkpoint)
-    bench = run.pipeline.bench
-    if bench is not None and bench.artifact is not None:
-        run.user_inputs.append(run.path(bench.artifact))  # no stage may write over it
+    run.user_inputs += run.given_files()  # no stage may write over them
 
 
 def stage_prune(run: Run) -> None:
@@ -369,7 +383,7 @@ def stage_prune(run: Run) -> None:
         return
     from .surgery import prune
 
-    out = run.work / "pruned.safetensors"
+    out = run.work / PRUNED
 
     def work() -> StepOutput:
         result = prune(options.to_config(), output=out, progress=run.progress, trust_model_code=run.trust_model_code)
@@ -410,7 +424,7 @@ def stage_project(run: Run) -> None:
     from .project import project_nm
 
     checkpoint = run.checkpoint
-    projected = run.work / "projected.safetensors"
+    projected = run.work / PROJECTED
 
     def work() -> StepOutput:
         result = project_nm(
@@ -433,7 +447,7 @@ def stage_export(run: Run) -> None:
     for name in options.targets:
         extra = {k: str(v) for k, v in options.options.get(name, {}).items()}
         resolve_target(name, extra)  # unknown target or option: fail before any work
-        output = run.work / f"model-{name}"
+        output = run.work / export_folder(name)
 
         def work(name=name, extra=extra, output=output) -> StepOutput:
             artifact = build_artifact(_load(run, checkpoint), output, target=name, options=extra, atol=options.atol, rtol=options.rtol, trust_model_code=run.trust_model_code)
@@ -486,13 +500,13 @@ STAGES: tuple[tuple[str, Callable[[Run], None]], ...] = (
 
 def planned_outputs(run: Run) -> list[Path]:
     """Every path a run of this pipeline may write (its stages' outputs, its report and state)."""
-    outputs = [run.work / "report.json", run.state_path]
+    outputs = [run.work / REPORT, run.state_path]
     if run.pipeline.prune is not None:
-        outputs.append(run.work / "pruned.safetensors")
+        outputs.append(run.work / PRUNED)
     if run.pipeline.project is not None:
-        outputs.append(run.work / "projected.safetensors")
+        outputs.append(run.work / PROJECTED)
     if run.pipeline.export is not None:
-        outputs += [run.work / f"model-{name}" for name in run.pipeline.export.targets]
+        outputs += [run.work / export_folder(name) for name in run.pipeline.export.targets]
     return outputs
 
 
@@ -500,17 +514,10 @@ def refuse_outputs_over_inputs(run: Run) -> None:
     """Before any stage runs: no output of the run may be a file the user gave (the pipeline
     file, its input checkpoint, a benched artifact, a model folder's files), so that a run that
     would overwrite one stops before doing any work (each step checks again before it writes)."""
-    given = [run.pipeline.path]
-    if run.pipeline.input is not None and run.pipeline.input.checkpoint is not None:
-        given.append(run.path(run.pipeline.input.checkpoint))
-    if run.pipeline.bench is not None and run.pipeline.bench.artifact is not None:
-        given.append(run.path(run.pipeline.bench.artifact))
+    given = [run.pipeline.path, *run.given_files()]
     for options in (run.pipeline.prune, run.pipeline.input):
         given += run.model_inputs(run.with_model_path(options)).values()
-    for out in planned_outputs(run):
-        for path in given:
-            if Path(path).exists() and out.exists() and os.path.samefile(path, out):
-                raise PipelineError(f"the run would write its output {out.name} over its input {path}", path=run.pipeline.path, hint="choose another workdir or input path")
+    run.refuse_overwrite("the run", planned_outputs(run), given)
 
 
 def run_pipeline(
@@ -546,7 +553,7 @@ def run_pipeline(
     except GateFailed:
         pass  # the step recorded it in the report; the stages after it depend on its output
     finally:
-        write_json_atomic(work / "report.json", run.report.to_json())
+        write_json_atomic(work / REPORT, run.report.to_json())
     if fail_on_gate and not run.report.passed:
         raise run.report.gate_error()
     return run.report
