@@ -23,13 +23,25 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
-def fold_(p, shadow, keep, bound):  # pragma: no cover - compiled
+def fold_(p, shadow, keep):  # pragma: no cover - compiled
     """W ← p + W·(1−T) (where cut: W + Δ; where kept: p), then p ← p·T.
 
     The torch version is ``shadow.addcmul_(p, cut); p.mul_(keep)``: the same sums (W + Δ where
     cut), and the kept entries of the shadow, never read through a cut mask there, are W here.
-    Returns (NaNs in W, entries with |W| >= bound): counting in the same vectorised pass is free.
+    Nothing is counted: this is the pass of every layer at every step, and it vectorises fully.
     """
+    for i in range(p.shape[0]):
+        k = keep[i]
+        w = p[i]
+        shadow[i] = w + shadow[i] * (np.float32(1.0) - k)
+        p[i] = w * k
+
+
+@njit(cache=True, nogil=True)
+def fold_flag_(p, shadow, keep, bound, flags):  # pragma: no cover - compiled
+    """``fold_`` for a layer whose mask is updated at this step: also flags the entries with
+    |W| >= bound (``flags[i]`` = 1, the candidates of the update) and returns (NaNs in W,
+    candidates); a byte store and two sums in the same vectorised pass."""
     n_nan = 0
     n_over = 0
     for i in range(p.shape[0]):
@@ -38,8 +50,10 @@ def fold_(p, shadow, keep, bound):  # pragma: no cover - compiled
         folded = w + shadow[i] * (np.float32(1.0) - k)
         shadow[i] = folded
         p[i] = w * k
+        over = abs(folded) >= bound
+        flags[i] = over
         n_nan += folded != folded
-        n_over += abs(folded) >= bound
+        n_over += over
     return n_nan, n_over
 
 
@@ -51,18 +65,24 @@ def mask_(p, mask):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def collect(shadow, bound, candidates, candidate_scores, kept, n_kept, kept_scores):  # pragma: no cover - compiled
-    """The entries with |W| >= ``bound`` (candidates, in index order) and their scores, and the
-    scores of the kept entries listed in ``kept``. ``candidates`` must hold one more entry than
-    there are candidates (``fold_`` counted them). Returns the number of candidates.
+def collect(shadow, flags, candidates, candidate_scores, kept, n_kept, kept_scores):  # pragma: no cover - compiled
+    """The entries ``fold_flag_`` flagged (candidates, in index order) and their scores |W|, and
+    the scores of the kept entries listed in ``kept``. ``candidates`` must hold 8 more entries
+    than there are candidates (``fold_flag_`` counted them); ``flags`` is zero past the layer's
+    end up to a multiple of 8. Returns the number of candidates.
 
-    A branch-free compaction (store, advance by the condition) that never writes past index
-    ``count``: ~0.05 ms for 235k weights.
+    The flags are read 8 at a time, and a group with any flag is compacted without branches
+    (store, advance by the flag): ~6% of a trained layer's weights are candidates, so most
+    groups are skipped with one test. About half the time of one branch-free pass.
     """
+    groups = flags.view(np.uint64)
     n = 0
-    for i in range(shadow.shape[0]):
-        candidates[n] = i
-        n += abs(shadow[i]) >= bound
+    for g in range((shadow.shape[0] + 7) // 8):
+        if groups[g] != 0:
+            base = g * 8
+            for j in range(8):
+                candidates[n] = base + j
+                n += flags[base + j]
     for j in range(n):
         candidate_scores[j] = abs(shadow[candidates[j]])
     for j in range(n_kept):
@@ -164,3 +184,156 @@ def apply_thresholds(p, shadow, keep, cut, mask, candidates, candidate_scores, n
             kept[k] = candidates[b]
             b -= 1
     return n_kept - survivors, splices, survivors + splices
+
+
+# -- the calibrated magnitude update in one call ----------------------------------------------
+# The torch update takes the mean and std of the kept scores from ``values.mean()`` and
+# ``values.std()``; the thresholds depend on their last bits (t = μ + c·σ with c from the
+# quantile), so the one-call update reproduces those two torch reductions exactly:
+# ``torch_mean_f32`` is ATen's cascade sum of a contiguous float32 row (SumKernel.cpp:
+# ``vectorized_inner_sum`` with ``lanes`` floats per vector, 4-way ILP, 4 cascade levels) divided
+# by n in float32; ``torch_std_f32`` is ATen's ``std_var_all_cpu`` (two passes, float64). Both
+# hold for one thread's reduction (n below ATen's grain size of 32768, or one thread);
+# ``exact_stats_lanes`` checks them against torch on this machine before they are used.
+
+
+@njit(cache=True, nogil=True)
+def _ceil_log2(x):  # pragma: no cover - compiled
+    if x <= 2:
+        return 1
+    v = x - 1
+    r = 0
+    while v > 0:
+        v >>= 1
+        r += 1
+    return r
+
+
+@njit(cache=True, nogil=True)
+def torch_mean_f32(x, n, lanes):  # pragma: no cover - compiled
+    """``float(torch.from_numpy(x[:n]).mean())`` for n >= lanes, bit for bit (see above)."""
+    vec_numel = n // lanes
+    size_ilp = vec_numel // 4
+    level_power = max(4, _ceil_log2(size_ilp) // 4)
+    level_step = 1 << level_power
+    level_mask = level_step - 1
+    acc = np.zeros((4, 4, lanes), dtype=np.float32)
+    i = 0
+    while i + level_step <= size_ilp:
+        for _ in range(level_step):
+            base = i * 4 * lanes
+            for k in range(4):
+                for lane in range(lanes):
+                    acc[0, k, lane] += x[base + k * lanes + lane]
+            i += 1
+        for j in range(1, 4):
+            for k in range(4):
+                for lane in range(lanes):
+                    acc[j, k, lane] += acc[j - 1, k, lane]
+                    acc[j - 1, k, lane] = np.float32(0.0)
+            if (i & (level_mask << (j * level_power))) != 0:
+                break
+    while i < size_ilp:
+        base = i * 4 * lanes
+        for k in range(4):
+            for lane in range(lanes):
+                acc[0, k, lane] += x[base + k * lanes + lane]
+        i += 1
+    for j in range(1, 4):
+        for k in range(4):
+            for lane in range(lanes):
+                acc[0, k, lane] += acc[j, k, lane]
+    partial = acc[0, 0].copy()
+    for v in range(size_ilp * 4, vec_numel):
+        for lane in range(lanes):
+            partial[lane] += x[v * lanes + lane]
+    for k in range(1, 4):
+        for lane in range(lanes):
+            partial[lane] += acc[0, k, lane]
+    total = np.float32(0.0)
+    for t in range(vec_numel * lanes, n):
+        total += x[t]
+    for lane in range(lanes):
+        total += partial[lane]
+    return np.float32(total / np.float32(n))
+
+
+@njit(cache=True, nogil=True)
+def torch_std_f32(x, n, mean):  # pragma: no cover - compiled
+    """``float(torch.from_numpy(x[:n]).std())`` (n >= 2) given its float32 ``mean``, bit for bit:
+    ATen's ``std_var_all_cpu`` (a full reduction on CPU): the squared deviations from the
+    float32 mean summed in float64 in index order, divided by n − 1, square root, to float32."""
+    centre = np.float64(mean)
+    total = 0.0
+    for i in range(n):
+        deviation = np.float64(x[i]) - centre
+        total += deviation * deviation
+    return np.float32(np.sqrt(total / max(0.0, np.float64(n) - 1.0)))
+
+
+@njit(cache=True, nogil=True)
+def calibrated_update(p, shadow, keep, cut, mask, bound, flags, candidates, candidate_scores, kept, n_kept, kept_scores, to_keep, guess, lanes, cut_factor, splice_factor, band_below, band_above, nonnegative):  # pragma: no cover - compiled
+    """DNS's calibrated magnitude update of one layer in one call: ``collect``, the kept scores'
+    mean and std (as torch computes them), c from the ``to_keep``-th largest score, the
+    thresholds (the same float64 operations as ``DynamicNetworkSurgery.thresholds``), then
+    ``apply_thresholds``. Returns (applied, cuts, splices, new n_kept, mean, std, c, quantile);
+    ``applied`` is False, with nothing changed, where the caller must run the torch update
+    (fewer candidates than weights to keep, or the bound above the new b).
+    """
+    n_candidates = collect(shadow, flags, candidates, candidate_scores, kept, n_kept, kept_scores)
+    nan = np.float32(np.nan)
+    if n_candidates < to_keep:
+        return False, 0, 0, n_kept, 0.0, 0.0, 0.0, nan
+    mean32 = torch_mean_f32(kept_scores, n_kept, lanes)
+    mean = np.float64(mean32)
+    std = np.float64(torch_std_f32(kept_scores, n_kept, mean32)) if n_kept > 1 else 0.0
+    quantile = kth_largest(candidate_scores, n_candidates, to_keep, guess)
+    if quantile != quantile:
+        quantile = kth_largest_select(candidate_scores, n_candidates, to_keep)
+    cut_value = np.float64(quantile)  # c_for_cut
+    t = cut_value / cut_factor if cut_value >= 0 else cut_value / splice_factor
+    c = (t - mean) / std if std > 0 else 0.0
+    t = mean + c * std  # thresholds
+    if nonnegative:
+        t = max(t, 0.0)
+    cut_at = np.float32(t - band_below * abs(t))
+    splice_at = np.float32(t + band_above * abs(t))
+    if not bound <= splice_at:
+        return False, 0, 0, n_kept, mean, std, c, quantile
+    cuts, splices, count = apply_thresholds(p, shadow, keep, cut, mask, candidates, candidate_scores, n_candidates, kept, kept_scores, n_kept, cut_at, splice_at)
+    return True, cuts, splices, count, mean, std, c, quantile
+
+
+# -- the update draws, many iterations at a time ---------------------------------------------
+# DNS draws ``torch.rand(layers, generator=torch.Generator().manual_seed(seed))`` with a fresh
+# seed per iteration (see ``DynamicNetworkSurgery._fold_bounds``); doing that through torch costs
+# 5–30 µs per training step. ATen's CPU generator is MT19937 seeded with the seed's low 32 bits
+# (``at::mt19937::init_with_uint32``) and a float32 uniform is the output's low 24 bits · 2^−24
+# (``uniform_real_distribution<float>``), so a block of iterations is drawn here at once; the
+# caller compares one row per block with torch and uses torch alone if they ever differ.
+
+_MT_N = 624
+_MT_M = 397
+
+
+@njit(cache=True, nogil=True)
+def mt19937_uniform(seeds, out):  # pragma: no cover - compiled
+    """out[r, k] = the k-th value of torch.rand(out.shape[1]) after manual_seed(seeds[r]);
+    out.shape[1] <= 227 (the first 227 outputs need no second twist of the state)."""
+    state = np.empty(_MT_N, dtype=np.uint64)
+    mask32 = np.uint64(0xFFFFFFFF)
+    for r in range(seeds.shape[0]):
+        state[0] = np.uint64(seeds[r]) & mask32
+        for j in range(1, _MT_N):
+            previous = state[j - 1]
+            state[j] = (np.uint64(1812433253) * (previous ^ (previous >> np.uint64(30))) + np.uint64(j)) & mask32
+        for k in range(out.shape[1]):
+            y = (state[k] & np.uint64(0x80000000)) | (state[k + 1] & np.uint64(0x7FFFFFFF))
+            value = state[k + _MT_M] ^ (y >> np.uint64(1))
+            if state[k + 1] & np.uint64(1):
+                value ^= np.uint64(0x9908B0DF)
+            value ^= value >> np.uint64(11)
+            value ^= (value << np.uint64(7)) & np.uint64(0x9D2C5680)
+            value ^= (value << np.uint64(15)) & np.uint64(0xEFC60000)
+            value ^= value >> np.uint64(18)
+            out[r, k] = np.float32(value & np.uint64(0xFFFFFF)) * np.float32(1.0 / 16777216.0)

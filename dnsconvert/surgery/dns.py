@@ -123,6 +123,32 @@ def calibrate_c(score: torch.Tensor, target: float, mean: float, std: float) -> 
     return c_for_cut(kth_smallest(flat, calibration_rank(flat.numel(), target)), mean, std)
 
 
+_DRAW_BLOCK = 512  # iterations whose update draws are made at once
+_TORCH_GRAIN = 32768  # ATen reduces fewer elements than this on one thread (at::internal::GRAIN_SIZE)
+_LANES: list[int | None] = []
+
+
+def exact_stats_lanes() -> int | None:
+    """The vector width (floats) with which ``_kernels.torch_mean_f32``/``torch_std_f32``
+    reproduce this torch's ``mean()``/``std()`` of a float32 vector bit for bit, or None (then
+    the update takes its statistics from torch). Checked once per process on random vectors."""
+    if not _LANES:
+        kernels = _kernels()
+        rng = np.random.default_rng(0)
+        samples = [np.abs(rng.standard_normal(n)).astype(np.float32) * np.float32(rng.uniform(1e-3, 1.0)) for n in (*range(16, 80), 127, 1000, 4097, 9999, 20000, _TORCH_GRAIN - 1)]
+        found = None
+        for lanes in (8, 16, 4):
+            if all(
+                kernels.torch_mean_f32(x, x.shape[0], lanes) == np.float32(torch.from_numpy(x).mean().item())
+                and kernels.torch_std_f32(x, x.shape[0], kernels.torch_mean_f32(x, x.shape[0], lanes)) == np.float32(torch.from_numpy(x).std().item())
+                for x in samples
+            ):
+                found = lanes
+                break
+        _LANES.append(found)
+    return _LANES[0]
+
+
 class _KeptIndex:
     """A layer's kept entries in index order (the order of ``score[mask]``), with spare room."""
 
@@ -194,6 +220,9 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         self._scan_buffers: dict[str, _ScanBuffers] = {}
         self._quantile: dict[str, np.float32] = {}  # compiled update: the last calibration quantile
         self._generator = torch.Generator()
+        self._block_draws = True  # False once a block differed from torch's draws
+        self._draw_block: list[list[float]] = []
+        self._draw_block_start = 0
         self._drawn: list[str] = []
         self.cuts = 0
         self.splices = 0
@@ -238,11 +267,30 @@ class DynamicNetworkSurgery(MaskedSparsifier):
             probability = update_probability(self.iteration, self.config.gamma, self.config.power)
             # A fresh stream per iteration, seeded from (seed, iteration): identical on every
             # rank and after a resume, with no generator state to carry.
-            draws = torch.rand(len(self.params), generator=self._generator.manual_seed(self.config.seed * 1_000_003 + self.iteration))
-            self._drawn = [name for name, draw in zip(self.params, draws.tolist(), strict=True) if draw < probability]
+            self._drawn = [name for name, draw in zip(self.params, self._draws(), strict=True) if draw < probability]
         if self.pattern is not None or self.criterion.name != "magnitude":
             return {}
         return {name: self._bound[name] for name in self._drawn if name in self._bound}
+
+    def _draws(self) -> list[float]:
+        """This iteration's uniform draws, one per layer: ``torch.rand(layers)`` from a generator
+        seeded with (seed, iteration), taken from a block of iterations drawn at once by
+        ``_kernels.mt19937_uniform`` (one row of each block checked against torch; torch alone
+        from then on if it ever differs)."""
+        seed = self.config.seed * 1_000_003 + self.iteration
+        row = self.iteration - self._draw_block_start
+        if 0 <= row < len(self._draw_block):
+            return self._draw_block[row]
+        layers = len(self.params)
+        if self._block_draws and layers <= 227 and 0 <= seed and seed + _DRAW_BLOCK < 2**63:
+            block = np.empty((_DRAW_BLOCK, layers), dtype=np.float32)
+            _kernels().mt19937_uniform(np.arange(seed, seed + _DRAW_BLOCK, dtype=np.int64), block)
+            first = torch.rand(layers, generator=self._generator.manual_seed(seed)).numpy()
+            if np.array_equal(block[0], first):
+                self._draw_block, self._draw_block_start = block.tolist(), self.iteration
+                return self._draw_block[0]
+            self._block_draws = False
+        return torch.rand(layers, generator=self._generator.manual_seed(seed)).tolist()
 
     def update_masks(self) -> None:
         weights: dict[str, torch.Tensor] = {}
@@ -299,14 +347,35 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         if kept.count == 0:
             return False
         buffers = self._scan_buffers.get(name)
-        if buffers is None or buffers.capacity <= max(kept.count, n_over):
+        if buffers is None or buffers.capacity < max(kept.count, n_over) + 8:
             buffers = self._scan_buffers[name] = _ScanBuffers(2 * max(kept.count, n_over) + 1024)
-        n_candidates = kernels.collect(flat.shadow, bound, buffers.candidates, buffers.candidate_scores, kept.index, kept.count, buffers.kept_scores)
+        target = self._target(name)
+        lanes = exact_stats_lanes() if kept.count < _TORCH_GRAIN else None
+        if (self.reestimate or name in self._recalibrate) and target is not None and target > 0 and lanes is not None and kept.count >= 16:
+            # the whole update in one compiled call (the same arithmetic as below, stats included)
+            numel = flat.shadow.shape[0]
+            kept.reserve(kept.count + n_over)
+            applied, cuts, splices, count, mean, std, c, quantile = kernels.calibrated_update(
+                flat.param, flat.shadow, flat.keep, flat.cut, flat.mask, bound, flat.flags, buffers.candidates, buffers.candidate_scores,
+                kept.index, kept.count, buffers.kept_scores, numel - calibration_rank(numel, target) + 1,
+                self._quantile.get(name, _NAN32), lanes, CUT_FACTOR, SPLICE_FACTOR, 1 - CUT_FACTOR, SPLICE_FACTOR - 1,
+                self.criterion.nonnegative,
+            )  # fmt: skip
+            if quantile == quantile:
+                self._quantile[name] = quantile
+            if not applied:
+                return False
+            self.stats[name] = {"mean": mean, "std": std, "c": c}
+            kept.count = count
+            self._kept[name] += splices - cuts
+            self.cuts += cuts
+            self.splices += splices
+            return True
+        n_candidates = kernels.collect(flat.shadow, flat.flags, buffers.candidates, buffers.candidate_scores, kept.index, kept.count, buffers.kept_scores)
         if self.reestimate or name in self._recalibrate:
             values = buffers.kept_scores_tensor[: kept.count]  # = score[mask], in the same order
             mean = float(values.mean())
             std = float(values.std()) if kept.count > 1 else 0.0
-            target = self._target(name)
             if target is None:
                 c = self._layer_c(name)
             elif target <= 0:

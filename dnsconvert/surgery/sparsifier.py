@@ -165,7 +165,11 @@ class MaskedSparsifier:
                     param.mul_(self._keep[name])
                 continue
             if flat is not None:
-                self._fold_result[name] = kernels.fold_(flat.param, flat.shadow, flat.keep, bounds.get(name, _INF32))
+                bound = bounds.get(name)
+                if bound is None:
+                    kernels.fold_(flat.param, flat.shadow, flat.keep)
+                else:
+                    self._fold_result[name] = kernels.fold_flag_(flat.param, flat.shadow, flat.keep, bound, flat.flags)
             else:
                 self._shadow[name].addcmul_(param, self._cut[name])  # where cut: W + (0 + Δ)
                 param.mul_(self._keep[name])
@@ -240,7 +244,8 @@ class FixedMaskSparsifier(MaskedSparsifier):
 
 
 class _FlatViews:
-    """Flat numpy views sharing memory with a layer's parameter, shadow, float masks and mask."""
+    """Flat numpy views sharing memory with a layer's parameter, shadow, float masks and mask,
+    and the layer's candidate flags."""
 
     def __init__(self, param: torch.Tensor, shadow: torch.Tensor, keep: torch.Tensor, cut: torch.Tensor, mask: torch.Tensor):
         self.data_ptr = param.data_ptr()
@@ -249,10 +254,11 @@ class _FlatViews:
         self.keep = keep.view(-1).numpy()
         self.cut = cut.view(-1).numpy()
         self.mask = mask.view(-1).numpy()
+        # |W| >= the update's bound, set by ``fold_flag_``; zero-padded to whole groups of 8
+        self.flags = np.zeros(-(-self.param.shape[0] // 8) * 8, dtype=np.uint8)
 
 
 _MISSING: Any = object()
-_INF32 = np.float32(np.inf)
 
 
 _KERNELS: Any = None
