@@ -429,3 +429,75 @@ def test_compiled_update_exact_whatever_the_candidate_bound(monkeypatch, margin)
         assert True in outcomes  # the compiled update ran
     if margin >= 1.0:
         assert outcomes.count(False) > len(dns.params)  # and fell back beyond the first updates
+
+
+# -- the compiled pieces that reproduce torch ----------------------------------------------------
+def test_block_draws_are_torchs_draws_and_a_mismatch_falls_back_to_torch(monkeypatch):
+    """The update draws come from blocks made by ``_kernels.mt19937_uniform``; they must be
+    exactly ``torch.rand`` after ``manual_seed(seed·1000003 + iteration)``, across blocks, after
+    the iteration jumps (a resume), and for seeds past 32 bits; a block that differs from torch
+    switches the sparsifier to torch's draws for good."""
+    import numpy as np
+
+    import dnsconvert.surgery.dns as dns_module
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])
+    for seed, iterations in ((0, range(0, 1100)), (7, range(5000, 5040)), (2**40 + 3, range(3))):
+        dns = DynamicNetworkSurgery(model, DNSConfig(target_sparsity=0.5, seed=seed))
+        for iteration in iterations:
+            dns.iteration = iteration
+            expected = torch.rand(5, generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration)).tolist()
+            assert dns._draws() == expected, (seed, iteration)
+        assert dns._block_draws
+    dns.iteration = 0  # a block drawn wrongly (simulated) is caught by its torch check
+    real = dns_module._kernels().mt19937_uniform
+
+    def wrong(seeds, out):
+        real(seeds, out)
+        out += np.float32(2**-24)
+
+    dns = DynamicNetworkSurgery(model, DNSConfig(target_sparsity=0.5, seed=3))
+    monkeypatch.setattr(dns_module._kernels(), "mt19937_uniform", wrong)
+    for iteration in (0, 1, 600):
+        dns.iteration = iteration
+        assert dns._draws() == torch.rand(5, generator=torch.Generator().manual_seed(3 * 1_000_003 + iteration)).tolist()
+    assert not dns._block_draws
+
+
+def test_compiled_mean_and_std_are_torchs_bit_for_bit():
+    """``torch_mean_f32``/``torch_std_f32`` stand in for ``values.mean()``/``values.std()`` in
+    the one-call update; the thresholds depend on their last bits."""
+    import numpy as np
+
+    from dnsconvert.surgery.dns import _TORCH_GRAIN, _kernels, exact_stats_lanes
+
+    kernels = _kernels()
+    lanes = exact_stats_lanes()
+    assert lanes is not None, "the compiled statistics do not match this torch: the update runs slower, through torch"
+    rng = np.random.default_rng(11)
+    sizes = [*range(16, 300), *rng.integers(300, _TORCH_GRAIN, 150).tolist(), _TORCH_GRAIN - 1]
+    for n in sizes:
+        x = (np.abs(rng.standard_normal(n)) * rng.uniform(1e-5, 3.0)).astype(np.float32)
+        mean = kernels.torch_mean_f32(x, n, lanes)
+        assert mean == np.float32(torch.from_numpy(x).mean().item()), n
+        assert kernels.torch_std_f32(x, n, mean) == np.float32(torch.from_numpy(x).std().item()), n
+
+
+def test_the_table_configuration_runs_the_one_call_update(monkeypatch):
+    """The MNIST table's configuration (per-layer targets, re-estimated) must take the one-call
+    compiled update, and still match the frozen reference bit for bit."""
+    import dnsconvert.surgery.dns as dns_module
+
+    real = dns_module._kernels().calibrated_update
+    results = []
+
+    def _call(*args):
+        out = real(*args)
+        results.append(bool(out[0]))
+        return out
+
+    monkeypatch.setattr(dns_module._kernels(), "calibrated_update", _call)
+    config = DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=2e-2, iter_stop=40, seed=5)
+    for step, (dns, ref, model, twin) in enumerate(_twin_runs(_lenet300100, config, 50)):
+        _assert_twins_equal(dns, ref, model, twin, step)
+    assert results.count(True) > 20

@@ -12,9 +12,10 @@ cut weight keeps moving and can be spliced back:
     p ← p⊙T
     W = p⊙T + S⊙(1−T)      (rebuilt only when masks are updated, or for a resume state)
 
-On CPU float32 layers the two lines are one compiled pass (``_kernels.fold_``) that also leaves
-S = W at the kept entries (where the formula above never reads S), so that a mask update can
-read W straight from S. Elsewhere they are two fused in-place torch passes. The masks are kept
+On CPU float32 layers the two lines are one compiled pass (``_kernels.fold_``, reading T from
+the 1-byte mask) that also leaves S = W at the kept entries (where the formula above never reads
+S), so that a mask update can read W straight from S; for a layer whose mask is updated at this
+step the same pass flags the update's candidates (``fold_flag_``). Elsewhere they are two fused in-place torch passes. The masks are kept
 as float tensors because boolean ``masked_fill_``/``where`` cost ~15x a multiply on CPU
 (measured: 0.47 ms vs 0.03 ms for LeNet-300-100's first layer). p⊙T leaves −0.0 for
 negative cut weights in the live model, which changes no result; checkpoints store +0.0.
@@ -167,9 +168,9 @@ class MaskedSparsifier:
             if flat is not None:
                 bound = bounds.get(name)
                 if bound is None:
-                    kernels.fold_(flat.param, flat.shadow, flat.keep)
+                    kernels.fold_(flat.param, flat.shadow, flat.mask)
                 else:
-                    self._fold_result[name] = kernels.fold_flag_(flat.param, flat.shadow, flat.keep, bound, flat.flags)
+                    self._fold_result[name] = kernels.fold_flag_(flat.param, flat.shadow, flat.mask, bound, flat.flags)
             else:
                 self._shadow[name].addcmul_(param, self._cut[name])  # where cut: W + (0 + Δ)
                 param.mul_(self._keep[name])
