@@ -12,7 +12,8 @@ one of torch's own reductions reproduced operation for operation (``torch_mean_f
 masks against a frozen copy of the torch version.
 
 All arrays are flat views of contiguous CPU tensors: ``p`` the parameter (W⊙T), ``shadow`` the
-dense weights W, ``keep``/``cut`` the float masks T and 1−T, ``mask`` the boolean T.
+dense weights W, ``keep``/``cut`` the float masks T and 1−T, ``mask`` the boolean T, ``flags``
+the fold's marks of weights near the threshold (one byte each, zero-padded to a multiple of 8).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def mask_(p, mask):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True)
 def collect(shadow, flags, candidates, candidate_scores, kept, n_kept, kept_scores):  # pragma: no cover - compiled
     """The entries ``fold_flag_`` flagged (candidates, in index order) and their scores |W|, and
-    the scores of the kept entries listed in ``kept``. ``candidates`` must hold 8 more entries
-    than there are candidates (``fold_flag_`` counted them); ``flags`` is zero past the layer's
+    the scores of the kept entries listed in ``kept``. ``candidates`` must hold one more entry
+    than there are candidates (``fold_flag_`` counted them; the last group stores one past them); ``flags`` is zero past the layer's
     end up to a multiple of 8. Returns the number of candidates.
 
     The flags are read 8 at a time, and a group with any flag is compacted without branches
@@ -321,7 +322,8 @@ _MT_M = 397
 @njit(cache=True, nogil=True)
 def mt19937_uniform(seeds, out):  # pragma: no cover - compiled
     """out[r, k] = the k-th value of torch.rand(out.shape[1]) after manual_seed(seeds[r]);
-    out.shape[1] <= 227 (the first 227 outputs need no second twist of the state)."""
+    out.shape[1] <= 624 - 397 = 227: output k reads state[k + 397], so no second twist of the
+    state is needed (dns._MT_MAX_DRAWS)."""
     state = np.empty(_MT_N, dtype=np.uint64)
     mask32 = np.uint64(0xFFFFFFFF)
     for r in range(seeds.shape[0]):

@@ -127,6 +127,9 @@ def calibrate_c(score: torch.Tensor, target: float, mean: float, std: float) -> 
 
 
 _DRAW_BLOCK = 512  # iterations whose update draws are made at once
+# _kernels.mt19937_uniform draws at most this many values per seed: output k reads state[k + 397]
+# of the 624-word state, so k + 397 < 624 needs no second twist. More layers draw through torch.
+_MT_MAX_DRAWS = 624 - 397
 _TORCH_GRAIN = 32768  # ATen reduces fewer elements than this on one thread (at::internal::GRAIN_SIZE)
 _LANES: list[int | None] = []
 
@@ -225,7 +228,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         self._generator = torch.Generator()
         self._block_draws = True  # False once a block differed from torch's draws
         self._draw_block: list[list[float]] = []
-        self._draw_block_start = 0
+        self._draw_block_start = 0  # the seed of its first row, so that a change of seed draws afresh
         self._drawn: list[str] = []
         self.cuts = 0
         self.splices = 0
@@ -281,16 +284,16 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         ``_kernels.mt19937_uniform`` (one row of each block checked against torch; torch alone
         from then on if it ever differs)."""
         seed = self.config.seed * 1_000_003 + self.iteration
-        row = self.iteration - self._draw_block_start
+        row = seed - self._draw_block_start
         if 0 <= row < len(self._draw_block):
             return self._draw_block[row]
         layers = len(self.params)
-        if self._block_draws and layers <= 227 and 0 <= seed and seed + _DRAW_BLOCK < 2**63:
+        if self._block_draws and layers <= _MT_MAX_DRAWS and 0 <= seed and seed + _DRAW_BLOCK < 2**63:
             block = np.empty((_DRAW_BLOCK, layers), dtype=np.float32)
             _kernels().mt19937_uniform(np.arange(seed, seed + _DRAW_BLOCK, dtype=np.int64), block)
             first = torch.rand(layers, generator=self._generator.manual_seed(seed)).numpy()
             if np.array_equal(block[0], first):
-                self._draw_block, self._draw_block_start = block.tolist(), self.iteration
+                self._draw_block, self._draw_block_start = block.tolist(), seed
                 return self._draw_block[0]
             self._block_draws = False
         return torch.rand(layers, generator=self._generator.manual_seed(seed)).tolist()
@@ -367,7 +370,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
                 self.criterion.nonnegative,
             )  # fmt: skip
             if quantile == quantile:
-                self._quantile[name] = quantile
+                self._quantile[name] = np.float32(quantile)  # one compiled signature for both paths
             if not applied:
                 return False
             self.stats[name] = {"mean": mean, "std": std, "c": c}
