@@ -411,26 +411,36 @@ def test_dns_from_an_imported_sparse_start_reaches_the_target(start):
         assert 0.84 <= sparsity <= 0.93, (name, sparsity)
 
 
-@pytest.mark.parametrize("margin", [0.0, 1.0, 1.3])
-def test_compiled_update_exact_whatever_the_candidate_bound(monkeypatch, margin):
+@pytest.mark.parametrize("bound", ["zero", "quantile", "above"])
+def test_compiled_update_exact_whatever_the_candidate_bound(monkeypatch, bound):
     """The bound only decides how many weights the compiled update looks at, and when it must
-    fall back to the torch update: 0 (every weight a candidate), 1 (the quantile often below
-    it: frequent fallbacks), 1.3 (above b: always the torch update). The mlp's second layer
-    keeps fewer than 64 weights, which takes kth_largest's short path. Masks stay bitwise those
-    of the reference."""
+    flag again or fall back to the torch update. Bounds of a calibrated layer: 0 (every weight
+    a candidate), the last quantile itself (often too few candidates: flagged again, lower),
+    1.3× it with no second flagging (above the quantile and above b: the torch update), and,
+    for the layers' first bound, 0.9·a. The mlp's second layer keeps fewer than 64 weights,
+    which takes kth_largest's short path. Masks stay bitwise those of the reference."""
+    import numpy as np
+
     import dnsconvert.surgery.dns as dns_module
 
-    monkeypatch.setattr(dns_module, "BOUND_MARGIN", margin)
-    outcomes = []
+    factor = {"zero": 0.0, "quantile": 1.0, "above": 1.3}[bound]
+    monkeypatch.setattr(DynamicNetworkSurgery, "_next_bound", lambda self, name, quantile, n, to_keep: np.float32(factor * quantile))
+    if bound == "above":
+        monkeypatch.setattr(dns_module, "_LOWERINGS", 0)
+    outcomes, flagged_again = [], []
     original = DynamicNetworkSurgery._update_compiled
     monkeypatch.setattr(DynamicNetworkSurgery, "_update_compiled", lambda self, name: outcomes.append(original(self, name)) or outcomes[-1])
+    real_flag = dns_module._kernels().flag_
+    monkeypatch.setattr(dns_module._kernels(), "flag_", lambda *args: flagged_again.append(1) or real_flag(*args))
     config = DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=1e-2, iter_stop=50, seed=2)
     for step, (dns, ref, model, twin) in enumerate(_twin_runs(_mlp, config, 60)):
         _assert_twins_equal(dns, ref, model, twin, step)
-    if margin <= 1.0:
-        assert True in outcomes  # the compiled update ran
-    if margin >= 1.0:
-        assert outcomes.count(False) > len(dns.params)  # and fell back beyond the first updates
+    if bound != "above":
+        assert outcomes.count(True) > len(dns.params)  # the compiled update ran
+    if bound == "quantile":
+        assert flagged_again  # and flagged again where the quantile had fallen
+    if bound == "above":
+        assert outcomes.count(False) > len(dns.params)  # fell back beyond the first updates
 
 
 # -- the compiled pieces that reproduce torch ----------------------------------------------------
@@ -498,7 +508,7 @@ def test_the_table_configuration_runs_the_one_call_update(monkeypatch):
 
     def _call(*args):
         out = real(*args)
-        results.append(bool(out[0]))
+        results.append(out[0] == dns_module._kernels().APPLIED)
         return out
 
     monkeypatch.setattr(dns_module._kernels(), "calibrated_update", _call)
@@ -506,3 +516,28 @@ def test_the_table_configuration_runs_the_one_call_update(monkeypatch):
     for step, (dns, ref, model, twin) in enumerate(_twin_runs(_lenet300100, config, 50)):
         _assert_twins_equal(dns, ref, model, twin, step)
     assert results.count(True) > 20
+
+
+def test_fold_flag_reports_a_nan_anywhere_and_flags_what_reaches_the_bound():
+    """``fold_flag_`` finds NaNs with a vectorised running max (the update then runs in torch,
+    whose comparisons treat NaN its own way): a NaN at the start, middle or tail of any length
+    is reported, an infinity is not, and the flags are exactly |W| >= bound."""
+    import numpy as np
+
+    from dnsconvert.surgery.dns import _kernels
+
+    kernels = _kernels()
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 8, 9, 31, 64, 1000, 1003):
+        for position in sorted({0, n // 2, n - 1}):
+            for planted, expected in ((None, False), (np.nan, True), (np.inf, False), (-np.inf, False)):
+                mask = rng.random(n) < 0.3
+                shadow = rng.standard_normal(n).astype(np.float32)
+                p = np.where(mask, rng.standard_normal(n), 0).astype(np.float32)
+                if planted is not None:
+                    p[position] = planted
+                folded = np.where(mask, p, p + shadow)  # W = p + S·(1−T)
+                flags = np.zeros(-(-n // 8) * 8, dtype=np.uint8)
+                assert kernels.fold_flag_(p, shadow, mask, np.float32(0.8), flags) == expected, (n, position, planted)
+                np.testing.assert_array_equal(shadow, folded)
+                np.testing.assert_array_equal(flags[:n], np.abs(folded) >= np.float32(0.8))

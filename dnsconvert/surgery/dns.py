@@ -35,9 +35,14 @@ from .sparsifier import MaskedSparsifier, _kernels, prunable_parameters
 
 CUT_FACTOR = 0.9
 SPLICE_FACTOR = 1.1
-# The compiled update looks closely only at weights with |W| >= BOUND_MARGIN·a (of the previous
-# update); a wider margin costs more candidates, a narrower one more fallbacks to the torch update.
+# The compiled update looks closely only at weights with |W| >= a bound: BOUND_MARGIN·a of the
+# previous update (after a torch update, and for layers with a fixed c), a wider margin costs
+# more candidates, a narrower one more fallbacks to the torch update; for a calibrated layer,
+# a margin below its last quantile that adapts to how many candidates it finds (_next_bound).
 BOUND_MARGIN = 0.9
+_START_MARGIN = 0.02
+_MIN_MARGIN = 1e-3
+_LOWERINGS = 4  # times an update flags again, lower, before it runs the torch update
 _NAN32 = np.float32(np.nan)
 
 
@@ -225,6 +230,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         self._bound: dict[str, np.float32] = {}  # compiled update: candidates are |W| >= this
         self._scan_buffers: dict[str, _ScanBuffers] = {}
         self._quantile: dict[str, np.float32] = {}  # compiled update: the last calibration quantile
+        self._bound_margin: dict[str, float] = {}  # calibrated compiled update: bound = quantile · (1 − margin)
         self._generator = torch.Generator()
         self._block_draws = True  # False once a block differed from torch's draws
         self._draw_block: list[list[float]] = []
@@ -307,7 +313,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         for name in self._drawn:
             if not self._update_compiled(name):
                 self._update_torch(name, weights[name] if name in weights else self.dense_weight(name))
-            self._bound[name] = np.float32(BOUND_MARGIN * self.thresholds(name)[0])
+                self._bound[name] = np.float32(BOUND_MARGIN * self.thresholds(name)[0])
 
     def _update_torch(self, name: str, weight: torch.Tensor) -> None:
         """The update in torch ops: any criterion, N:M, any device."""
@@ -332,19 +338,18 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         """The magnitude update on a CPU float32 layer, in place; False where it does not apply.
 
         After the compiled fold the shadow holds W, so |W| is read straight from it. The fold
-        counted the candidates, the entries with |W| at or above a bound (0.9·a of the previous
-        update); one more pass lists them, and the kept entries come from a list kept in index
-        order between updates. Exact when the bound is at most the new b (every cut weight
-        below it stays cut) and, for a calibrated layer, when at least as many candidates as
-        weights to keep were found (the calibration quantile is then among them); otherwise
-        the torch update runs.
+        flagged the candidates, the entries with |W| at or above a bound; one more pass lists
+        them, and the kept entries come from a list kept in index order between updates. Exact
+        when the bound is at most the new b (every cut weight below it stays cut) and, for a
+        calibrated layer, when at least as many candidates as weights to keep were found (the
+        calibration quantile is then among them); otherwise the torch update runs. The bound
+        only decides how much is looked at, never the result.
         """
         bound = self._bound.get(name)
         flat = self.flat_views(name)
         if bound is None or flat is None or self.pattern is not None or self.criterion.name != "magnitude":
             return False
-        n_nan, n_over = self._fold_result[name]
-        if n_nan:
+        if self._fold_nan[name]:
             return False
         kernels = _kernels()
         kept = self._kept_index.get(name)
@@ -353,31 +358,14 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         if kept.count == 0:
             return False
         buffers = self._scan_buffers.get(name)
-        if buffers is None or buffers.capacity < max(kept.count, n_over) + 8:
-            buffers = self._scan_buffers[name] = _ScanBuffers(2 * max(kept.count, n_over) + 1024)
+        if buffers is None or buffers.capacity < kept.count + 8:
+            buffers = self._scan_buffers[name] = _ScanBuffers(2 * kept.count + 1024)
         target = self._target(name)
         lanes = exact_stats_lanes() if kept.count < _TORCH_GRAIN else None
         if (self.reestimate or name in self._recalibrate) and target is not None and target > 0 and lanes is not None and kept.count >= 16:
-            # The whole update in one compiled call: the same arithmetic as below, torch's mean
-            # and std included (a layer of LeNet-300-100 spent more time between the compiled
-            # passes, in ~10 torch and numpy calls, than in them).
-            numel = flat.shadow.shape[0]
-            kept.reserve(kept.count + n_over)
-            applied, cuts, splices, count, mean, std, c, quantile = kernels.calibrated_update(
-                flat.param, flat.shadow, flat.keep, flat.cut, flat.mask, bound, flat.flags, buffers.candidates, buffers.candidate_scores,
-                kept.index, kept.count, buffers.kept_scores, numel - calibration_rank(numel, target) + 1,
-                self._quantile.get(name, _NAN32), lanes, CUT_FACTOR, SPLICE_FACTOR, 1 - CUT_FACTOR, SPLICE_FACTOR - 1,
-                self.criterion.nonnegative,
-            )  # fmt: skip
-            if quantile == quantile:
-                self._quantile[name] = np.float32(quantile)  # one compiled signature for both paths
-            if not applied:
-                return False
-            self.stats[name] = {"mean": mean, "std": std, "c": c}
-            kept.count = count
-            self._count_changes(name, cuts, splices)
-            return True
-        n_candidates = kernels.collect(flat.shadow, flat.flags, buffers.candidates, buffers.candidate_scores, kept.index, kept.count, buffers.kept_scores)
+            return self._update_calibrated(name, flat, kept, bound, target, lanes)
+        while (n_candidates := kernels.collect(flat.shadow, flat.flags, buffers.candidates, buffers.candidate_scores, kept.index, kept.count, buffers.kept_scores)) < 0:
+            buffers = self._scan_buffers[name] = _ScanBuffers(2 * buffers.capacity)
         if self.reestimate or name in self._recalibrate:
             values = buffers.kept_scores_tensor[: kept.count]  # = score[mask], in the same order
             mean = float(values.mean())
@@ -407,7 +395,64 @@ class DynamicNetworkSurgery(MaskedSparsifier):
             kept.index, buffers.kept_scores, kept.count, cut_at, splice_at,
         )  # fmt: skip
         self._count_changes(name, cuts, splices)
+        self._bound[name] = np.float32(BOUND_MARGIN * self.thresholds(name)[0])
         return True
+
+    def _update_calibrated(self, name: str, flat: Any, kept: _KeptIndex, bound: np.float32, target: float, lanes: int) -> bool:
+        """The whole calibrated update in one compiled call: the same arithmetic as the path
+        above, torch's mean and std included (a layer of LeNet-300-100 spent more time between
+        the compiled passes, in ~10 torch and numpy calls, than in them).
+
+        The candidates it needs are the weights at or above the new quantile, so the next bound
+        sits a margin below this quantile, a margin that follows how many candidates the last
+        update found (aiming at 5–25% more than the weights to keep): a margin fixed at 10%
+        listed ~5× too many in LeNet-300-100's first layer, and listing them was most of the
+        update. Too few found (the quantile fell past the margin): flag again lower and retry.
+        """
+        kernels = _kernels()
+        numel = flat.shadow.shape[0]
+        to_keep = numel - calibration_rank(numel, target) + 1
+        lowered = 0
+        while True:
+            buffers = self._scan_buffers[name]
+            outcome, cuts, splices, count, mean, std, c, quantile, n_candidates = kernels.calibrated_update(
+                flat.param, flat.shadow, flat.keep, flat.cut, flat.mask, bound, flat.flags, buffers.candidates, buffers.candidate_scores,
+                kept.index, kept.count, buffers.kept_scores, to_keep, self._quantile.get(name, _NAN32), lanes,
+                CUT_FACTOR, SPLICE_FACTOR, 1 - CUT_FACTOR, SPLICE_FACTOR - 1, self.criterion.nonnegative,
+            )  # fmt: skip
+            if outcome == kernels.NEED_ROOM:
+                if n_candidates < 0:
+                    self._scan_buffers[name] = _ScanBuffers(2 * buffers.capacity)
+                else:
+                    kept.reserve(kept.count + n_candidates)
+            elif outcome == kernels.TOO_FEW and lowered < _LOWERINGS and bound > 0:
+                lowered += 1
+                margin = min(_START_MARGIN * 4**lowered, 0.5)
+                self._bound_margin[name] = max(self._bound_margin.get(name, _START_MARGIN), margin)
+                bound = np.float32(bound * (1 - margin))
+                kernels.flag_(flat.shadow, bound, flat.flags)
+            else:
+                break
+        if quantile == quantile:
+            self._quantile[name] = np.float32(quantile)  # one compiled signature for both paths
+        if outcome != kernels.APPLIED:
+            return False
+        self.stats[name] = {"mean": mean, "std": std, "c": c}
+        kept.count = count
+        self._count_changes(name, cuts, splices)
+        self._bound[name] = self._next_bound(name, quantile, n_candidates, to_keep)
+        return True
+
+    def _next_bound(self, name: str, quantile: float, n_candidates: int, to_keep: int) -> np.float32:
+        """The next update's bound: a margin below this quantile, narrowed while the update
+        finds over 25% more candidates than weights to keep, widened under 5%."""
+        margin = self._bound_margin.get(name, _START_MARGIN)
+        if n_candidates > 1.25 * to_keep:
+            margin = max(0.7 * margin, _MIN_MARGIN)
+        elif n_candidates < 1.05 * to_keep:
+            margin = min(1.5 * margin, 0.5)
+        self._bound_margin[name] = margin
+        return np.float32(quantile * (1 - margin))
 
     def _count_changes(self, name: str, cuts: int, splices: int) -> None:
         self._kept[name] += splices - cuts

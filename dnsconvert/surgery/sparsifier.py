@@ -126,7 +126,7 @@ class MaskedSparsifier:
         self._kept: dict[str, int] = {}  # number of kept weights per layer
         self._shadow: dict[str, torch.Tensor] = {}
         self._flat: dict[str, _FlatViews | None] = {}  # numpy views for the compiled passes (None: torch)
-        self._fold_result: dict[str, tuple[int, int]] = {}  # compiled fold: (NaNs in W, |W| >= bound)
+        self._fold_nan: dict[str, bool] = {}  # compiled fold with flags: whether W holds a NaN
         with torch.no_grad():
             for name, param in self.params.items():
                 given = _initial_mask(initial_masks, name, self.layer_info[name])
@@ -171,7 +171,7 @@ class MaskedSparsifier:
                 if bound is None:
                     kernels.fold_(flat.param, flat.shadow, flat.mask)
                 else:
-                    self._fold_result[name] = kernels.fold_flag_(flat.param, flat.shadow, flat.mask, bound, flat.flags)
+                    self._fold_nan[name] = kernels.fold_flag_(flat.param, flat.shadow, flat.mask, bound, flat.flags)
             else:
                 self._shadow[name].addcmul_(param, self._cut[name])  # where cut: W + (0 + Δ)
                 param.mul_(self._keep[name])
