@@ -42,8 +42,9 @@ def fold_(p, shadow, mask):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def fold_flag_(p, shadow, mask, bound, flags):  # pragma: no cover - compiled
-    """``fold_`` for a layer whose mask is updated at this step: also flags the entries with
-    |W| >= bound (``flags[i]`` = 1, the candidates of the update). Returns whether W holds a
+    """``fold_`` for a layer whose mask is updated at this step: also flags the cut entries with
+    |W| >= bound (``flags[i]`` = 1, the cut candidates of the update; the kept ones are visited
+    from their own list, so flagging them too only lengthens the compaction). Returns whether W holds a
     NaN (the caller then runs the torch update). Nothing is counted: a count kept in the loop
     stops it vectorising and doubled its cost (43 µs vs 23 µs for 235k weights); the NaN test
     is a running max of bytes, which does vectorise."""
@@ -55,17 +56,17 @@ def fold_flag_(p, shadow, mask, bound, flags):  # pragma: no cover - compiled
         shadow[i] = folded
         p[i] = w * k
         a = abs(folded)
-        flags[i] = a >= bound
+        flags[i] = (a >= bound) & (mask[i] == 0)
         nan_seen = max(nan_seen, np.uint8(not a <= np.float32(np.inf)))
     return nan_seen != 0
 
 
 @njit(cache=True, nogil=True)
-def flag_(shadow, bound, flags):  # pragma: no cover - compiled
-    """Flags the entries with |W| >= bound again (after the fold, the shadow holds W
+def flag_(shadow, mask, bound, flags):  # pragma: no cover - compiled
+    """Flags the cut entries with |W| >= bound again (after the fold, the shadow holds W
     everywhere): for an update whose bound proved too high."""
     for i in range(shadow.shape[0]):
-        flags[i] = abs(shadow[i]) >= bound
+        flags[i] = (abs(shadow[i]) >= bound) & (mask[i] == 0)
 
 
 @njit(cache=True, nogil=True)
@@ -76,33 +77,37 @@ def mask_(p, mask):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def collect(shadow, flags, candidates, candidate_scores, kept, n_kept, kept_scores):  # pragma: no cover - compiled
-    """The entries ``fold_flag_`` flagged (candidates, in index order) and their scores |W|, and
-    the scores of the kept entries listed in ``kept``. ``flags`` is zero past the layer's end up
-    to a multiple of 8. Returns the number of candidates, or −1 when ``candidates`` (and
-    ``candidate_scores``, of the same length) cannot hold them: a group stores 8 entries before
-    it advances, so up to 7 past the last candidate are written.
+def collect(shadow, flags, candidates, kept, n_kept, scores, bound):  # pragma: no cover - compiled
+    """The scores |W| of the kept entries listed in ``kept`` (``scores[:n_kept]``, in that
+    order), then the cut entries ``fold_flag_`` flagged (``candidates[:n]``, in index order, their
+    scores at ``scores[n_kept:n_kept + n]``). ``flags`` is zero past the layer's end up to a
+    multiple of 8. Returns (n, how many kept scores are >= ``bound``); n is −1 when
+    ``candidates`` or ``scores`` (of the same length) cannot hold them: a group stores 8 entries
+    before it advances, so up to 7 past the last candidate are written.
 
     The flags are read 8 at a time, and a group with any flag is compacted without branches
-    (store, advance by the flag): ~6% of a trained layer's weights are candidates, so most
+    (store, advance by the flag): ~1% of a trained layer's cut weights are candidates, so most
     groups are skipped with one test. About half the time of one branch-free pass.
     """
+    kept_above = 0
+    for j in range(n_kept):
+        s = abs(shadow[kept[j]])
+        scores[j] = s
+        kept_above += s >= bound
     groups = flags.view(np.uint64)
-    last_start = candidates.shape[0] - 8  # a group may start storing at or before this
+    last_start = candidates.shape[0] - 8 - n_kept  # a group may start storing at or before this
     n = 0
     for g in range((shadow.shape[0] + 7) // 8):
         if groups[g] != 0:
             if n > last_start:
-                return -1
+                return -1, kept_above
             base = g * 8
             for j in range(8):
                 candidates[n] = base + j
                 n += flags[base + j]
     for j in range(n):
-        candidate_scores[j] = abs(shadow[candidates[j]])
-    for j in range(n_kept):
-        kept_scores[j] = abs(shadow[kept[j]])
-    return n
+        scores[n_kept + j] = abs(shadow[candidates[j]])
+    return n, kept_above
 
 
 @njit(cache=True, nogil=True)
@@ -154,9 +159,10 @@ def kth_largest_select(values, n, m):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def apply_thresholds(p, shadow, keep, cut, mask, candidates, candidate_scores, n_candidates, kept, kept_scores, n_kept, cut_at, splice_at):  # pragma: no cover - compiled
+def apply_thresholds(p, shadow, keep, cut, mask, candidates, n_candidates, kept, scores, n_kept, cut_at, splice_at):  # pragma: no cover - compiled
     """DNS's rule where it can change anything: a kept weight stays if |W| > a, a cut one comes
     back if |W| > b; cut weights that are not candidates are below the bound ≤ b and stay cut.
+    ``scores`` is laid out as ``collect`` leaves it (kept, then candidates).
 
     Cut candidates are decided first, on the masks as they were (the spliced ones are listed,
     in index order, at the front of ``candidates``), kept ones then from their own list, so no
@@ -166,9 +172,8 @@ def apply_thresholds(p, shadow, keep, cut, mask, candidates, candidate_scores, n
     splices = 0
     for j in range(n_candidates):
         r = candidates[j]
-        if (candidate_scores[j] > splice_at) & (not mask[r]):  # rarely true: no short-circuit branch
-            candidates[splices] = r
-            splices += 1
+        candidates[splices] = r
+        splices += scores[n_kept + j] > splice_at
     for j in range(splices):
         r = candidates[j]
         mask[r] = True
@@ -179,7 +184,7 @@ def apply_thresholds(p, shadow, keep, cut, mask, candidates, candidate_scores, n
     for j in range(n_kept):
         i = kept[j]
         kept[survivors] = i
-        stays = kept_scores[j] > cut_at
+        stays = scores[j] > cut_at
         survivors += stays
         if not stays:
             mask[i] = False
@@ -294,25 +299,33 @@ NEED_ROOM = 3  # ``candidates`` (n_candidates < 0) or ``kept`` (room for n_kept 
 
 
 @njit(cache=True, nogil=True)
-def calibrated_update(p, shadow, keep, cut, mask, bound, flags, candidates, candidate_scores, kept, n_kept, kept_scores, to_keep, guess, lanes, cut_factor, splice_factor, band_below, band_above, nonnegative):  # pragma: no cover - compiled
+def calibrated_update(p, shadow, keep, cut, mask, bound, flags, candidates, kept, n_kept, scores, to_keep, guess, lanes, cut_factor, splice_factor, band_below, band_above, nonnegative):  # pragma: no cover - compiled
     """DNS's calibrated magnitude update of one layer in one call: ``collect``, the kept scores'
     mean and std (as torch computes them), c from the ``to_keep``-th largest score, the
     thresholds (the same float64 operations as ``DynamicNetworkSurgery.thresholds``), then
     ``apply_thresholds``. Returns (outcome, cuts, splices, new n_kept, mean, std, c, quantile,
-    n_candidates); nothing has changed unless the outcome is APPLIED.
+    n_reaching): n_reaching counts the scores >= ``bound`` (−1 when ``candidates`` is too small);
+    nothing has changed unless the outcome is APPLIED.
+
+    The quantile is taken over every kept score and the cut candidates: when at least
+    ``to_keep`` scores reach the bound, the ``to_keep``-th largest of the layer reaches it too,
+    and the cut weights left out all lie below it, so it is the layer's own.
     """
     nan = np.float32(np.nan)
-    n_candidates = collect(shadow, flags, candidates, candidate_scores, kept, n_kept, kept_scores)
-    if n_candidates < 0 or kept.shape[0] < n_kept + n_candidates:
-        return NEED_ROOM, 0, 0, n_kept, 0.0, 0.0, 0.0, nan, n_candidates
-    if n_candidates < to_keep:
-        return TOO_FEW, 0, 0, n_kept, 0.0, 0.0, 0.0, nan, n_candidates
-    mean32 = torch_mean_f32(kept_scores, n_kept, lanes)
+    n_candidates, kept_above = collect(shadow, flags, candidates, kept, n_kept, scores, bound)
+    if n_candidates < 0:
+        return NEED_ROOM, 0, 0, n_kept, 0.0, 0.0, 0.0, nan, -1
+    n_reaching = kept_above + n_candidates
+    if kept.shape[0] < n_kept + n_candidates:
+        return NEED_ROOM, 0, 0, n_kept, 0.0, 0.0, 0.0, nan, n_reaching
+    if n_reaching < to_keep:
+        return TOO_FEW, 0, 0, n_kept, 0.0, 0.0, 0.0, nan, n_reaching
+    mean32 = torch_mean_f32(scores, n_kept, lanes)
     mean = np.float64(mean32)
-    std = np.float64(torch_std_f32(kept_scores, n_kept, mean32)) if n_kept > 1 else 0.0
-    quantile = kth_largest(candidate_scores, n_candidates, to_keep, guess)
+    std = np.float64(torch_std_f32(scores, n_kept, mean32)) if n_kept > 1 else 0.0
+    quantile = kth_largest(scores, n_kept + n_candidates, to_keep, guess)
     if quantile != quantile:
-        quantile = kth_largest_select(candidate_scores, n_candidates, to_keep)
+        quantile = kth_largest_select(scores, n_kept + n_candidates, to_keep)
     cut_value = np.float64(quantile)  # c_for_cut
     t = cut_value / cut_factor if cut_value >= 0 else cut_value / splice_factor
     c = (t - mean) / std if std > 0 else 0.0
@@ -322,9 +335,9 @@ def calibrated_update(p, shadow, keep, cut, mask, bound, flags, candidates, cand
     cut_at = np.float32(t - band_below * abs(t))
     splice_at = np.float32(t + band_above * abs(t))
     if not bound <= splice_at:
-        return RUN_TORCH, 0, 0, n_kept, mean, std, c, quantile, n_candidates
-    cuts, splices, count = apply_thresholds(p, shadow, keep, cut, mask, candidates, candidate_scores, n_candidates, kept, kept_scores, n_kept, cut_at, splice_at)
-    return APPLIED, cuts, splices, count, mean, std, c, quantile, n_candidates
+        return RUN_TORCH, 0, 0, n_kept, mean, std, c, quantile, n_reaching
+    cuts, splices, count = apply_thresholds(p, shadow, keep, cut, mask, candidates, n_candidates, kept, scores, n_kept, cut_at, splice_at)
+    return APPLIED, cuts, splices, count, mean, std, c, quantile, n_reaching
 
 
 # -- the update draws, many iterations at a time ---------------------------------------------

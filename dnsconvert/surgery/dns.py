@@ -177,15 +177,15 @@ class _KeptIndex:
 
 
 class _ScanBuffers:
-    """Per-layer outputs of ``_kernels.collect``: candidates, their scores, the kept scores."""
+    """Per-layer outputs of ``_kernels.collect``: the cut candidates, and the scores (the kept
+    ones, then the candidates')."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.candidates = np.empty(capacity, dtype=np.int64)
-        self.candidate_scores = np.empty(capacity, dtype=np.float32)
         # a torch tensor, so that mean/std run through the same torch kernels as score[mask]
-        self.kept_scores_tensor = torch.empty(capacity, dtype=torch.float32)
-        self.kept_scores = self.kept_scores_tensor.numpy()
+        self.scores_tensor = torch.empty(capacity, dtype=torch.float32)
+        self.scores = self.scores_tensor.numpy()
 
 
 class DynamicNetworkSurgery(MaskedSparsifier):
@@ -338,12 +338,12 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         """The magnitude update on a CPU float32 layer, in place; False where it does not apply.
 
         After the compiled fold the shadow holds W, so |W| is read straight from it. The fold
-        flagged the candidates, the entries with |W| at or above a bound; one more pass lists
+        flagged the candidates, the cut entries with |W| at or above a bound; one more pass lists
         them, and the kept entries come from a list kept in index order between updates. Exact
         when the bound is at most the new b (every cut weight below it stays cut) and, for a
-        calibrated layer, when at least as many candidates as weights to keep were found (the
-        calibration quantile is then among them); otherwise the torch update runs. The bound
-        only decides how much is looked at, never the result.
+        calibrated layer, when at least as many weights as those to keep reach the bound (the
+        calibration quantile is then among the kept and the candidates); otherwise the torch
+        update runs. The bound only decides how much is looked at, never the result.
         """
         bound = self._bound.get(name)
         flat = self.flat_views(name)
@@ -364,10 +364,11 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         lanes = exact_stats_lanes() if kept.count < _TORCH_GRAIN else None
         if (self.reestimate or name in self._recalibrate) and target is not None and target > 0 and lanes is not None and kept.count >= 16:
             return self._update_calibrated(name, flat, kept, bound, target, lanes)
-        while (n_candidates := kernels.collect(flat.shadow, flat.flags, buffers.candidates, buffers.candidate_scores, kept.index, kept.count, buffers.kept_scores)) < 0:
+        while (found := kernels.collect(flat.shadow, flat.flags, buffers.candidates, kept.index, kept.count, buffers.scores, bound))[0] < 0:
             buffers = self._scan_buffers[name] = _ScanBuffers(2 * buffers.capacity)
+        n_candidates, kept_above = found
         if self.reestimate or name in self._recalibrate:
-            values = buffers.kept_scores_tensor[: kept.count]  # = score[mask], in the same order
+            values = buffers.scores_tensor[: kept.count]  # = score[mask], in the same order
             mean = float(values.mean())
             std = float(values.std()) if kept.count > 1 else 0.0
             if target is None:
@@ -377,11 +378,12 @@ class DynamicNetworkSurgery(MaskedSparsifier):
             else:
                 numel = flat.shadow.shape[0]
                 to_keep = numel - calibration_rank(numel, target) + 1
-                if n_candidates < to_keep:
+                if kept_above + n_candidates < to_keep:
                     return False
-                cut_value = kernels.kth_largest(buffers.candidate_scores, n_candidates, to_keep, self._quantile.get(name, _NAN32))
+                # over the kept scores and the cut candidates: see _kernels.calibrated_update
+                cut_value = kernels.kth_largest(buffers.scores, kept.count + n_candidates, to_keep, self._quantile.get(name, _NAN32))
                 if cut_value != cut_value:  # not near the previous quantile
-                    cut_value = kernels.kth_largest_select(buffers.candidate_scores, n_candidates, to_keep)
+                    cut_value = kernels.kth_largest_select(buffers.scores, kept.count + n_candidates, to_keep)
                 self._quantile[name] = cut_value
                 c = c_for_cut(float(cut_value), mean, std)
             self.stats[name] = {"mean": mean, "std": std, "c": c}
@@ -391,8 +393,8 @@ class DynamicNetworkSurgery(MaskedSparsifier):
             return False
         kept.reserve(kept.count + n_candidates)
         cuts, splices, kept.count = kernels.apply_thresholds(
-            flat.param, flat.shadow, flat.keep, flat.cut, flat.mask, buffers.candidates, buffers.candidate_scores, n_candidates,
-            kept.index, buffers.kept_scores, kept.count, cut_at, splice_at,
+            flat.param, flat.shadow, flat.keep, flat.cut, flat.mask, buffers.candidates, n_candidates,
+            kept.index, buffers.scores, kept.count, cut_at, splice_at,
         )  # fmt: skip
         self._count_changes(name, cuts, splices)
         self._bound[name] = np.float32(BOUND_MARGIN * self.thresholds(name)[0])
@@ -415,22 +417,22 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         lowered = 0
         while True:
             buffers = self._scan_buffers[name]
-            outcome, cuts, splices, count, mean, std, c, quantile, n_candidates = kernels.calibrated_update(
-                flat.param, flat.shadow, flat.keep, flat.cut, flat.mask, bound, flat.flags, buffers.candidates, buffers.candidate_scores,
-                kept.index, kept.count, buffers.kept_scores, to_keep, self._quantile.get(name, _NAN32), lanes,
+            outcome, cuts, splices, count, mean, std, c, quantile, n_reaching = kernels.calibrated_update(
+                flat.param, flat.shadow, flat.keep, flat.cut, flat.mask, bound, flat.flags, buffers.candidates,
+                kept.index, kept.count, buffers.scores, to_keep, self._quantile.get(name, _NAN32), lanes,
                 CUT_FACTOR, SPLICE_FACTOR, 1 - CUT_FACTOR, SPLICE_FACTOR - 1, self.criterion.nonnegative,
             )  # fmt: skip
             if outcome == kernels.NEED_ROOM:
-                if n_candidates < 0:
+                if n_reaching < 0:
                     self._scan_buffers[name] = _ScanBuffers(2 * buffers.capacity)
                 else:
-                    kept.reserve(kept.count + n_candidates)
+                    kept.reserve(kept.count + n_reaching)
             elif outcome == kernels.TOO_FEW and lowered < _LOWERINGS and bound > 0:
                 lowered += 1
                 margin = min(_START_MARGIN * 4**lowered, 0.5)
                 self._bound_margin[name] = max(self._bound_margin.get(name, _START_MARGIN), margin)
                 bound = np.float32(bound * (1 - margin))
-                kernels.flag_(flat.shadow, bound, flat.flags)
+                kernels.flag_(flat.shadow, flat.mask, bound, flat.flags)
             else:
                 break
         if quantile == quantile:
@@ -440,16 +442,16 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         self.stats[name] = {"mean": mean, "std": std, "c": c}
         kept.count = count
         self._count_changes(name, cuts, splices)
-        self._bound[name] = self._next_bound(name, quantile, n_candidates, to_keep)
+        self._bound[name] = self._next_bound(name, quantile, n_reaching, to_keep)
         return True
 
-    def _next_bound(self, name: str, quantile: float, n_candidates: int, to_keep: int) -> np.float32:
-        """The next update's bound: a margin below this quantile, narrowed while the update
-        finds over 25% more candidates than weights to keep, widened under 5%."""
+    def _next_bound(self, name: str, quantile: float, n_reaching: int, to_keep: int) -> np.float32:
+        """The next update's bound: a margin below this quantile, narrowed while over 25% more
+        weights than those to keep reached the bound, widened under 5%."""
         margin = self._bound_margin.get(name, _START_MARGIN)
-        if n_candidates > 1.25 * to_keep:
+        if n_reaching > 1.25 * to_keep:
             margin = max(0.7 * margin, _MIN_MARGIN)
-        elif n_candidates < 1.05 * to_keep:
+        elif n_reaching < 1.05 * to_keep:
             margin = min(1.5 * margin, 0.5)
         self._bound_margin[name] = margin
         return np.float32(quantile * (1 - margin))
