@@ -381,9 +381,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
                 if kept_above + n_candidates < to_keep:
                     return False
                 # over the kept scores and the cut candidates: see _kernels.calibrated_update
-                cut_value = kernels.kth_largest(buffers.scores, kept.count + n_candidates, to_keep, self._quantile.get(name, _NAN32))
-                if cut_value != cut_value:  # not near the previous quantile
-                    cut_value = kernels.kth_largest_select(buffers.scores, kept.count + n_candidates, to_keep)
+                cut_value = kernels.kth_largest_near(buffers.scores, kept.count + n_candidates, to_keep, self._quantile.get(name, _NAN32))
                 self._quantile[name] = cut_value
                 c = c_for_cut(float(cut_value), mean, std)
             self.stats[name] = {"mean": mean, "std": std, "c": c}
