@@ -350,6 +350,16 @@ def _mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 75), nn.ReLU(), nn.Linear(75, 25), nn.ReLU(), nn.Linear(25, 10))
 
 
+class _AsDouble(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+def _mlp_float64():
+    """Float64 weights: no compiled pass applies, every fold and update runs in torch."""
+    return nn.Sequential(_AsDouble(), *_mlp()).double()
+
+
 def _small_lenet5():
     return nn.Sequential(nn.Conv2d(1, 6, 5), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(192, 120), nn.ReLU(), nn.Linear(120, 10))
 
@@ -371,8 +381,9 @@ TABLE = {"1.weight": 0.975, "3.weight": 0.97, "5.weight": 0.92}
         (_mlp, DNSConfig(target_sparsity=0.7, nm="2:4", reestimate=True, gamma=1e-2, iter_stop=40), 0.05),
         (_mlp, DNSConfig(target_sparsity=0.95, prune_bias=True, reestimate=True, gamma=0.0, iter_stop=60), 0.05),
         (_small_lenet5, DNSConfig(target_sparsity=0.9, layer_sparsity={"0.weight": 0.5}, reestimate=True, gamma=1e-2, iter_stop=50), 0.05),
+        (_mlp_float64, DNSConfig(layer_sparsity={"2.weight": 0.975, "4.weight": 0.97, "6.weight": 0.92}, reestimate=True, gamma=1e-2, iter_stop=40), 0.05),
     ],
-    ids=["table", "high-lr", "c-once", "layer-c", "taylor", "nm", "bias", "conv"],
+    ids=["table", "high-lr", "c-once", "layer-c", "taylor", "nm", "bias", "conv", "float64-torch"],
 )
 def test_update_masks_match_reference_bitwise(make_model, config, lr):
     steps = config.iter_stop + 30

@@ -44,6 +44,7 @@ _START_MARGIN = 0.02
 _MIN_MARGIN = 1e-3
 _LOWERINGS = 4  # times an update flags again, lower, before it runs the torch update
 _NAN32 = np.float32(np.nan)
+_NO_BOUNDS: dict[str, np.float32] = {}  # returned by _fold_bounds when no fold flags (read only)
 
 
 @dataclass
@@ -226,6 +227,8 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         self.criterion = make_criterion(self.config.criterion)
         self.reestimate = self.config.reestimate if self.config.reestimate is not None else self.config.criterion != "magnitude"
         self.pattern = NMPattern.parse(self.config.nm) if self.config.nm else None
+        # the compiled passes implement the magnitude rule without N:M
+        self._compiled_rule = self.pattern is None and self.criterion.name == "magnitude"
         self.stats: dict[str, dict[str, float]] = {}  # name -> {"mean", "std", "c"}
         self._bound: dict[str, np.float32] = {}  # compiled update: candidates are |W| >= this
         self._scan_buffers: dict[str, _ScanBuffers] = {}
@@ -274,15 +277,17 @@ class DynamicNetworkSurgery(MaskedSparsifier):
     # -- the update ----------------------------------------------------------------------------
     def _fold_bounds(self) -> dict[str, np.float32]:
         """Draw the layers to update at this iteration; the compiled ones count candidates in the fold."""
-        self._drawn = []
-        if self.iteration < self.config.iter_stop:
-            probability = update_probability(self.iteration, self.config.gamma, self.config.power)
-            # A fresh stream per iteration, seeded from (seed, iteration): identical on every
-            # rank and after a resume, with no generator state to carry.
-            self._drawn = [name for name, draw in zip(self.params, self._draws(), strict=True) if draw < probability]
-        if self.pattern is not None or self.criterion.name != "magnitude":
-            return {}
-        return {name: self._bound[name] for name in self._drawn if name in self._bound}
+        if self.iteration >= self.config.iter_stop:
+            self._drawn = []
+            return _NO_BOUNDS
+        probability = update_probability(self.iteration, self.config.gamma, self.config.power)
+        # A fresh stream per iteration, seeded from (seed, iteration): identical on every
+        # rank and after a resume, with no generator state to carry.
+        drawn = self._drawn = [name for name, draw in zip(self.params, self._draws(), strict=True) if draw < probability]
+        if not drawn or not self._compiled_rule:
+            return _NO_BOUNDS
+        bound = self._bound
+        return {name: bound[name] for name in drawn if name in bound}
 
     def _draws(self) -> list[float]:
         """This iteration's uniform draws, one per layer: ``torch.rand(layers)`` from a generator
@@ -307,12 +312,14 @@ class DynamicNetworkSurgery(MaskedSparsifier):
     def update_masks(self) -> None:
         weights: dict[str, torch.Tensor] = {}
         if self.criterion.needs_grad:
-            for name in self.params:
-                weights[name] = self.dense_weight(name)
-                self.criterion.observe(name, weights[name], self.params[name].grad)
+            with torch.no_grad():
+                for name in self.params:
+                    weights[name] = self.dense_weight(name)
+                    self.criterion.observe(name, weights[name], self.params[name].grad)
         for name in self._drawn:
-            if not self._update_compiled(name):
-                self._update_torch(name, weights[name] if name in weights else self.dense_weight(name))
+            if not (self._compiled_rule and self._update_compiled(name)):
+                with torch.no_grad():  # the compiled update works on numpy views; torch's needs it
+                    self._update_torch(name, weights[name] if name in weights else self.dense_weight(name))
                 self._bound[name] = np.float32(BOUND_MARGIN * self.thresholds(name)[0])
 
     def _update_torch(self, name: str, weight: torch.Tensor) -> None:
@@ -347,7 +354,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         """
         bound = self._bound.get(name)
         flat = self.flat_views(name)
-        if bound is None or flat is None or self.pattern is not None or self.criterion.name != "magnitude":
+        if bound is None or flat is None:
             return False
         if self._fold_nan[name]:
             return False

@@ -153,30 +153,37 @@ class MaskedSparsifier:
         return torch.addcmul(self._shadow[name] * self._cut[name], self.params[name], self._keep[name])
 
     # -- the training-loop hook ---------------------------------------------------------------
-    @torch.no_grad()
     def step(self) -> None:
         """Fold the optimizer's update into the shadows, re-mask the model, update masks."""
+        # Kept lean: on LeNet-300-100 the compiled passes of a step take ~30 µs, and the Python
+        # around them cost another ~15 µs in a training loop before this was trimmed. The
+        # compiled passes write through numpy views, outside autograd, so no grad-mode switch
+        # (torch.no_grad() costs ~1.7 µs) is entered unless a layer falls back to torch.
         bounds = self._fold_bounds()
-        kernels = _kernels()
+        kernels = _KERNELS if _KERNELS is not None else _kernels()
+        regrow = self.regrow
         for name, param in self.params.items():
-            flat = self.flat_views(name)
-            if not self.regrow:
-                if flat is not None:
-                    kernels.mask_(flat.param, flat.mask)  # reads the 1-byte mask, not the float one
-                else:
-                    param.mul_(self._keep[name])
-                continue
-            if flat is not None:
-                bound = bounds.get(name)
-                if bound is None:
-                    kernels.fold_(flat.param, flat.shadow, flat.mask)
-                else:
-                    self._fold_nan[name] = kernels.fold_flag_(flat.param, flat.shadow, flat.mask, bound, flat.flags)
+            flat = self._flat.get(name)
+            if flat is None or flat.data_ptr != param.data_ptr():
+                flat = self.flat_views(name)
+                if flat is None:
+                    self._fold_torch(name, param)
+                    continue
+            if not regrow:
+                kernels.mask_(flat.param, flat.mask)  # reads the 1-byte mask, not the float one
+            elif bounds and name in bounds:
+                self._fold_nan[name] = kernels.fold_flag_(flat.param, flat.shadow, flat.mask, bounds[name], flat.flags)
             else:
-                self._shadow[name].addcmul_(param, self._cut[name])  # where cut: W + (0 + Δ)
-                param.mul_(self._keep[name])
+                kernels.fold_(flat.param, flat.shadow, flat.mask)
         self.update_masks()
         self.iteration += 1
+
+    @torch.no_grad()
+    def _fold_torch(self, name: str, param: torch.Tensor) -> None:
+        """The fold in torch ops (a layer that is not contiguous float32 on CPU)."""
+        if self.regrow:
+            self._shadow[name].addcmul_(param, self._cut[name])  # where cut: W + (0 + Δ)
+        param.mul_(self._keep[name])
 
     def _fold_bounds(self) -> dict[str, np.float32]:
         """Layers whose fold should also count the entries with |W| >= a bound (for an update)."""
@@ -195,7 +202,9 @@ class MaskedSparsifier:
         return flat
 
     def update_masks(self) -> None:
-        """Subclasses change masks here, after the fold (p = W⊙T, and W = p⊙T + S⊙(1−T))."""
+        """Subclasses change masks here, after the fold (p = W⊙T, and W = p⊙T + S⊙(1−T)). It
+        runs with autograd as the training loop left it: in-place torch ops on parameters belong
+        under ``torch.no_grad()`` (``set_mask`` and ``dense_weight`` enter it themselves)."""
 
     # -- results --------------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
