@@ -121,7 +121,11 @@ def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi, first
     applies the activation (a layer's blocks run first to last into the same output)."""
     tokens = x_t.shape[1]
     if tokens == 1:
-        x = x_t[:, 0]
+        # [features, 1] is C-contiguous here (the callers' arrays are): as a 1-D contiguous
+        # vector each gather is one load; the column view x_t[:, 0] is strided, a multiply per
+        # gather (LeNet-300-100's first layer: 2.9 -> 2.5 us)
+        x = x_t.reshape(x_t.shape[0])
+        y = out_t.reshape(out_t.shape[0])
         for r in range(r_lo, r_hi):
             # four accumulators: one would serialise on the add latency
             a0, a1, a2, a3 = F32(0.0), F32(0.0), F32(0.0), F32(0.0)
@@ -135,8 +139,8 @@ def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi, first
             while k < stop:
                 a0 += data[k] * x[indices[k]]
                 k += 1
-            v = ((a0 + a1) + (a2 + a3)) + (bias[r] if first else out_t[r, 0])
-            out_t[r, 0] = activate(v, act) if last else v
+            v = ((a0 + a1) + (a2 + a3)) + (bias[r] if first else y[r])
+            y[r] = activate(v, act) if last else v
         return
     # The same eight-way pass as axpy_rows, written out here and through row views: calling a
     # helper per row (even with inline="always") and slicing doubled the time of short rows.
@@ -176,30 +180,44 @@ def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi, first
             activate_row(acc, act)
 
 
+# A chain's column blocks, one row of ``blocks`` each: where its CSR row pointers, nonzeros and
+# bias lie in the packed arrays, its activation, and whether it opens / closes its layer. Five
+# arrays per call instead of eleven: numba's dispatch checks every argument's type, ~0.1 us an
+# array, which at one token is a fifth of LeNet-300-100's whole chain.
+_IP_LO, _IP_HI, _NZ_LO, _NZ_HI, _BIAS, _ACT, _EDGES = range(7)
+_FIRST, _LAST = 1, 2
+
+
+@njit(inline="always", **JIT)
+def _block_rows(blocks, b, indptr, indices, values, h, out, lo, hi):
+    ip = indptr[blocks[b, _IP_LO] : blocks[b, _IP_HI]]
+    nz_lo, nz_hi, bias_at = blocks[b, _NZ_LO], blocks[b, _NZ_HI], blocks[b, _BIAS]
+    edges = blocks[b, _EDGES]
+    rows = ip.shape[0] - 1
+    _linear_rows(ip, indices[nz_lo:nz_hi], values[nz_lo:nz_hi], values[bias_at : bias_at + rows], h, out, blocks[b, _ACT], lo, hi, (edges & _FIRST) != 0, (edges & _LAST) != 0)
+
+
 @njit(**JIT)
-def chain_serial(x_t, indptr, indices, data, bias, ip_off, nz_off, b_off, acts, firsts, lasts):
+def chain_serial(x_t, blocks, indptr, indices, values):
     """Several CSR layers back to back in one call. The arrays of all layers' column blocks are
-    concatenated; block i belongs to the layer that ``firsts`` opens and ``lasts`` closes."""
+    packed (see ``blocks``); a block belongs to the layer its first flag opens and its last closes."""
     h = x_t
     out = h
-    for i in range(acts.shape[0]):
-        ip = indptr[ip_off[i] : ip_off[i + 1]]
-        rows = ip.shape[0] - 1
-        if firsts[i]:
-            out = np.empty((rows, h.shape[1]), dtype=np.float32)
-        _linear_rows(ip, indices[nz_off[i] : nz_off[i + 1]], data[nz_off[i] : nz_off[i + 1]], bias[b_off[i] : b_off[i] + rows], h, out, acts[i], 0, rows, firsts[i], lasts[i])
-        if lasts[i]:
+    for b in range(blocks.shape[0]):
+        if blocks[b, _EDGES] & _FIRST:
+            out = np.empty((blocks[b, _IP_HI] - blocks[b, _IP_LO] - 1, h.shape[1]), dtype=np.float32)
+        rows = out.shape[0]
+        _block_rows(blocks, b, indptr, indices, values, h, out, 0, rows)
+        if blocks[b, _EDGES] & _LAST:
             h = out
     return h
 
 
 @njit(**JIT)
-def layer_rows(h, out, indptr, indices, data, bias, ip_off, nz_off, b_off, acts, firsts, lasts, first_block, last_block, lo, hi):
+def layer_rows(h, out, blocks, indptr, indices, values, first_block, last_block, lo, hi):
     """Rows [lo, hi) of one layer (column blocks first_block..last_block): one thread's share."""
-    rows = out.shape[0]
     for b in range(first_block, last_block + 1):
-        ip = indptr[ip_off[b] : ip_off[b + 1]]
-        _linear_rows(ip, indices[nz_off[b] : nz_off[b + 1]], data[nz_off[b] : nz_off[b + 1]], bias[b_off[b] : b_off[b] + rows], h, out, acts[b], lo, hi, firsts[b], lasts[b])
+        _block_rows(blocks, b, indptr, indices, values, h, out, lo, hi)
 
 
 _POOL: list = []  # one ThreadPoolExecutor, grown on demand
@@ -285,6 +303,54 @@ def _column_blocks(layer: CsrLayer) -> list[tuple]:
     return out
 
 
+def _activation_of_constant(values: np.ndarray, activation: str) -> np.ndarray:
+    """act(values) in float64, for outputs that do not depend on the input."""
+    v = values.astype(np.float64)
+    if activation == "relu":
+        return np.maximum(v, 0.0)
+    if activation == "gelu":
+        return 0.5 * v * (1.0 + np.array([math.erf(x / math.sqrt(2.0)) for x in v]))
+    if activation == "tanh":
+        return np.tanh(v)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-v))
+    return v
+
+
+def fold_constant_rows(layers: list[CsrLayer]) -> list[CsrLayer]:
+    """Drop the rows without a nonzero from every layer but the last, folding their outputs into
+    the next layer's bias.
+
+    A row with no nonzero is a neuron whose inputs were all pruned: it outputs act(bias) whatever
+    the input, so its share of the next layer is a constant. DNS leaves many: the LeNet-300-100
+    checkpoint's first layer has 210 such rows of 300, its second 68 of 100, and each still cost
+    a pass (at one token about a third of the chain's time). The last layer keeps every row:
+    its rows are the chain's output. The folded bias is summed in float64 (it differs from the
+    dense sum only in rounding)."""
+    out = list(layers)
+    for i in range(len(out) - 1):
+        layer, nxt = out[i], out[i + 1]
+        lengths = np.diff(layer.indptr)
+        dead = lengths == 0
+        if not dead.any():
+            continue
+        constant = np.zeros(layer.out_features, dtype=np.float64)
+        constant[dead] = _activation_of_constant(layer.bias[dead], layer.activation)
+        alive = ~dead
+        # the next layer: the nonzeros reading a dead row go into its bias, the others are renumbered
+        rows_of = np.repeat(np.arange(nxt.out_features), np.diff(nxt.indptr))
+        from_dead = dead[nxt.indices]
+        bias = nxt.bias.astype(np.float64)
+        np.add.at(bias, rows_of[from_dead], nxt.data[from_dead].astype(np.float64) * constant[nxt.indices[from_dead]])
+        keep = ~from_dead
+        renumber = np.cumsum(alive) - 1
+        indptr = np.zeros(nxt.out_features + 1, dtype=np.int64)
+        np.add.at(indptr, rows_of[keep] + 1, 1)
+        out[i + 1] = CsrLayer(np.cumsum(indptr), renumber[nxt.indices[keep]], nxt.data[keep], bias.astype(np.float32), nxt.activation, int(alive.sum()))
+        out[i] = CsrLayer(np.concatenate([[0], np.cumsum(lengths[alive])]).astype(np.int64), layer.indices, layer.data, layer.bias[alive], layer.activation, layer.in_features)
+    return out
+
+
 class CsrChain:
     """Consecutive sparse Linear layers (each with its activation) compiled as one kernel call."""
 
@@ -293,24 +359,31 @@ class CsrChain:
             if prev.out_features != nxt.in_features:
                 raise ValueError(f"chained layers do not fit: {prev.out_features} outputs feed {nxt.in_features} inputs")
         self.in_features, self.out_features = layers[0].in_features, layers[-1].out_features
-        blocks = [block for layer in layers for block in _column_blocks(layer)]
+        folded = fold_constant_rows(layers)
+        self.folded_rows = sum(a.out_features - b.out_features for a, b in zip(layers, folded))
+        layers = folded
+        per_layer = [_column_blocks(layer) for layer in layers]
+        blocks = [block for layer_blocks in per_layer for block in layer_blocks]
         # 32-bit column indices halve the index traffic; unsigned, so indexing needs no wrap-around
-        self.indptr = np.concatenate([ip for ip, *_ in blocks])
+        self.indptr = np.concatenate([ip for ip, *_ in blocks]).astype(np.int64)
         self.indices = np.concatenate([ix.astype(np.uint32) for _, ix, *_ in blocks])
-        self.data = np.concatenate([d.astype(np.float32) for _, _, d, *_ in blocks])
-        self.bias = np.concatenate([layer.bias.astype(np.float32) for layer in layers for _ in _column_blocks(layer)])
-        self.ip_off = np.cumsum([0] + [ip.size for ip, *_ in blocks]).astype(np.int64)
-        self.nz_off = np.cumsum([0] + [ix.size for _, ix, *_ in blocks]).astype(np.int64)
-        self.b_off = np.cumsum([0] + [layer.bias.size for layer in layers for _ in _column_blocks(layer)]).astype(np.int64)
-        self.acts = np.array([ACTIVATIONS[layer.activation] for layer in layers for _ in _column_blocks(layer)], dtype=np.int64)
-        self.firsts = np.array([f for *_, f, _ in blocks], dtype=np.bool_)
-        self.lasts = np.array([last for *_, last in blocks], dtype=np.bool_)
-        self._arrays = (self.indptr, self.indices, self.data, self.bias, self.ip_off, self.nz_off, self.b_off, self.acts, self.firsts, self.lasts)
+        data = [d.astype(np.float32) for _, _, d, *_ in blocks]
+        biases = [layer.bias.astype(np.float32) for layer, layer_blocks in zip(layers, per_layer) for _ in layer_blocks]
+        self.values = np.concatenate(data + biases)  # every block's nonzeros, then every block's bias
+        table = np.zeros((len(blocks), 7), dtype=np.int64)
+        ip_at = nz_at = 0
+        bias_at = sum(d.size for d in data)
+        acts = [ACTIVATIONS[layer.activation] for layer, layer_blocks in zip(layers, per_layer) for _ in layer_blocks]
+        for i, ((ip, ix, _, first, last), bias, act) in enumerate(zip(blocks, biases, acts, strict=True)):
+            table[i] = (ip_at, ip_at + ip.size, nz_at, nz_at + ix.size, bias_at, act, (_FIRST if first else 0) | (_LAST if last else 0))
+            ip_at, nz_at, bias_at = ip_at + ip.size, nz_at + ix.size, bias_at + bias.size
+        self.blocks = table
+        self._arrays = (self.blocks, self.indptr, self.indices, self.values)
         # per layer: its column blocks and, for ``parts`` threads, row ranges of about equal nonzeros
         self.groups = []
         start = 0
-        for layer in layers:
-            stop = start + len(_column_blocks(layer)) - 1
+        for layer, layer_blocks in zip(layers, per_layer):
+            stop = start + len(layer_blocks) - 1
             self.groups.append((start, stop, layer.out_features, split_bounds(np.diff(layer.indptr), parts)))
             start = stop + 1
         self.parts = parts
