@@ -173,6 +173,7 @@ def test_linear_chain_folds_neurons_without_inputs(tokens):
     shapes = [(40, 1100), (20, 40), (6, 20), (10, 6), (7, 10)]
     weights = [torch.randn(*s) * (torch.rand(*s) > 0.6) for s in shapes]
     weights[0][::3] = 0  # every third neuron of the first layer has no input
+    weights[0][:, 1::2] = 0  # and half the inputs are read by none: only the others are transposed
     weights[1][:5] = 0
     weights[1][5] = 0
     weights[1][5][::3] = 1.0  # a row that reads only dead neurons: it empties once they are folded
@@ -188,6 +189,7 @@ def test_linear_chain_folds_neurons_without_inputs(tokens):
         chain = CsrChain(layers, parts=parts)
         assert chain.folded_rows == 14 + 6 + 6 + 10  # layer 1's dead third, 6 rows of layer 2, all of layers 3 and 4
         assert chain.out_features == 7
+        assert chain.read_features.tolist() == list(range(0, 1100, 2))
         np.testing.assert_allclose(chain.rows_major(x.numpy()), expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
