@@ -145,33 +145,35 @@ def test_sparse_conv_matches_torch(stride, pads, kernel, batch, activation, resi
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
+ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda v: v}
+
+
+def _chain_and_reference(seed, shapes, activations, edit=lambda weights: None):
+    """Random Linear layers (~40% of weights kept, then ``edit``ed in place) as CSR layers, and
+    the dense torch forward of the same layers."""
+    torch.manual_seed(seed)
+    weights = [torch.randn(*s) * (torch.rand(*s) > 0.6) for s in shapes]
+    edit(weights)
+    biases = [torch.randn(s[0]) for s in shapes]
+    layers = [CsrLayer.from_dense(w.numpy(), b.numpy(), a) for w, b, a in zip(weights, biases, activations)]
+
+    def reference(x):
+        for w, b, a in zip(weights, biases, activations):
+            x = ACTIVATIONS[a](torch.nn.functional.linear(x, w, b))
+        return x
+
+    return layers, reference
+
+
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_linear_chain_matches_torch(tokens):
-    torch.manual_seed(tokens)
-    acts = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda v: v}
-    names = list(acts)
-    shapes = [(40, 30), (20, 40), (25, 20), (10, 25), (7, 10)]
-    weights = [torch.randn(*s) * (torch.rand(*s) > 0.6) for s in shapes]
-    biases = [torch.randn(s[0]) for s in shapes]
-    layers = [CsrLayer.from_dense(w.numpy(), b.numpy(), a) for w, b, a in zip(weights, biases, names)]
+    layers, reference = _chain_and_reference(tokens, [(40, 30), (20, 40), (25, 20), (10, 25), (7, 10)], ["relu", "gelu", "tanh", "sigmoid", "identity"])
     x = torch.randn(tokens, 30)
-    expected = x
-    for w, b, a in zip(weights, biases, names):
-        expected = acts[a](torch.nn.functional.linear(expected, w, b))
     for parts in (1, 2):
-        np.testing.assert_allclose(CsrChain(layers, parts=parts).rows_major(x.numpy()), expected.numpy(), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(CsrChain(layers, parts=parts).rows_major(x.numpy()), reference(x).numpy(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tokens", [1, 37])
-def test_linear_chain_folds_neurons_without_inputs(tokens):
-    """Rows without a nonzero (neurons DNS cut off) are folded into the next layer's bias; the
-    output is the dense model's, whatever the activation, across column blocks (1100 inputs),
-    when a whole layer dies, and when the folding empties rows of the next layer in turn."""
-    torch.manual_seed(tokens)
-    acts = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda v: v}
-    names = list(acts)
-    shapes = [(40, 1100), (20, 40), (6, 20), (10, 6), (7, 10)]
-    weights = [torch.randn(*s) * (torch.rand(*s) > 0.6) for s in shapes]
+def _without_inputs(weights):
     weights[0][::3] = 0  # every third neuron of the first layer has no input
     weights[0][:, 1::2] = 0  # and half the inputs are read by none: only the others are transposed
     weights[1][:5] = 0
@@ -179,18 +181,22 @@ def test_linear_chain_folds_neurons_without_inputs(tokens):
     weights[1][5][::3] = 1.0  # a row that reads only dead neurons: it empties once they are folded
     weights[2][:] = 0  # a whole layer without inputs: the rest of the chain is a constant
     weights[4][3] = 0  # the last layer keeps its empty row (it is an output)
-    biases = [torch.randn(s[0]) for s in shapes]
-    layers = [CsrLayer.from_dense(w.numpy(), b.numpy(), a) for w, b, a in zip(weights, biases, names)]
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_linear_chain_folds_neurons_without_inputs(tokens):
+    """Rows without a nonzero (neurons DNS cut off) are folded into the next layer's bias; the
+    output is the dense model's, whatever the activation, across column blocks (1100 inputs),
+    when a whole layer dies, and when the folding empties rows of the next layer in turn."""
+    shapes = [(40, 1100), (20, 40), (6, 20), (10, 6), (7, 10)]
+    layers, reference = _chain_and_reference(tokens, shapes, ["gelu", "relu", "sigmoid", "tanh", "identity"], _without_inputs)
     x = torch.randn(tokens, 1100)
-    expected = x
-    for w, b, a in zip(weights, biases, names):
-        expected = acts[a](torch.nn.functional.linear(expected, w, b))
     for parts in (1, 2):
         chain = CsrChain(layers, parts=parts)
         assert chain.folded_rows == 14 + 6 + 6 + 10  # layer 1's dead third, 6 rows of layer 2, all of layers 3 and 4
         assert chain.out_features == 7
         assert chain.read_features.tolist() == list(range(0, 1100, 2))
-        np.testing.assert_allclose(chain.rows_major(x.numpy()), expected.numpy(), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(chain.rows_major(x.numpy()), reference(x).numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_kernels_refuse_inputs_that_do_not_fit():
