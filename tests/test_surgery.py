@@ -9,6 +9,7 @@ from dnsconvert.surgery import (
     DNSConfig,
     DynamicNetworkSurgery,
     FixedMaskSparsifier,
+    MaskedSparsifier,
     imp_schedule,
     magnitude_masks,
     update_probability,
@@ -552,3 +553,21 @@ def test_fold_flag_reports_a_nan_anywhere_and_flags_what_reaches_the_bound():
                 assert kernels.fold_flag_(p, shadow, mask, np.float32(0.8), flags) == expected, (n, position, planted)
                 np.testing.assert_array_equal(shadow, folded)
                 np.testing.assert_array_equal(flags[:n], (np.abs(folded) >= np.float32(0.8)) & ~mask)
+
+
+def test_a_subclass_update_still_runs_under_no_grad():
+    """The step skips torch.no_grad() where DNS's compiled update needs none; a subclass written
+    for the step that always entered it still gets it (in-place ops on parameters would raise)."""
+
+    class HalveKept(MaskedSparsifier):
+        def update_masks(self):
+            for param in self.params.values():
+                param.mul_(0.5)
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    sparsifier = HalveKept(model, initial_masks={"0.weight": torch.ones(3, 4, dtype=torch.bool)})
+    before = model[0].weight.detach().clone()
+    loss = model(torch.randn(2, 4)).sum()
+    loss.backward()
+    sparsifier.step()
+    assert torch.equal(model[0].weight.detach(), before * 0.5)

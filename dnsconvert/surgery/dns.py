@@ -192,6 +192,8 @@ class _ScanBuffers:
 class DynamicNetworkSurgery(MaskedSparsifier):
     """Prune-and-splice masks updated during training. See the module docstring."""
 
+    update_masks_enters_no_grad = True  # the compiled update needs no grad-mode switch (~1.7 µs)
+
     def __init__(
         self,
         model: nn.Module,

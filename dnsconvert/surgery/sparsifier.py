@@ -175,7 +175,11 @@ class MaskedSparsifier:
                 self._fold_nan[name] = kernels.fold_flag_(flat.param, flat.shadow, flat.mask, bounds[name], flat.flags)
             else:
                 kernels.fold_(flat.param, flat.shadow, flat.mask)
-        self.update_masks()
+        if self.update_masks_enters_no_grad:
+            self.update_masks()
+        else:  # a subclass written for the step that always ran under torch.no_grad()
+            with torch.no_grad():
+                self.update_masks()
         self.iteration += 1
 
     @torch.no_grad()
@@ -201,10 +205,12 @@ class MaskedSparsifier:
         flat = self._flat[name] = _FlatViews(param, self._shadow[name], self._keep[name], self._cut[name], self._masks[name]) if compiled else None
         return flat
 
+    # True where update_masks enters torch.no_grad() itself, around the torch ops that need it
+    # (DNS: its compiled update needs none); otherwise step() runs it under torch.no_grad().
+    update_masks_enters_no_grad: bool = False
+
     def update_masks(self) -> None:
-        """Subclasses change masks here, after the fold (p = W⊙T, and W = p⊙T + S⊙(1−T)). It
-        runs with autograd as the training loop left it: in-place torch ops on parameters belong
-        under ``torch.no_grad()`` (``set_mask`` and ``dense_weight`` enter it themselves)."""
+        """Subclasses change masks here, after the fold (p = W⊙T, and W = p⊙T + S⊙(1−T))."""
 
     # -- results --------------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
@@ -249,6 +255,8 @@ def _initial_mask(masks: dict[str, torch.Tensor] | None, name: str, info: LayerI
 
 class FixedMaskSparsifier(MaskedSparsifier):
     """Masked fine-tuning: masks never change and pruned weights stay exactly zero."""
+
+    update_masks_enters_no_grad = True  # it has no update
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], **kwargs: Any):
         super().__init__(model, list(masks), initial_masks=masks, regrow=False, **kwargs)
