@@ -270,14 +270,22 @@ class CsrLayer:
     @classmethod
     def from_dense(cls, weight: np.ndarray, bias: np.ndarray | None, activation: str = "identity") -> CsrLayer:
         rows, cols = np.nonzero(weight)  # row-major order: CSR order
-        indptr = np.zeros(weight.shape[0] + 1, dtype=np.int64)
-        np.add.at(indptr, rows + 1, 1)
         b = bias if bias is not None else np.zeros(weight.shape[0], dtype=np.float32)
-        return cls(np.cumsum(indptr), cols, weight[rows, cols], np.asarray(b).reshape(-1), activation, int(weight.shape[1]))
+        return cls(_indptr_of(rows, weight.shape[0]), cols, weight[rows, cols], np.asarray(b).reshape(-1), activation, int(weight.shape[1]))
 
     @property
     def out_features(self) -> int:
         return int(self.indptr.size - 1)
+
+
+def _indptr_of(row_of: np.ndarray, rows: int) -> np.ndarray:
+    """CSR row pointers of nonzeros listed in row order, given the row of each."""
+    return np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))]).astype(np.int64)
+
+
+def _row_of(indptr: np.ndarray) -> np.ndarray:
+    """The row of each nonzero of a CSR matrix."""
+    return np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
 
 
 COLUMN_BLOCK = 1024  # input features per pass: at 128 tokens a block of activations is 512 KiB, inside L2
@@ -292,29 +300,12 @@ def _column_blocks(layer: CsrLayer) -> list[tuple]:
     starts = list(range(0, max(layer.in_features, 1), COLUMN_BLOCK))
     if len(starts) == 1:
         return [(layer.indptr.astype(np.int64), layer.indices, layer.data, True, True)]
-    rows = layer.out_features
-    row_of = np.repeat(np.arange(rows), np.diff(layer.indptr))
+    row_of = _row_of(layer.indptr)
     out = []
     for n, lo in enumerate(starts):
         keep = (layer.indices >= lo) & (layer.indices < lo + COLUMN_BLOCK)
-        indptr = np.zeros(rows + 1, dtype=np.int64)
-        np.add.at(indptr, row_of[keep] + 1, 1)
-        out.append((np.cumsum(indptr), layer.indices[keep], layer.data[keep], n == 0, n == len(starts) - 1))
+        out.append((_indptr_of(row_of[keep], layer.out_features), layer.indices[keep], layer.data[keep], n == 0, n == len(starts) - 1))
     return out
-
-
-def _activation_of_constant(values: np.ndarray, activation: str) -> np.ndarray:
-    """act(values) in float64, for outputs that do not depend on the input."""
-    v = values.astype(np.float64)
-    if activation == "relu":
-        return np.maximum(v, 0.0)
-    if activation == "gelu":
-        return 0.5 * v * (1.0 + np.array([math.erf(x / math.sqrt(2.0)) for x in v]))
-    if activation == "tanh":
-        return np.tanh(v)
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-v))
-    return v
 
 
 def fold_constant_rows(layers: list[CsrLayer]) -> list[CsrLayer]:
@@ -325,7 +316,8 @@ def fold_constant_rows(layers: list[CsrLayer]) -> list[CsrLayer]:
     the input, so its share of the next layer is a constant. DNS leaves many: the LeNet-300-100
     checkpoint's first layer has 210 such rows of 300, its second 68 of 100, and each still cost
     a pass (at one token about a third of the chain's time). The last layer keeps every row:
-    its rows are the chain's output. The folded bias is summed in float64 (it differs from the
+    its rows are the chain's output. The constants are what the kernel computed for those rows
+    (its own activation, in float32); the folded bias is summed in float64 (it differs from the
     dense sum only in rounding)."""
     out = list(layers)
     for i in range(len(out) - 1):
@@ -334,19 +326,19 @@ def fold_constant_rows(layers: list[CsrLayer]) -> list[CsrLayer]:
         dead = lengths == 0
         if not dead.any():
             continue
+        outputs = np.ascontiguousarray(layer.bias[dead], dtype=np.float32)
+        activate_row(outputs, ACTIVATIONS[layer.activation])
         constant = np.zeros(layer.out_features, dtype=np.float64)
-        constant[dead] = _activation_of_constant(layer.bias[dead], layer.activation)
+        constant[dead] = outputs
         alive = ~dead
         # the next layer: the nonzeros reading a dead row go into its bias, the others are renumbered
-        rows_of = np.repeat(np.arange(nxt.out_features), np.diff(nxt.indptr))
+        row_of = _row_of(nxt.indptr)
         from_dead = dead[nxt.indices]
         bias = nxt.bias.astype(np.float64)
-        np.add.at(bias, rows_of[from_dead], nxt.data[from_dead].astype(np.float64) * constant[nxt.indices[from_dead]])
+        np.add.at(bias, row_of[from_dead], nxt.data[from_dead].astype(np.float64) * constant[nxt.indices[from_dead]])
         keep = ~from_dead
         renumber = np.cumsum(alive) - 1
-        indptr = np.zeros(nxt.out_features + 1, dtype=np.int64)
-        np.add.at(indptr, rows_of[keep] + 1, 1)
-        out[i + 1] = CsrLayer(np.cumsum(indptr), renumber[nxt.indices[keep]], nxt.data[keep], bias.astype(np.float32), nxt.activation, int(alive.sum()))
+        out[i + 1] = CsrLayer(_indptr_of(row_of[keep], nxt.out_features), renumber[nxt.indices[keep]], nxt.data[keep], bias.astype(np.float32), nxt.activation, int(alive.sum()))
         out[i] = CsrLayer(np.concatenate([[0], np.cumsum(lengths[alive])]).astype(np.int64), layer.indices, layer.data, layer.bias[alive], layer.activation, layer.in_features)
     return out
 
