@@ -259,22 +259,64 @@ def openmp_runtimes() -> list[str]:
     return sorted(n for n in names if n.startswith(("libgomp", "libiomp", "libomp")))
 
 
-def use_numba_workqueue() -> str:
-    """Make numba's parallel kernels use its own ``workqueue`` thread pool, never OpenMP.
+def use_numba_threading_layer() -> str:
+    """Choose numba's threading layer for its parallel kernels: oneTBB's when the ``tbb`` wheel is
+    installed and loads, else numba's own ``workqueue``; never OpenMP.
 
-    numba's default layer picks OpenMP through the *system* libgomp, while torch ships its own
-    copy: two OpenMP runtimes in one process, whose spinning workers fought for the cores and
-    made dense PyTorch runs 25-30x slower in about half the runs. Must run before numba launches
-    its threads (they start on the first parallel call or ``numba.set_num_threads``); returns the
-    layer in effect, which is not "workqueue" only if someone launched numba's threads earlier.
+    Why not OpenMP: numba's default picks it through the *system* libgomp, while torch ships its
+    own copy: two OpenMP runtimes in one process, whose spinning workers fought for the cores and
+    made dense PyTorch runs 25-30x slower in about half the runs. Why TBB first: a fork/join of
+    two threads costs ~5 us on this 2-core machine, against ~60 us for a Python worker woken
+    through a futex and ~90 us for the workqueue pool (an empty split, p50; measured 2026-11-29),
+    which made a parallel kernel slower than the serial one on any layer under ~0.3 ms. The pip
+    wheel puts ``libtbb.so.12`` in the environment's ``lib`` folder, outside the loader's search
+    path, so it is loaded here by its full path (numba then finds it by its soname).
+
+    Must run before numba launches its threads (on the first parallel call or
+    ``numba.set_num_threads``); returns the layer in effect, which is the one launched earlier
+    if someone did.
     """
     import numba
     from numba.np.ufunc import parallel
 
-    if not parallel._is_initialized:
-        numba.config.THREADING_LAYER = "workqueue"
-        return "workqueue"
-    return numba.threading_layer()
+    if parallel._is_initialized:
+        return numba.threading_layer()
+    if _CHOSEN_LAYER:
+        return _CHOSEN_LAYER[0]
+    layer = "tbb" if _load_tbb() else "workqueue"
+    numba.config.THREADING_LAYER = layer
+    _CHOSEN_LAYER.append(layer)
+    return layer
+
+
+_CHOSEN_LAYER: list[str] = []
+
+
+def _load_tbb() -> bool:
+    """Whether oneTBB's runtime (at least the interface numba needs) and numba's TBB pool load."""
+    if os.environ.get("DNSCONVERT_NO_TBB"):  # the fallback, on request (tests, or a TBB that misbehaves)
+        return False
+    import ctypes
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("tbb").files or []
+        found = [f.locate() for f in files if f.name == "libtbb.so.12"]
+        if found:
+            ctypes.CDLL(str(found[0]), mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL("libtbb.so.12")
+        library.TBB_runtime_interface_version.restype = ctypes.c_int
+        if library.TBB_runtime_interface_version() < 12060:  # numba's own minimum
+            return False
+        from numba.np.ufunc import tbbpool  # noqa: F401 - loads against the runtime above
+    except (metadata.PackageNotFoundError, OSError, ImportError, AttributeError):
+        return False
+    return True
+
+
+def fast_fork_join() -> bool:
+    """Whether numba's parallel kernels run on a pool that forks and joins in microseconds (TBB)."""
+    return use_numba_threading_layer() == "tbb"
 
 
 def pin_threads(threads: int, *, pin_cpus: bool = False) -> ThreadSettings:
@@ -294,7 +336,7 @@ def pin_threads(threads: int, *, pin_cpus: bool = False) -> ThreadSettings:
         torch_threads = torch.get_num_threads()
     layer = numba_threads = None
     if "numba" in sys.modules:
-        layer = use_numba_workqueue()
+        layer = use_numba_threading_layer()
         import numba
 
         if threads:

@@ -267,8 +267,56 @@ def test_one_openmp_runtime_with_parallel_kernels():
     chain = CsrChain([CsrLayer.from_dense(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), None, "relu")], parts=2)
     chain.rows_major(np.ones((16, 32), np.float32))  # a parallel kernel has run
     settings = pin_threads(2)
-    assert numba.threading_layer() == "workqueue" and settings.numba_threading_layer == "workqueue"
+    assert numba.threading_layer() in ("tbb", "workqueue") and settings.numba_threading_layer == numba.threading_layer()
     assert len(openmp_runtimes()) <= 1, openmp_runtimes()
+
+
+def test_parallel_kernels_run_on_tbb_when_it_is_installed():
+    """The ``tbb`` wheel is a dependency: where it is installed its pool must actually load (the
+    wheel's library sits outside the loader's path), else every parallel kernel silently pays a
+    Python worker's ~60 us wake."""
+    from importlib import metadata
+
+    from dnsconvert.timing import fast_fork_join
+
+    try:
+        metadata.distribution("tbb")
+    except metadata.PackageNotFoundError:
+        pytest.skip("the tbb wheel is not installed (parallel kernels use the Python worker)")
+    assert fast_fork_join()
+
+
+FALLBACK_CHECK = """
+import numpy as np
+from dnsconvert.targets.csr_kernels import CsrChain, CsrLayer
+from dnsconvert.targets.sparse_conv import SparseConv2d
+from dnsconvert.timing import fast_fork_join, pin_threads
+pin_threads(2)
+assert not fast_fork_join()
+rng = np.random.default_rng(0)
+w1 = rng.standard_normal((96, 80)).astype(np.float32) * (rng.random((96, 80)) < 0.2)
+w2 = rng.standard_normal((40, 96)).astype(np.float32) * (rng.random((40, 96)) < 0.2)
+layers = [CsrLayer.from_dense(w1, rng.standard_normal(96).astype(np.float32), "relu"), CsrLayer.from_dense(w2, None, "identity")]
+x = rng.standard_normal((16, 80)).astype(np.float32)
+np.testing.assert_array_equal(CsrChain(layers, parts=2).rows_major(x), CsrChain(layers, parts=1).rows_major(x))
+w = rng.standard_normal((24, 8, 3, 3)).astype(np.float32) * (rng.random((24, 8, 3, 3)) < 0.3)
+image = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
+conv = lambda parts: SparseConv2d(w, None, stride=2, pads=(1, 1, 1, 1), activation=1, parts=parts)(image)
+np.testing.assert_array_equal(conv(2), conv(1))
+print("fallback ok")
+"""
+
+
+def test_parallel_kernels_without_tbb_split_over_a_python_worker():
+    """With TBB refused (``DNSCONVERT_NO_TBB``, as where the wheel is missing) the parallel chain and
+    convolution run on the Python worker, give the serial kernels' results, and numba stays off OpenMP."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DNSCONVERT_NO_TBB": "1"}
+    result = subprocess.run([sys.executable, "-c", FALLBACK_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "fallback ok" in result.stdout, result.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -24,11 +24,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from ..timing import use_numba_workqueue
+from ..timing import fast_fork_join, use_numba_threading_layer
 
-use_numba_workqueue()
+use_numba_threading_layer()
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4}
 F32 = np.float32
@@ -220,6 +220,13 @@ def layer_rows(h, out, blocks, indptr, indices, values, first_block, last_block,
         _block_rows(blocks, b, indptr, indices, values, h, out, lo, hi)
 
 
+@njit(parallel=True, **JIT)
+def layer_rows_parallel(h, out, blocks, indptr, indices, values, first_block, last_block, bounds):
+    """``layer_rows`` for every share of rows at once, on numba's (TBB) pool."""
+    for p in prange(bounds.shape[0] - 1):
+        layer_rows(h, out, blocks, indptr, indices, values, first_block, last_block, bounds[p], bounds[p + 1])
+
+
 _POOL: list = []  # one ThreadPoolExecutor, grown on demand
 
 
@@ -227,10 +234,9 @@ def run_split(fn, shares: list[tuple]) -> None:
     """``fn(*share)`` for every share at once: the first in this thread, the others on a
     persistent pool. The kernels release the GIL (``nogil``), so the shares really run in parallel.
 
-    Why not numba's ``prange``: its workqueue pool took 0.1-0.3 ms to wake for each parallel
-    region on this machine (a 0.6 ms loop split in two took 0.6 ms), its OpenMP pool would be a
-    second OpenMP runtime beside torch's; a Python worker woken through a futex splits the FFN's
-    2.4 ms chain into 1.55 ms."""
+    The fallback where TBB is missing (see ``timing.use_numba_threading_layer``): a Python worker
+    woken through a futex costs ~60 us a split here, numba's workqueue pool 0.1-0.3 ms, and its
+    OpenMP pool would be a second OpenMP runtime beside torch's."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(shares) == 1:
@@ -391,9 +397,13 @@ class CsrChain:
             return chain_serial(x_t, *self._arrays)
         h = x_t
         arrays = self._arrays
+        fork_join = fast_fork_join()
         for first, last, rows, bounds in self.groups:
             out = np.empty((rows, h.shape[1]), dtype=np.float32)
-            run_split(layer_rows, [(h, out, *arrays, first, last, bounds[p], bounds[p + 1]) for p in range(self.parts)])
+            if fork_join:
+                layer_rows_parallel(h, out, *arrays, first, last, bounds)
+            else:
+                run_split(layer_rows, [(h, out, *arrays, first, last, bounds[p], bounds[p + 1]) for p in range(self.parts)])
             h = out
         return h
 

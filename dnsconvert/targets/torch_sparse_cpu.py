@@ -140,7 +140,9 @@ def time_op(graph, op, values: Mapping[str, np.ndarray], threads: int, budget_s:
     from .sparse_graph import ConvStep, LinearChainStep, ort_session, subgraph_model
 
     inputs = [op.x] + ([op.residual] if op.residual else [])
-    session = ort_session(subgraph_model(graph, op.nodes, inputs, [op.y]), threads)
+    # not spinning, as an op left dense runs in the planned model (its segments never spin); and
+    # a spinning worker would hold the second core while the parallel kernel, timed next, wants it
+    session = ort_session(subgraph_model(graph, op.nodes, inputs, [op.y]), threads, spinning=False)
     feeds = {name: values[name] for name in inputs}
     calls = {"dense": lambda: session.run(None, feeds)}
     for kernel, parts in (("serial", 1), ("parallel", threads)):
