@@ -540,7 +540,8 @@ def run_pipeline(
         PipelineError / other UserError: the file or a stage's input is unusable.
     """
     pipeline = load_pipeline(path)
-    work = Path(workdir) if workdir else pipeline.path.parent / pipeline.pipeline.workdir
+    # normalised, so that reports and messages name runs/x rather than examples/../runs/x
+    work = Path(os.path.normpath(Path(workdir) if workdir else pipeline.path.parent / pipeline.pipeline.workdir))
     from ._atomic import output_error
 
     with output_error(work):

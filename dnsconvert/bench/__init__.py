@@ -287,7 +287,7 @@ def bench(
     unknown = sorted(set(baselines) - {"fp32", "int8"})
     if unknown:
         raise UserError(f"unknown baseline {', '.join(unknown)}", hint="choose fp32 and/or int8")
-    settings = pin_threads(threads, pin_cpus=pin_cpus)
+    pin_threads(threads, pin_cpus=pin_cpus)  # before any runtime is loaded: torch and numba pools take it at start
     if isinstance(source, (str, Path)):
         source = load_artifact(source)
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,7 +335,7 @@ def bench(
                         continue
                     entries.append(_Entry(artifact.target, variant, target.load(artifact, variant, options, trust_model_code=trust_model_code)))
             report.own_dense_alias = same_as_baseline
-            report.thread_settings = pin_threads(threads) if threads else settings  # after every runtime is loaded
+            report.thread_settings = pin_threads(threads)  # after every runtime is loaded (with 0 it only records)
             bench_runners(
                 entries, report, inputs=spec.inputs, batches=batches, warmup=warmup, iterations=iterations,
                 time_budget_s=time_budget_s, rounds=rounds, confidence=confidence, where=where,
