@@ -61,13 +61,15 @@ def main() -> None:
     print(f"numba threading layer: {settings.numba_threading_layer}, {parts} shares")
     print("| work per share (us, serial) | serial, all shares | run_split (Python worker) | prange (numba's pool) |")
     print("|---|---|---|---|")
-    for n in (0, 1, 10, 100, 400):
-        one = p50_us(lambda n=n: work(a, n), args.repeats)
-        serial = p50_us(lambda n=n: [work(a, n) for _ in range(parts)], args.repeats)
-        split = p50_us(lambda n=n: run_split(work, [(a, n)] * parts), args.repeats)
-        pooled = p50_us(lambda n=n: work_parallel(a, n, parts), args.repeats)
-        print(f"| {one:.1f} | {serial:.1f} | {split:.1f} | {pooled:.1f} |", flush=True)
-
+    sizes = (0, 10, 100, 400, 2000, 8000)
+    # numba's pool first, for every size, then the Python worker: once the worker thread exists,
+    # the prange timings came out noisier (2x at 0.3 ms shares) than in a process without it
+    one = {n: p50_us(lambda n=n: work(a, n), args.repeats) for n in sizes}
+    serial = {n: p50_us(lambda n=n: [work(a, n) for _ in range(parts)], args.repeats) for n in sizes}
+    pooled = {n: p50_us(lambda n=n: work_parallel(a, n, parts), args.repeats) for n in sizes}
+    split = {n: p50_us(lambda n=n: run_split(work, [(a, n)] * parts), args.repeats) for n in sizes}
+    for n in sizes:
+        print(f"| {one[n]:.1f} | {serial[n]:.1f} | {split[n]:.1f} | {pooled[n]:.1f} |", flush=True)
 
 if __name__ == "__main__":
     main()
