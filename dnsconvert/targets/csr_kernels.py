@@ -12,10 +12,12 @@ Code-generation facts these kernels depend on (measured with ``inspect_asm`` on 
   nonzero gave 25-40, four 50-59, eight 54-63 GMAC/s on one core for 784-3248-long rows);
 - ``error_model="numpy"``: with Python's error model a float division checks for zero and the
   loop is not vectorised (GELU over 393k values: 0.8 ms -> 0.065 ms).
-Parallel variants split output rows (or channels) over threads: the calling thread and a small
-persistent pool (:func:`run_split`), the compiled kernels releasing the GIL. numba's own
-threading layer is never started (so there is no second OpenMP runtime beside torch's); waking
-a worker still costs microseconds, so the planner times serial and parallel kernels and keeps the faster.
+Parallel variants split output rows (or channels) over threads in one ``prange`` kernel on
+numba's TBB pool (a fork/join of ~5 us here); where TBB is missing, over the calling thread and a
+persistent Python worker (:func:`run_split`, ~60 us a split), the compiled kernels releasing the
+GIL. Never numba's OpenMP layer (a second OpenMP runtime beside torch's: see
+``timing.use_numba_threading_layer``). A split still costs something, so the planner times serial
+and parallel kernels and keeps the faster.
 """
 
 from __future__ import annotations
