@@ -53,15 +53,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from dnsconvert.timing import Ratio
 
 # ---------------------------------------------------------------- the ResNet-18 shape
 
@@ -214,12 +217,12 @@ def sparsity_text(ckpt) -> str:
     return f"{1 - kept / total:.1%}"
 
 
-def combine(ratios: list) -> object:
-    """The sub-runs of one run: the median estimate, an interval spanning every sub-run's."""
-    return dataclasses.replace(
-        ratios[0], value=statistics.median_low([r.value for r in ratios]), low=min(r.low for r in ratios),
-        high=max(r.high for r in ratios), rounds=sum(r.rounds for r in ratios),
-    )  # fmt: skip
+def median_run(ratios: list[Ratio]) -> tuple[int, Ratio]:
+    """The benches of one run: the index of the median one (its p50s are the row's), and the run's
+    ratio, that bench's estimate with an interval spanning every bench's."""
+    chosen = sorted(range(len(ratios)), key=lambda i: ratios[i].value)[(len(ratios) - 1) // 2]
+    spanned = dataclasses.replace(ratios[chosen], low=min(r.low for r in ratios), high=max(r.high for r in ratios), rounds=sum(r.rounds for r in ratios))
+    return chosen, spanned
 
 
 def main() -> None:
@@ -269,11 +272,10 @@ def main() -> None:
                 per_run, rows, head, sub_runs = [], [], [], []
                 for benches in runs:
                     speedups = [next(s for s in r.comparisons if s.batch == batch) for r in benches]
-                    middle = statistics.median_low([s.vs_fastest_dense.value for s in speedups])
-                    chosen = next(i for i, s in enumerate(speedups) if s.vs_fastest_dense.value == middle)  # its p50s are the row's
+                    chosen, ratio = median_run([s.vs_fastest_dense for s in speedups])
                     per_run.append(speedups[chosen])
                     rows.append({(row.target, row.variant): row.stats for row in benches[chosen].rows if row.stats.batch == batch})
-                    head.append(combine([s.vs_fastest_dense for s in speedups]))
+                    head.append(ratio)
                     sub_runs.append([{"speedup_vs_fastest_dense": s.vs_fastest_dense.to_json(), "fastest_dense_p50_ms": s.fastest_dense_p50_ms, "sparse_p50_ms": s.sparse_p50_ms} for s in speedups])
                 goal = goals[batch]
                 if goal == "context":  # no goal of its own

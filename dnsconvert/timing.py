@@ -18,6 +18,7 @@ Both targets and bench sit above this module (it imports neither).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -281,19 +282,14 @@ def use_numba_threading_layer() -> str:
 
     if parallel._is_initialized:
         return numba.threading_layer()
-    if _CHOSEN_LAYER:
-        return _CHOSEN_LAYER[0]
     layer = "tbb" if _load_tbb() else "workqueue"
     numba.config.THREADING_LAYER = layer
-    _CHOSEN_LAYER.append(layer)
     return layer
 
 
-_CHOSEN_LAYER: list[str] = []
-
-
+@functools.cache  # the libraries load once; the answer holds for the process
 def _load_tbb() -> bool:
-    """Whether oneTBB's runtime (at least the interface numba needs) and numba's TBB pool load."""
+    """Whether oneTBB's runtime (the interface numba checks at launch) and numba's TBB pool load."""
     if os.environ.get("DNSCONVERT_NO_TBB"):  # the fallback, on request (tests, or a TBB that misbehaves)
         return False
     import ctypes
@@ -304,12 +300,11 @@ def _load_tbb() -> bool:
         found = [f.locate() for f in files if f.name == "libtbb.so.12"]
         if found:
             ctypes.CDLL(str(found[0]), mode=ctypes.RTLD_GLOBAL)
-        library = ctypes.CDLL("libtbb.so.12")
-        library.TBB_runtime_interface_version.restype = ctypes.c_int
-        if library.TBB_runtime_interface_version() < 12060:  # numba's own minimum
-            return False
+        from numba.np.ufunc.parallel import _check_tbb_version_compatible
+
+        _check_tbb_version_compatible()  # numba's own test of the runtime (ImportError if unusable)
         from numba.np.ufunc import tbbpool  # noqa: F401 - loads against the runtime above
-    except (metadata.PackageNotFoundError, OSError, ImportError, AttributeError):
+    except (metadata.PackageNotFoundError, OSError, ImportError):
         return False
     return True
 

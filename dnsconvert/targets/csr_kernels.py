@@ -288,7 +288,12 @@ class CsrLayer:
 
 def _indptr_of(row_of: np.ndarray, rows: int) -> np.ndarray:
     """CSR row pointers of nonzeros listed in row order, given the row of each."""
-    return np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))]).astype(np.int64)
+    return _indptr_of_lengths(np.bincount(row_of, minlength=rows))
+
+
+def _indptr_of_lengths(lengths: np.ndarray) -> np.ndarray:
+    """CSR row pointers of rows with these numbers of nonzeros."""
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
 def _row_of(indptr: np.ndarray) -> np.ndarray:
@@ -347,7 +352,7 @@ def fold_constant_rows(layers: list[CsrLayer]) -> list[CsrLayer]:
         keep = ~from_dead
         renumber = np.cumsum(alive) - 1
         out[i + 1] = CsrLayer(_indptr_of(row_of[keep], nxt.out_features), renumber[nxt.indices[keep]], nxt.data[keep], bias.astype(np.float32), nxt.activation, int(alive.sum()))
-        out[i] = CsrLayer(np.concatenate([[0], np.cumsum(lengths[alive])]).astype(np.int64), layer.indices, layer.data, layer.bias[alive], layer.activation, layer.in_features)
+        out[i] = CsrLayer(_indptr_of_lengths(lengths[alive]), layer.indices, layer.data, layer.bias[alive], layer.activation, layer.in_features)
     return out
 
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .csr_kernels import JIT, activate_row, axpy_rows
+from ..timing import fast_fork_join
+from .csr_kernels import JIT, activate_row, axpy_rows, run_split
 
 F32 = np.float32
 CHUNK = 4096  # output positions per accumulation pass: 16 KiB of accumulator stays in L1
@@ -202,8 +203,6 @@ class SparseConv2d:
         res = np.ascontiguousarray(residual, dtype=np.float32) if has_res else self._no_res
         top, left = self.pads[0], self.pads[1]
         if self.parts > 1:  # output channels split over threads, in blocks of about equal nonzeros
-            from .csr_kernels import fast_fork_join, run_split
-
             if fast_fork_join():
                 return conv_parallel(x, buf, accs, length, self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, oh, ow, self.pool, out, self.bounds)
 
