@@ -145,6 +145,58 @@ def test_sparse_conv_matches_torch(stride, pads, kernel, batch, activation, resi
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "height,width,batch,kernel,stride,aligned",
+    [(7, 7, 1, 3, 1, False), (14, 14, 1, 3, 1, True), (30, 30, 1, 3, 1, True), (7, 7, 8, 3, 1, True), (60, 58, 1, 3, 2, True), (64, 61, 2, 7, 2, True), (100, 90, 1, 4, 3, True), (40, 33, 1, 4, 3, False)],
+)  # fmt: skip
+def test_sparse_conv_matches_torch_on_short_and_long_planes(height, width, batch, kernel, stride, aligned):
+    """Planes longer than TILE_MAX floats, and short ones whose rows are nearly whole vectors
+    (14x14 padded: 16), take the aligned layout (rows of whole vectors, a copy of the input per
+    column shift, input channels in blocks); the others accumulate in registers one output
+    channel at a time. Strides 1-3, kernels 3-7, one and two threads, against torch."""
+
+    torch.manual_seed(height * 10 + batch + kernel)
+    weight = torch.randn(9, 20, kernel, kernel) * (torch.rand(9, 20, kernel, kernel) > 0.5)
+    bias = torch.randn(9)
+    x = torch.randn(batch, 20, height, width)
+    pad = kernel // 2
+    expected = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=pad, stride=stride))
+    for parts in (1, 2):
+        conv = SparseConv2d(weight.numpy(), bias.numpy(), stride=stride, pads=(pad, pad, pad, pad), activation=1, parts=parts)
+        np.testing.assert_allclose(conv(x.numpy()), expected.numpy(), atol=1e-4, rtol=1e-5)
+        layout = conv._layout(batch, height, width)
+        assert (layout.copies > 0) == aligned
+        if aligned:
+            assert layout.buf.ctypes.data % 64 == 0 and layout.ws % 16 == 0 and not (layout.offsets % 16).any()
+
+
+@pytest.mark.parametrize("index_type", [np.int32, np.int64])
+def test_register_tiles_add_every_row_once(index_type):
+    """tile_rows against numpy for every tail (lengths 16..512 in whole vectors), a stride and a
+    shift, 32- and 64-bit indices, and a row with no nonzero."""
+    from numba import njit
+
+    from dnsconvert.targets.register_tiles import tile_rows
+
+    @njit
+    def run(acc, src, off, val, start, stop, stride, shift, length):
+        tile_rows(acc, src, off, val, start, stop, stride, shift, length)
+
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal(40 * 48 + 600).astype(np.float32)
+    for length in (16, 32, 48, 64, 112, 128, 144, 240, 512):
+        for start, stop in ((0, 0), (0, 1), (3, 40)):
+            off = rng.integers(0, 40, size=40).astype(index_type)
+            val = rng.standard_normal(40).astype(np.float32)
+            acc = rng.standard_normal(length + 16).astype(np.float32)
+            expected = acc.astype(np.float64)
+            for k in range(start, stop):
+                row = int(off[k]) * 48 + 5
+                expected[:length] += float(val[k]) * src[row : row + length]
+            run(acc, src, off, val, start, stop, 48, 5, length)
+            np.testing.assert_allclose(acc, expected, atol=1e-4, rtol=1e-5)
+
+
 ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda v: v}
 
 
@@ -165,7 +217,7 @@ def _chain_and_reference(seed, shapes, activations, edit=lambda weights: None):
     return layers, reference
 
 
-@pytest.mark.parametrize("tokens", [1, 37])
+@pytest.mark.parametrize("tokens", [1, 37, 64, 600])
 def test_linear_chain_matches_torch(tokens):
     layers, reference = _chain_and_reference(tokens, [(40, 30), (20, 40), (25, 20), (10, 25), (7, 10)], ["relu", "gelu", "tanh", "sigmoid", "identity"])
     x = torch.randn(tokens, 30)
@@ -331,7 +383,7 @@ def test_kernels_stay_in_bounds_under_numba_boundscheck(tmp_path):
     env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     here = Path(__file__)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:logging", str(here), "-k", "conv or chain or residual or matches_dense"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:logging", str(here), "-k", "conv or chain or residual or matches_dense or tiles"],
         env=env, cwd=here.parent.parent, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]

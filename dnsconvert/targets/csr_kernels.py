@@ -9,7 +9,9 @@ Code-generation facts these kernels depend on (measured with ``inspect_asm`` on 
   wrap-around turns computed indices into gathers (0.6 -> 25 GMAC/s for a 3k-long axpy); for
   short rows views cost less than slices (LeNet-300-100's first layer at 64 tokens: 22 -> 10 us);
 - eight nonzeros per pass over the output row (accumulator loads/stores amortised: one per
-  nonzero gave 25-40, four 50-59, eight 54-63 GMAC/s on one core for 784-3248-long rows);
+  nonzero gave 25-40, four 50-59, eight 54-63 GMAC/s on one core for 784-3248-long rows); rows
+  of up to ``register_tiles.TILE_MAX`` tokens are accumulated in registers instead (the axpy
+  passes pay ~19 cycles per nonzero on short rows, see ``register_tiles``);
 - ``error_model="numpy"``: with Python's error model a float division checks for zero and the
   loop is not vectorised (GELU over 393k values: 0.8 ms -> 0.065 ms).
 Parallel variants split output rows (or channels) over threads in one ``prange`` kernel on
@@ -29,6 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..timing import fast_fork_join, use_numba_threading_layer
+from .register_tiles import LANES, TILE_MAX, tile_rows
 
 use_numba_threading_layer()
 
@@ -144,8 +147,12 @@ def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi, first
             v = ((a0 + a1) + (a2 + a3)) + (bias[r] if first else y[r])
             y[r] = activate(v, act) if last else v
         return
-    # The same eight-way pass as axpy_rows, written out here and through row views: calling a
+    # Up to TILE_MAX tokens, the whole multiple of LANES is accumulated in registers (see
+    # register_tiles: 1.3x at 128 tokens, 1.75x at 64); the rest (all of a longer row) by the
+    # same eight-way pass as axpy_rows, written out here and through row views: calling a
     # helper per row (even with inline="always") and slicing doubled the time of short rows.
+    tiled = tokens // LANES * LANES if tokens <= TILE_MAX else 0
+    x_flat = x_t.reshape(x_t.size)
     for r in range(r_lo, r_hi):
         acc = out_t[r]
         if first:
@@ -153,24 +160,28 @@ def _linear_rows(indptr, indices, data, bias, x_t, out_t, act, r_lo, r_hi, first
             for t in range(tokens):
                 acc[t] = b
         k, stop = indptr[r], indptr[r + 1]
+        if tiled:
+            tile_rows(acc, x_flat, indices, data, k, stop, tokens, 0, tiled)
+            if tiled == tokens:
+                k = stop
         while k + 8 <= stop:
             w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
             w4, w5, w6, w7 = data[k + 4], data[k + 5], data[k + 6], data[k + 7]
             s0, s1, s2, s3 = x_t[indices[k]], x_t[indices[k + 1]], x_t[indices[k + 2]], x_t[indices[k + 3]]
             s4, s5, s6, s7 = x_t[indices[k + 4]], x_t[indices[k + 5]], x_t[indices[k + 6]], x_t[indices[k + 7]]
-            for t in range(tokens):
+            for t in range(tiled, tokens):
                 acc[t] += (w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t]) + (w4 * s4[t] + w5 * s5[t] + w6 * s6[t] + w7 * s7[t])
             k += 8
         while k + 2 <= stop:
             w0, w1 = data[k], data[k + 1]
             s0, s1 = x_t[indices[k]], x_t[indices[k + 1]]
-            for t in range(tokens):
+            for t in range(tiled, tokens):
                 acc[t] += w0 * s0[t] + w1 * s1[t]
             k += 2
         if k < stop:
             w = data[k]
             s = x_t[indices[k]]
-            for t in range(tokens):
+            for t in range(tiled, tokens):
                 acc[t] += w * s[t]
         if not last:
             continue

@@ -8,12 +8,31 @@ A stride s is reduced to stride 1 by splitting the padded input into s*s phase p
 (space-to-depth): x[s*i + ph, s*j + pw] is plane (ph, pw) at (i, j), and weight (c, kh, kw)
 reads phase (kh % s, kw % s) at offset (kh // s, kw // s). Nothing is gathered at run time and
 no im2col matrix (K*K copies of the activation) is built; the cost is one padded copy of the
-input and one pass per nonzero over the output plane (which stays in L1/L2).
+input (one per column shift in the aligned layout below) and one pass per nonzero over the
+output plane.
 
 The images of a batch sit one after another in each channel's buffer, so one axpy covers the
 whole batch (an output near an image's bottom edge reads into the next image: those outputs
 are among the dropped ones). Small planes (LeNet-5's 8x8 at batch 64) would otherwise pay the
 per-nonzero overhead once per image.
+
+Two layouts (``SparseConv2d._layout``), measured on this 2-core AMD EPYC (AVX-512), one core,
+random weights at ResNet-18 ERK densities:
+- short planes (up to ``register_tiles.TILE_MAX`` floats, rows far from whole vectors: 7x7 with
+  its border is 9 floats wide) keep the rows as they are; one output channel at a time is
+  accumulated in registers over all of its nonzeros (``register_tiles``). 7x7x512 at 95%:
+  0.57 -> 0.36 ms against eight-way axpy passes.
+- the others take the aligned layout: rows padded to whole 16-float vectors, and one copy of
+  the buffer per column shift (copy q is copy 0 moved left by q floats, made after the fill), so
+  that every nonzero's source row starts on a vector boundary (a 64-byte load that straddles two
+  cache lines costs two: register tiles ran at ~48 GMAC/s from aligned L1 rows, ~32 from
+  unaligned ones). The output is then computed 256 positions at a time, and within those one
+  block of input channels at a time for every output channel, so that the block's rows stay in
+  L1 while all channels read them (without blocking, a 56x56 plane's rows for 64 channels come
+  from L2). 56x56x64 at 58%: 1.95 -> 1.53 ms; 28x28x128 at 79%: 1.02 -> 0.87 ms; 14x14x256 at
+  90%: 0.72 -> 0.48 ms. Split over two threads the gain is smaller (56x56: 1.02 -> 0.96 ms), and
+  in the spells when this VM's two threads run at half speed together (see the README) the
+  split layer takes 2.1 ms against 1.5 ms serial: the planner times both and keeps the faster.
 
 Epilogue: bias, an optional residual tensor added before the activation (ResNet's
 ``relu(bn(conv(x)) + identity)``), the activation, and an optional k x k / stride k max pool
@@ -23,15 +42,20 @@ BatchNorm is already folded into the weight by the ONNX exporter.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit, prange
 
 from ..timing import fast_fork_join
 from .csr_kernels import JIT, activate_row, axpy_rows, run_split
+from .register_tiles import LANES, TILE_MAX, tile_rows
 
 F32 = np.float32
 CHUNK = 4096  # output positions per accumulation pass: 16 KiB of accumulator stays in L1
-VECTOR = 16  # float32 lanes of an AVX-512 register
+ALIGN_WASTE = 1.15  # a short plane takes the aligned layout if that widens its rows by at most this
+TILE = 256  # output positions per tile of the aligned layout (128-512 measured alike)
+VECTOR = LANES  # float32 lanes of an AVX-512 register (lengths are whole vectors: register_tiles needs it)
 
 
 @njit(**JIT)
@@ -65,72 +89,146 @@ def _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases):
                                 dst[t] = row[x0 + t * stride]
 
 
+@njit(inline="always", **JIT)
+def _epilogue(acc, out, res, has_res, act, ws, plane, oh, ow, pool, oc):
+    """Output channel ``oc`` of every image from its accumulator row: residual, activation, pool."""
+    for n in range(out.shape[0]):
+        base = n * plane
+        if pool > 0:  # max over each pool x pool window, then the (monotonic) activation
+            for py in range(out.shape[2]):
+                dst = out[n, oc, py]
+                for px in range(out.shape[3]):
+                    start = base + py * pool * ws + px * pool
+                    best = acc[start]
+                    for dy in range(pool):
+                        row = acc[start + dy * ws : start + dy * ws + pool]
+                        for dx in range(pool):
+                            v = row[dx]
+                            best = v if v > best else best
+                    dst[px] = best
+                activate_row(dst, act)
+            continue
+        for oy in range(oh):
+            src = acc[base + oy * ws : base + oy * ws + ow]
+            dst = out[n, oc, oy]
+            if has_res:
+                r = res[n, oc, oy]
+                for ox in range(ow):
+                    dst[ox] = src[ox] + r[ox]
+            else:
+                for ox in range(ow):
+                    dst[ox] = src[ox]
+            activate_row(dst, act)  # one loop per activation: a per-element switch is not vectorised
+
+
 @njit(**JIT)
 def _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, oc_lo, oc_hi):
-    """Output channels [oc_lo, oc_hi) of all images: accumulate, then the epilogue per image."""
-    images = out.shape[0]
+    """Output channels [oc_lo, oc_hi) of all images, one at a time in the row ``acc``."""
     length = acc.shape[0]
     for oc in range(oc_lo, oc_hi):
         b = bias[oc]
         for j in range(length):
             acc[j] = b
-        for j0 in range(0, length, CHUNK):
-            axpy_rows(acc[j0 : min(length, j0 + CHUNK)], buf, off, val, ptr[oc], ptr[oc + 1], 1, j0)
-        for n in range(images):
-            base = n * plane
-            if pool > 0:  # max over each pool x pool window, then the (monotonic) activation
-                for py in range(out.shape[2]):
-                    dst = out[n, oc, py]
-                    for px in range(out.shape[3]):
-                        start = base + py * pool * ws + px * pool
-                        best = acc[start]
-                        for dy in range(pool):
-                            row = acc[start + dy * ws : start + dy * ws + pool]
-                            for dx in range(pool):
-                                v = row[dx]
-                                best = v if v > best else best
-                        dst[px] = best
-                    activate_row(dst, act)
-                continue
-            for oy in range(oh):
-                src = acc[base + oy * ws : base + oy * ws + ow]
-                dst = out[n, oc, oy]
-                if has_res:
-                    r = res[n, oc, oy]
-                    for ox in range(ow):
-                        dst[ox] = src[ox] + r[ox]
-                else:
-                    for ox in range(ow):
-                        dst[ox] = src[ox]
-                activate_row(dst, act)  # one loop per activation: a per-element switch is not vectorised
+        if length <= TILE_MAX:  # a short plane: accumulated in registers (register_tiles)
+            tile_rows(acc, buf, off, val, ptr[oc], ptr[oc + 1], 1, 0, length)
+        else:
+            for j0 in range(0, length, CHUNK):
+                axpy_rows(acc[j0 : min(length, j0 + CHUNK)], buf, off, val, ptr[oc], ptr[oc + 1], 1, j0)
+        _epilogue(acc, out, res, has_res, act, ws, plane, oh, ow, pool, oc)
 
 
 @njit(**JIT)
-def conv_serial(x, buf, acc, ptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, oh, ow, pool, out):
+def _conv_blocked(buf, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs, length, oc_lo, oc_hi):
+    """Output channels [oc_lo, oc_hi) of a long plane (the aligned layout, see ``SparseConv2d``):
+    TILE output positions at a time, and within them one block of input channels at a time for
+    every output channel (``bptr[oc, b]``..``bptr[oc, b + 1]``: oc's nonzeros in block b), so
+    that the block's input rows stay in L1 while all output channels read them; each channel
+    accumulates in its own row of ``accs``."""
+    for oc in range(oc_lo, oc_hi):
+        b = bias[oc]
+        row = accs[oc]
+        for j in range(length):
+            row[j] = b
+    for j0 in range(0, length, TILE):
+        n = min(TILE, length - j0)
+        for block in range(bptr.shape[1] - 1):
+            for oc in range(oc_lo, oc_hi):
+                lo, hi = bptr[oc, block], bptr[oc, block + 1]
+                if lo < hi:
+                    tile_rows(accs[oc, j0:], buf, off, val, lo, hi, 1, j0, n)
+    for oc in range(oc_lo, oc_hi):
+        _epilogue(accs[oc], out, res, has_res, act, ws, plane, oh, ow, pool, oc)
+
+
+@njit(**JIT)
+def _fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size):
+    """The phase planes, then (aligned layout) each copy q as copy 0 shifted left by q floats."""
     _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases)
-    _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, 0, out.shape[1])
+    for q in range(1, copies):
+        dst = buf[q * copy_size : q * copy_size + copy_size - q]
+        src = buf[q:copy_size]
+        for i in range(copy_size - q):
+            dst[i] = src[i]
+
+
+@njit(**JIT)
+def conv_serial(x, buf, accs, length, ptr, bptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, oh, ow, pool, out, copies, copy_size):
+    _fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size)
+    if copies:
+        _conv_blocked(buf, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs, length, 0, out.shape[1])
+    else:
+        _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs[0, :length], 0, out.shape[1])
     return out
 
 
 @njit(**JIT)
-def fill(x, buf, pad_t, pad_l, stride, plane, ws, phases):
-    _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases)
+def fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size):
+    _fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size)
 
 
 @njit(**JIT)
-def channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, oc_lo, oc_hi):
+def channels(buf, accs, length, ptr, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, copies, part, oc_lo, oc_hi):
     """Output channels [oc_lo, oc_hi): one thread's share of a parallel convolution."""
-    _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, oc_lo, oc_hi)
+    if copies:
+        _conv_blocked(buf, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs, length, oc_lo, oc_hi)
+    else:
+        _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs[part, :length], oc_lo, oc_hi)
 
 
 @njit(parallel=True, **JIT)
-def conv_parallel(x, buf, accs, length, ptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, oh, ow, pool, out, bounds):
+def conv_parallel(x, buf, accs, length, ptr, bptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, oh, ow, pool, out, copies, copy_size, bounds):
     """``conv_serial`` with the output channels split at ``bounds`` over numba's (TBB) pool;
-    share p accumulates in ``accs[p, :length]``."""
-    _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases)
+    share p accumulates in ``accs[p, :length]`` (short planes) or in its channels' rows."""
+    _fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size)
     for p in prange(bounds.shape[0] - 1):
-        _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs[p, :length], bounds[p], bounds[p + 1])
+        channels(buf, accs, length, ptr, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, copies, p, bounds[p], bounds[p + 1])
     return out
+
+
+class _Layout(NamedTuple):
+    """One input size's buffers. ``copies`` 0: the short-plane layout (one buffer, rows of the
+    padded width, one accumulator row per thread); else the aligned layout: rows padded to whole
+    vectors, ``copies`` copies of the buffer (``copy_size`` floats apart), copy q shifted left by
+    q columns so that every nonzero reads aligned vectors, one accumulator row per output channel."""
+
+    offsets: np.ndarray
+    buf: np.ndarray
+    accs: np.ndarray
+    length: int
+    plane: int
+    ws: int
+    oh: int
+    ow: int
+    copies: int
+    copy_size: int
+    bptr: np.ndarray
+
+
+def _aligned_zeros(count: int) -> np.ndarray:
+    """Zeros starting on a 64-byte boundary (numpy only promises 16)."""
+    raw = np.zeros(count + VECTOR, dtype=np.float32)
+    skip = (-raw.ctypes.data // 4) % VECTOR
+    return raw[skip : skip + count]
 
 
 class SparseConv2d:
@@ -153,7 +251,7 @@ class SparseConv2d:
         bounds = np.searchsorted(self.ptr, np.linspace(0, self.nnz, self.parts + 1)).astype(np.int64)
         bounds[0], bounds[-1] = 0, self.out_channels
         self.bounds = np.minimum(bounds, self.out_channels)
-        self._geometry: dict[tuple[int, int, int], tuple] = {}
+        self._geometry: dict[tuple[int, int, int], _Layout] = {}
         self._no_res = np.zeros((1, 1, 1, 1), dtype=np.float32)
 
     def conv_hw(self, height: int, width: int) -> tuple[int, int]:
@@ -164,30 +262,58 @@ class SparseConv2d:
         oh, ow = self.conv_hw(height, width)
         return (oh // self.pool, ow // self.pool) if self.pool else (oh, ow)
 
-    def _layout(self, images: int, height: int, width: int) -> tuple:
+    def _layout(self, images: int, height: int, width: int) -> _Layout:
         """Offsets and buffers for one input size (built once per size)."""
         key = (images, height, width)
         if key not in self._geometry:
-            s = self.stride
-            top, left, bottom, right = self.pads
-            hp, wp = height + top + bottom, width + left + right
-            oh, ow = self.conv_hw(height, width)
-            hs, ws = -(-hp // s), -(-wp // s)
-            plane = hs * ws  # one image's phase plane; images follow one another
-            c, kh, kw = self._coords
-            offsets = ((c * s + kh % s) * s + kw % s) * (images * plane) + (kh // s) * ws + kw // s
-            # a whole number of 16-float vectors: the compiled axpy then never runs its scalar
-            # remainder loop (a 7x7 plane at padded width 9 is 63 floats: 3 vectors + 15 scalars)
-            length = -(-((images - 1) * plane + oh * ws) // VECTOR) * VECTOR  # the last image's rows below oh are not needed
-            slack = ((self.kh - 1) // s + 1) * ws + VECTOR  # dropped outputs read past the last plane
-            buf = np.zeros(self.in_channels * s * s * images * plane + slack, dtype=np.float32)
+            self._geometry[key] = self._new_layout(images, height, width)
+        return self._geometry[key]
+
+    def _new_layout(self, images: int, height: int, width: int) -> _Layout:
+        s = self.stride
+        top, left, bottom, right = self.pads
+        hp, wp = height + top + bottom, width + left + right
+        oh, ow = self.conv_hw(height, width)
+        hs, ws = -(-hp // s), -(-wp // s)
+        c, kh, kw = self._coords
+        # a whole number of 16-float vectors: the compiled passes never run a scalar remainder
+        # (a 7x7 plane at padded width 9 is 63 floats: 3 vectors + 15 scalars)
+        length = -(-((images - 1) * hs * ws + oh * ws) // VECTOR) * VECTOR  # the last image's rows below oh are not needed
+        # long planes, and short ones whose rows are (nearly) whole vectors already (14x14 with
+        # its border: 16 floats) take the aligned layout; a 7x7 plane's 9-float rows would
+        # nearly double to 16, and stay with one output channel at a time in registers
+        aligned = length > TILE_MAX or -(-ws // VECTOR) * VECTOR <= ALIGN_WASTE * ws
+        copies = (self.kw - 1) // s + 1 if aligned else 0
+        if copies:  # the aligned layout: rows of whole vectors, one copy per column shift
+            ws = -(-ws // VECTOR) * VECTOR
+            length = -(-((images - 1) * hs * ws + oh * ws) // VECTOR) * VECTOR
+        plane = hs * ws  # one image's phase plane; images follow one another
+        offsets = ((c * s + kh % s) * s + kw % s) * (images * plane) + (kh // s) * ws
+        slack = ((self.kh - 1) // s + 1) * ws + VECTOR  # dropped outputs read past the last plane
+        size = self.in_channels * s * s * images * plane + slack
+        if copies:
+            size = -(-(size + VECTOR) // VECTOR) * VECTOR  # copy q reads copy 0 up to q floats on
+            offsets = offsets + (kw // s) * size
+            buf = _aligned_zeros(copies * size)
+            # each output channel's row, TILE positions at a time, reads one block of input
+            # channels (rows of (TILE + 2 * ws) floats per channel, phase and copy) from L1:
+            # blocks of 8 channels at 56x56 and of 16 at 28x28 and 14x14 were the fastest
+            block = 8 if ws >= 48 else 16
+            blocks = -(-self.in_channels // block)
+            keys = np.repeat(np.arange(self.out_channels), np.diff(self.ptr)) * blocks + c // block
+            bptr = np.searchsorted(keys, np.arange(self.out_channels * blocks + 1)).astype(np.int64)
+            bptr = np.stack([bptr[o * blocks : o * blocks + blocks + 1] for o in range(self.out_channels)])
+            accs = _aligned_zeros(self.out_channels * length).reshape(self.out_channels, length)
+        else:
+            offsets = offsets + kw // s
+            buf = np.zeros(size, dtype=np.float32)
+            bptr = np.zeros((1, 1), dtype=np.int64)
             # each thread's accumulator on cache lines of its own: rows packed end to end shared a
             # line at each boundary, rewritten by both cores at every pass (a 14x14 layer split
             # over two threads ran 0.90 ms against 0.72 ms on one)
             row = -(-length // VECTOR) * VECTOR + VECTOR
             accs = np.empty((self.parts, row), dtype=np.float32)
-            self._geometry[key] = (offsets.astype(np.int64), buf, accs, length, plane, ws, oh, ow)
-        return self._geometry[key]
+        return _Layout(offsets.astype(np.int64), buf, accs, length, plane, ws, oh, ow, copies, size if copies else 0, bptr)
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
@@ -198,16 +324,16 @@ class SparseConv2d:
         has_res = residual is not None
         if has_res and (self.pool or residual.shape != (x.shape[0], self.out_channels, *self.conv_hw(x.shape[2], x.shape[3]))):
             raise ValueError(f"residual of shape {list(residual.shape)} does not match the convolution's output")
-        offsets, buf, accs, length, plane, ws, oh, ow = self._layout(*x.shape[:1], *x.shape[2:])
+        g = self._layout(*x.shape[:1], *x.shape[2:])
         out = np.empty((x.shape[0], self.out_channels, *self.output_hw(x.shape[2], x.shape[3])), dtype=np.float32)
         res = np.ascontiguousarray(residual, dtype=np.float32) if has_res else self._no_res
-        top, left = self.pads[0], self.pads[1]
+        top, left, stride = self.pads[0], self.pads[1], self.stride
         if self.parts > 1:  # output channels split over threads, in blocks of about equal nonzeros
             if fast_fork_join():
-                return conv_parallel(x, buf, accs, length, self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, oh, ow, self.pool, out, self.bounds)
+                return conv_parallel(x, g.buf, g.accs, g.length, self.ptr, g.bptr, g.offsets, self.values, self.bias, res, has_res, self.activation, top, left, stride, g.plane, g.ws, self.phases, g.oh, g.ow, self.pool, out, g.copies, g.copy_size, self.bounds)
 
-            fill(x, buf, top, left, self.stride, plane, ws, self.phases)
-            shared = (buf, self.ptr, offsets, self.values, self.bias, out, res, has_res, self.activation, ws, plane, oh, ow, self.pool)
-            run_split(channels, [(*shared, accs[p, :length], self.bounds[p], self.bounds[p + 1]) for p in range(self.parts)])
+            fill(x, g.buf, top, left, stride, g.plane, g.ws, self.phases, g.copies, g.copy_size)
+            shared = (g.buf, g.accs, g.length, self.ptr, g.bptr, g.offsets, self.values, self.bias, out, res, has_res, self.activation, g.ws, g.plane, g.oh, g.ow, self.pool, g.copies)
+            run_split(channels, [(*shared, p, self.bounds[p], self.bounds[p + 1]) for p in range(self.parts)])
             return out
-        return conv_serial(x, buf, accs[0, :length], self.ptr, offsets, self.values, self.bias, res, has_res, self.activation, top, left, self.stride, plane, ws, self.phases, oh, ow, self.pool, out)
+        return conv_serial(x, g.buf, g.accs, g.length, self.ptr, g.bptr, g.offsets, self.values, self.bias, res, has_res, self.activation, top, left, stride, g.plane, g.ws, self.phases, g.oh, g.ow, self.pool, out, g.copies, g.copy_size)
