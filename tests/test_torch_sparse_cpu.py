@@ -77,6 +77,21 @@ def test_auto_plan_records_its_evidence(tmp_path):
         assert any(r["verdict"] == "faster" for r in decision.candidates.values()) == (decision.mode == "sparse")
 
 
+def test_planning_waits_while_two_threads_are_no_faster_than_one():
+    """parallel_probe re-measures, a second apart, while the split is not faster than serial,
+    up to its limit, and reports what it saw; the real probe measures both variants."""
+    from dnsconvert.targets.torch_sparse_cpu import parallel_probe
+
+    readings = iter([(1.0, 1.4), (1.0, 1.3), (1.0, 0.6), (1.0, 0.6)])
+    slept: list[float] = []
+    probe = parallel_probe(2, measure=lambda threads: next(readings), sleep=slept.append)
+    assert probe == {"serial_ms": 1.0, "split_ms": 0.6, "waited_s": 2.0} and slept == [1.0, 1.0]
+    stuck = parallel_probe(2, wait_s=3.0, measure=lambda threads: (1.0, 1.4), sleep=lambda s: None)
+    assert stuck["waited_s"] == 3.0 and stuck["split_ms"] == 1.4  # gives up and says so
+    real = parallel_probe(2, wait_s=0.0)
+    assert real["serial_ms"] > 0 and real["split_ms"] > 0
+
+
 def test_auto_plan_falls_back_to_dense_when_sparse_loses(tmp_path):
     """Unpruned layers: a CSR kernel does the dense work with index overhead; the plan must keep ONNX Runtime."""
     ckpt = masked_checkpoint("mlp", 0.0, hidden=[256, 256])
@@ -162,12 +177,15 @@ def test_sparse_conv_matches_torch_on_short_and_long_planes(height, width, batch
     pad = kernel // 2
     expected = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=pad, stride=stride))
     for parts in (1, 2):
-        conv = SparseConv2d(weight.numpy(), bias.numpy(), stride=stride, pads=(pad, pad, pad, pad), activation=1, parts=parts)
-        np.testing.assert_allclose(conv(x.numpy()), expected.numpy(), atol=1e-4, rtol=1e-5)
-        layout = conv._layout(batch, height, width)
-        assert (layout.copies > 0) == aligned
-        if aligned:
-            assert layout.buf.ctypes.data % 64 == 0 and layout.ws % 16 == 0 and not (layout.offsets % 16).any()
+        for forced in ("auto", "rows", "aligned"):
+            conv = SparseConv2d(weight.numpy(), bias.numpy(), stride=stride, pads=(pad, pad, pad, pad), activation=1, parts=parts, layout=forced)
+            np.testing.assert_allclose(conv(x.numpy()), expected.numpy(), atol=1e-4, rtol=1e-5)
+            layout = conv._layout(batch, height, width)
+            assert (layout.copies > 0) == {"auto": aligned, "rows": False, "aligned": True}[forced]
+            if layout.copies:
+                assert layout.buf.ctypes.data % 64 == 0 and layout.ws % 16 == 0 and not (layout.offsets % 16).any()
+    very_sparse = weight * (torch.rand_like(weight) > 0.97)  # ~3-15 nonzeros per output channel
+    assert SparseConv2d(very_sparse.numpy(), None, stride=stride, pads=(pad, pad, pad, pad))._layout(batch, height, width).copies == 0
 
 
 @pytest.mark.parametrize("index_type", [np.int32, np.int64])

@@ -22,7 +22,8 @@ random weights at ResNet-18 ERK densities:
   its border is 9 floats wide) keep the rows as they are; one output channel at a time is
   accumulated in registers over all of its nonzeros (``register_tiles``). 7x7x512 at 95%:
   0.57 -> 0.36 ms against eight-way axpy passes.
-- the others take the aligned layout: rows padded to whole 16-float vectors, and one copy of
+- layers with many nonzeros per output channel (32 or more on average) on long planes, or on
+  short ones whose rows are nearly whole vectors, take the aligned layout: rows padded to whole 16-float vectors, and one copy of
   the buffer per column shift (copy q is copy 0 moved left by q floats, made after the fill), so
   that every nonzero's source row starts on a vector boundary (a 64-byte load that straddles two
   cache lines costs two: register tiles ran at ~48 GMAC/s from aligned L1 rows, ~32 from
@@ -53,6 +54,7 @@ from .register_tiles import LANES, TILE_MAX, tile_rows
 
 F32 = np.float32
 CHUNK = 4096  # output positions per accumulation pass: 16 KiB of accumulator stays in L1
+ALIGNED_MIN_NNZ = 32  # nonzeros per output channel (on average) below which a layer keeps its rows
 ALIGN_WASTE = 1.15  # a short plane takes the aligned layout if that widens its rows by at most this
 TILE = 256  # output positions per tile of the aligned layout (128-512 measured alike)
 VECTOR = LANES  # float32 lanes of an AVX-512 register (lengths are whole vectors: register_tiles needs it)
@@ -232,10 +234,12 @@ def _aligned_zeros(count: int) -> np.ndarray:
 
 
 class SparseConv2d:
-    """One sparse convolution (+ bias, residual, activation, max pool) on float32 NCHW arrays."""
+    """One sparse convolution (+ bias, residual, activation, max pool) on float32 NCHW arrays.
+    ``layout``: "auto" (see ``_new_layout``), or "rows" / "aligned" to force one (tests, benchmarks)."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, *, stride: int, pads: tuple[int, int, int, int], activation: int = 0, parts: int = 1, pool: int = 0):
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, *, stride: int, pads: tuple[int, int, int, int], activation: int = 0, parts: int = 1, pool: int = 0, layout: str = "auto"):
         self.out_channels, self.in_channels, self.kh, self.kw = weight.shape
+        self.layout = layout
         self.stride, self.pads, self.activation, self.parts, self.pool = int(stride), tuple(int(p) for p in pads), int(activation), int(parts), int(pool)
         oc, c, kh, kw = np.nonzero(weight)  # row-major order: grouped by output channel
         self._coords = (c.astype(np.int64), kh.astype(np.int64), kw.astype(np.int64))
@@ -279,10 +283,14 @@ class SparseConv2d:
         # a whole number of 16-float vectors: the compiled passes never run a scalar remainder
         # (a 7x7 plane at padded width 9 is 63 floats: 3 vectors + 15 scalars)
         length = -(-((images - 1) * hs * ws + oh * ws) // VECTOR) * VECTOR  # the last image's rows below oh are not needed
-        # long planes, and short ones whose rows are (nearly) whole vectors already (14x14 with
-        # its border: 16 floats) take the aligned layout; a 7x7 plane's 9-float rows would
-        # nearly double to 16, and stay with one output channel at a time in registers
-        aligned = length > TILE_MAX or -(-ws // VECTOR) * VECTOR <= ALIGN_WASTE * ws
+        # The aligned layout pays a copy of the input per column shift and, per tile, a load and
+        # store of every output channel's accumulator: worth it where each output channel has
+        # many nonzeros (ResNet-18 at 58-95%: 58-244; LeNet-5's DNS convolutions, 3 and 13,
+        # ran 1.2-1.3x slower in it at batch 64), on long planes, and on short ones whose rows
+        # are (nearly) whole vectors already (14x14 with its border: 16 floats; a 7x7 plane's
+        # 9-float rows would nearly double, and stay with one channel at a time in registers).
+        aligned = self.nnz >= ALIGNED_MIN_NNZ * self.out_channels and (length > TILE_MAX or -(-ws // VECTOR) * VECTOR <= ALIGN_WASTE * ws)
+        aligned = {"auto": aligned, "rows": False, "aligned": True}[self.layout]
         copies = (self.kw - 1) // s + 1 if aligned else 0
         if copies:  # the aligned layout: rows of whole vectors, one copy per column shift
             ws = -(-ws // VECTOR) * VECTOR
