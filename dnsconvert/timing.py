@@ -309,6 +309,7 @@ def _load_tbb() -> bool:
     return True
 
 
+@functools.cache  # asked by every parallel kernel call (0.45 us uncached); the layer is fixed once chosen
 def fast_fork_join() -> bool:
     """Whether numba's parallel kernels run on a pool that forks and joins in microseconds (TBB)."""
     return use_numba_threading_layer() == "tbb"

@@ -226,6 +226,11 @@ class _Layout(NamedTuple):
     bptr: np.ndarray
 
 
+def _whole_vectors(count: int) -> int:
+    """``count`` floats rounded up to whole vectors."""
+    return -(-count // VECTOR) * VECTOR
+
+
 def _aligned_zeros(count: int) -> np.ndarray:
     """Zeros starting on a 64-byte boundary (numpy only promises 16)."""
     raw = np.zeros(count + VECTOR, dtype=np.float32)
@@ -280,27 +285,32 @@ class SparseConv2d:
         oh, ow = self.conv_hw(height, width)
         hs, ws = -(-hp // s), -(-wp // s)
         c, kh, kw = self._coords
-        # a whole number of 16-float vectors: the compiled passes never run a scalar remainder
-        # (a 7x7 plane at padded width 9 is 63 floats: 3 vectors + 15 scalars)
-        length = -(-((images - 1) * hs * ws + oh * ws) // VECTOR) * VECTOR  # the last image's rows below oh are not needed
+
+        def length_at(ws: int) -> int:
+            # a whole number of 16-float vectors: the compiled passes never run a scalar remainder
+            # (a 7x7 plane at padded width 9 is 63 floats: 3 vectors + 15 scalars); the last
+            # image's rows below oh are not needed
+            return _whole_vectors((images - 1) * hs * ws + oh * ws)
+
+        length = length_at(ws)
         # The aligned layout pays a copy of the input per column shift and, per tile, a load and
         # store of every output channel's accumulator: worth it where each output channel has
         # many nonzeros (ResNet-18 at 58-95%: 58-244; LeNet-5's DNS convolutions, 3 and 13,
         # ran 1.2-1.3x slower in it at batch 64), on long planes, and on short ones whose rows
         # are (nearly) whole vectors already (14x14 with its border: 16 floats; a 7x7 plane's
         # 9-float rows would nearly double, and stay with one channel at a time in registers).
-        aligned = self.nnz >= ALIGNED_MIN_NNZ * self.out_channels and (length > TILE_MAX or -(-ws // VECTOR) * VECTOR <= ALIGN_WASTE * ws)
+        aligned = self.nnz >= ALIGNED_MIN_NNZ * self.out_channels and (length > TILE_MAX or _whole_vectors(ws) <= ALIGN_WASTE * ws)
         aligned = {"auto": aligned, "rows": False, "aligned": True}[self.layout]
         copies = (self.kw - 1) // s + 1 if aligned else 0
         if copies:  # the aligned layout: rows of whole vectors, one copy per column shift
-            ws = -(-ws // VECTOR) * VECTOR
-            length = -(-((images - 1) * hs * ws + oh * ws) // VECTOR) * VECTOR
+            ws = _whole_vectors(ws)
+            length = length_at(ws)
         plane = hs * ws  # one image's phase plane; images follow one another
         offsets = ((c * s + kh % s) * s + kw % s) * (images * plane) + (kh // s) * ws
         slack = ((self.kh - 1) // s + 1) * ws + VECTOR  # dropped outputs read past the last plane
         size = self.in_channels * s * s * images * plane + slack
         if copies:
-            size = -(-(size + VECTOR) // VECTOR) * VECTOR  # copy q reads copy 0 up to q floats on
+            size = _whole_vectors(size + VECTOR)  # copy q reads copy 0 up to q floats on
             offsets = offsets + (kw // s) * size
             buf = _aligned_zeros(copies * size)
             # each output channel's row, TILE positions at a time, reads one block of input
@@ -319,8 +329,7 @@ class SparseConv2d:
             # each thread's accumulator on cache lines of its own: rows packed end to end shared a
             # line at each boundary, rewritten by both cores at every pass (a 14x14 layer split
             # over two threads ran 0.90 ms against 0.72 ms on one)
-            row = -(-length // VECTOR) * VECTOR + VECTOR
-            accs = np.empty((self.parts, row), dtype=np.float32)
+            accs = np.empty((self.parts, length + VECTOR), dtype=np.float32)  # length is whole vectors
         return _Layout(offsets.astype(np.int64), buf, accs, length, plane, ws, oh, ow, copies, size if copies else 0, bptr)
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:

@@ -186,22 +186,15 @@ def parallel_probe(threads: int, *, wait_s: float = PROBE_WAIT_S, measure=None, 
 
 def _probe_split(threads: int) -> tuple[float, float]:
     """p50 (ms) of a 64-channel 28x28 convolution at 60% sparsity, serial and split, interleaved."""
-    import time
-
+    from ..timing import measure_interleaved
     from .sparse_conv import SparseConv2d
 
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((64, 64, 3, 3)) * (rng.random((64, 64, 3, 3)) < 0.4)).astype(np.float32)
     x = rng.standard_normal((1, 64, 28, 28)).astype(np.float32)
-    convs = [SparseConv2d(weight, None, stride=1, pads=(1, 1, 1, 1), parts=parts) for parts in (1, threads)]
-    times: list[list[float]] = [[], []]
-    for round_ in range(18):
-        for conv, timed in zip(convs, times):
-            started = time.perf_counter()
-            conv(x)
-            if round_ >= 3:  # compile and warm up first
-                timed.append(time.perf_counter() - started)
-    return float(np.median(times[0])) * 1e3, float(np.median(times[1])) * 1e3
+    serial, split = (SparseConv2d(weight, None, stride=1, pads=(1, 1, 1, 1), parts=parts) for parts in (1, threads))
+    result = measure_interleaved({"serial": lambda: serial(x), "split": lambda: split(x)}, batch=1, rounds=5, iterations=3, warmup=3)
+    return result.stats("serial").p50_ms, result.stats("split").p50_ms
 
 
 def plan_regime(graph, ops, *, inputs, batch: int, threads: int, mode: str, min_sparsity: float, budget_s: float) -> dict[str, Any]:
