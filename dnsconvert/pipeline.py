@@ -475,7 +475,7 @@ def stage_bench(run: Run) -> None:
     for step_name, target, folder in subjects:
 
         def work(folder=folder, target=target) -> StepOutput:
-            report = bench(folder, batches=options.batches, warmup=options.warmup, iterations=options.iterations, threads=options.threads, trust_model_code=run.trust_model_code)
+            report = bench(folder, batches=options.batches, warmup=options.warmup, iterations=options.iterations, threads=options.threads, trust_model_code=run.trust_model_code, progress=run.progress)
             floor = options.min_speedup.get(target) if isinstance(options.min_speedup, dict) else options.min_speedup
             gates = []
             if floor is not None:

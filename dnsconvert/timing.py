@@ -187,21 +187,26 @@ def measure_interleaved(
     warmup_per_round: int = 1,
     synchronize: Mapping[str, Callable[[], None]] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    done: Callable[[str], None] | None = None,
 ) -> Interleaved:
     """Time every call in ``calls`` in ``rounds`` rounds; in each round each variant runs
     ``warmup_per_round`` untimed calls (caches, thread pools), then ``iterations`` timed calls
     (or its share of ``time_budget_s``: budget / rounds / variants, at least 3 calls). The
-    order of variants rotates from round to round so that none always follows the same one."""
+    order of variants rotates from round to round so that none always follows the same one.
+    ``done(name)``, if given, is told of each variant's warm-up and each of its blocks as they
+    end: ``len(calls) * (rounds + 1)`` calls in all (a progress bar's steps)."""
     if iterations is None and time_budget_s is None:
         raise ValueError("give iterations or a time budget")
     if rounds < 1 or not calls:
         raise ValueError("need at least one round and one call")
     names = list(calls)
     sync = synchronize or {}
+    report = done or _noop_name
     for name in names:
         for _ in range(warmup):
             calls[name]()
         sync.get(name, _noop)()
+        report(name)
     result = Interleaved(batch=batch, warmup=warmup, samples={name: [] for name in names})
     block_budget = time_budget_s / (rounds * len(names)) if time_budget_s is not None else None
     for r in range(rounds):
@@ -223,10 +228,15 @@ def measure_interleaved(
                 if iterations is None and clock() - started >= block_budget and len(block) >= 3:
                     break
             result.samples[name].append(block)
+            report(name)
     return result
 
 
 def _noop() -> None:
+    pass
+
+
+def _noop_name(name: str) -> None:
     pass
 
 

@@ -67,8 +67,10 @@ def test_interleaved_rounds_rotate_and_ratio_is_exact_on_known_delays():
         return run
 
     calls = {"dense": runner("dense", 4.0), "sparse": runner("sparse", 1.0), "other": runner("other", 2.0)}
-    timed = measure_interleaved(calls, batch=1, rounds=3, iterations=2, warmup=1, warmup_per_round=1, clock=clock)
+    finished: list[tuple[str, int]] = []  # the progress hook: each warm-up and block as it ends
+    timed = measure_interleaved(calls, batch=1, rounds=3, iterations=2, warmup=1, warmup_per_round=1, clock=clock, done=lambda name: finished.append((name, len(order))))
     assert timed.rounds == 3 and all(len(block) == 2 for blocks in timed.samples.values() for block in blocks)
+    assert finished == [("dense", 1), ("sparse", 2), ("other", 3)] + [(name, 3 + 3 * k) for k, name in enumerate(["dense", "sparse", "other", "sparse", "other", "dense", "other", "dense", "sparse"], start=1)]
     # after one warm-up call each, every round runs each variant as a block of 1 + 2 calls, rotating who goes first
     rounds = [order[3 + 9 * r : 3 + 9 * (r + 1)][::3] for r in range(3)]
     assert rounds == [["dense", "sparse", "other"], ["sparse", "other", "dense"], ["other", "dense", "sparse"]]
@@ -184,6 +186,25 @@ def test_bench_cli_json_and_plot(run_cli, tmp_path):
     assert result.exit_code == 1 and "below --min-speedup" in result.stderr
     result = run_cli("bench", FIXTURES / "tiny_mlp_unstructured.safetensors", "--rounds", "0")
     assert result.exit_code == 2 and "--rounds" in result.stderr
+
+
+def test_bench_cli_time_budget_alone_bounds_the_run_and_bad_counts_are_one_line(run_cli):
+    """--time-budget on its own replaces the default 200 calls (it used to be ignored unless
+    --iterations 0 came with it, and --iterations 0 alone ended in a traceback)."""
+    import time
+
+    model = FIXTURES / "tiny_mlp_unstructured.safetensors"
+    started = time.perf_counter()
+    result = run_cli("bench", model, "--target", "ort", "--batch", "1", "--time-budget", "0.2", "--rounds", "2", "--warmup", "1", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    samples = {r["variant"]: r["iterations"] for r in data["rows"]}
+    assert all(n >= 6 for n in samples.values()) and max(samples.values()) > 200, samples  # by time, not a count
+    assert time.perf_counter() - started < 60
+    for args, expected in [(["--iterations", "0"], "--iterations 0"), (["--iterations", "5", "--time-budget", "1"], "not both"), (["--time-budget", "0"], "--time-budget")]:
+        result = run_cli("bench", model, "--batch", "1", *args)
+        assert result.exit_code == 2 and expected in result.stderr and "Traceback" not in result.output, result.output
+        assert len(result.stderr.strip().splitlines()) <= 2
 
 
 def test_bench_cli_table_lists_speedup_first(run_cli):

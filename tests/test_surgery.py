@@ -440,8 +440,8 @@ def test_compiled_update_exact_whatever_the_candidate_bound(monkeypatch, bound):
     if bound == "above":
         monkeypatch.setattr(dns_module, "_LOWERINGS", 0)
     outcomes, flagged_again = [], []
-    original = DynamicNetworkSurgery._update_compiled
-    monkeypatch.setattr(DynamicNetworkSurgery, "_update_compiled", lambda self, name: outcomes.append(original(self, name)) or outcomes[-1])
+    original = DynamicNetworkSurgery._update_calibrated  # the one-call update, from either step
+    monkeypatch.setattr(DynamicNetworkSurgery, "_update_calibrated", lambda self, *args: outcomes.append(original(self, *args)) or outcomes[-1])
     real_flag = dns_module._kernels().flag_
     monkeypatch.setattr(dns_module._kernels(), "flag_", lambda *args: flagged_again.append(1) or real_flag(*args))
     config = DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=1e-2, iter_stop=50, seed=2)
@@ -571,3 +571,37 @@ def test_a_subclass_update_still_runs_under_no_grad():
     loss.backward()
     sparsifier.step()
     assert torch.equal(model[0].weight.detach(), before * 0.5)
+
+
+def test_the_table_configuration_takes_the_lean_step_and_leaves_it_when_it_must():
+    """DNS's lean step (fold and update per layer, for per-layer targets re-estimated at every
+    update) must match the frozen reference bit for bit, also when a parameter's storage moves
+    mid-run (it hands that step to the general loop and rebuilds); configurations it does not
+    cover, and a subclass that overrides the update, take the general step."""
+    config = DNSConfig(layer_sparsity=TABLE, reestimate=True, gamma=2e-2, iter_stop=40, seed=5)
+    lean_steps = 0
+    for step, (dns, ref, model, twin) in enumerate(_twin_runs(_lenet300100, config, 50)):
+        _assert_twins_equal(dns, ref, model, twin, step)
+        lean_steps += dns._one_call_layers() is not None
+        if step == 20:  # new storage for every parameter of both models (load_state_dict(assign=True) does this)
+            with torch.no_grad():
+                for m in (model, twin):
+                    for param in m.parameters():
+                        param.data = param.data.clone()
+    assert lean_steps == 50
+    assert dns._one_call is not None and all(flat.data_ptr == param.data_ptr() for param, flat in dns._one_call)  # rebuilt
+
+    def lean(model, config, cls=DynamicNetworkSurgery):
+        return cls(model, config)._one_call_layers() is not None
+
+    assert not lean(_mlp(), DNSConfig(c=1.5))  # statistics estimated once: the general update
+    assert not lean(_mlp(), DNSConfig(target_sparsity=0.9, criterion="taylor"))
+    assert not lean(_mlp(), DNSConfig(target_sparsity=0.7, nm="2:4", reestimate=True))
+    assert not lean(_mlp_float64(), DNSConfig(target_sparsity=0.9, reestimate=True))
+    assert lean(_mlp(), DNSConfig(target_sparsity=0.9, reestimate=True))
+
+    class Logged(DynamicNetworkSurgery):
+        def update_masks(self):
+            super().update_masks()
+
+    assert not lean(_mlp(), DNSConfig(target_sparsity=0.9, reestimate=True), Logged)

@@ -92,6 +92,34 @@ def test_planning_waits_while_two_threads_are_no_faster_than_one():
     assert real["serial_ms"] > 0 and real["split_ms"] > 0
 
 
+def test_op_timings_take_each_variants_faster_pass():
+    """A hiccup during one op's first timing (its split 2.2 ms where it runs in 1.0) must not flip
+    its kernel: every op is timed in two passes at half the budget, and each variant, dense
+    included, keeps its faster p50."""
+    from types import SimpleNamespace
+
+    from dnsconvert.targets.torch_sparse_cpu import time_ops
+
+    ops = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
+    readings = {
+        ("a", 0): {"dense": 1.2, "serial": 1.5, "parallel": 2.2},  # a's first window: a hiccup
+        ("b", 0): {"dense": 1.2, "serial": 1.5, "parallel": 1.0},
+        ("a", 1): {"dense": 1.1, "serial": 1.6, "parallel": 1.0},
+        ("b", 1): {"dense": 1.3, "serial": 1.4, "parallel": 1.1},
+    }
+    calls: list[tuple[str, float]] = []
+
+    def timer(graph, op, values, threads, budget_s):
+        calls.append((op.name, budget_s))
+        return readings[(op.name, sum(name == op.name for name, _ in calls) - 1)]
+
+    timings = time_ops(None, ops, {}, 2, 0.3, timer=timer)
+    assert calls == [("a", 0.15), ("b", 0.15), ("a", 0.15), ("b", 0.15)]  # whole passes, half the budget each
+    assert timings == {"a": {"dense": 1.1, "serial": 1.5, "parallel": 1.0}, "b": {"dense": 1.2, "serial": 1.4, "parallel": 1.0}}
+    assert {name: min(t, key=t.get) for name, t in timings.items()} == {"a": "parallel", "b": "parallel"}
+    assert time_ops(None, ops, {}, 2, 0.3, passes=1, timer=lambda *a: readings[(a[1].name, 0)])["a"]["parallel"] == 2.2
+
+
 def test_auto_plan_falls_back_to_dense_when_sparse_loses(tmp_path):
     """Unpruned layers: a CSR kernel does the dense work with index overhead; the plan must keep ONNX Runtime."""
     ckpt = masked_checkpoint("mlp", 0.0, hidden=[256, 256])

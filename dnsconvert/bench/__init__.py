@@ -162,26 +162,40 @@ def compare_rows(timed: Interleaved, entries: Sequence[_Entry], batch: int, conf
 def bench_runners(
     entries: Sequence[_Entry], report: BenchReport, *, inputs: Sequence[Any], batches: Sequence[int], warmup: int,
     iterations: int | None, time_budget_s: float | None, rounds: int, confidence: float, where: Any = None,
+    progress: bool = False,
 ) -> None:  # fmt: skip
     """Time every runner at every batch in the same interleaved rounds (same feeds for all:
-    ``inputs`` are the model's InputSpecs); add rows and speedups to ``report``."""
+    ``inputs`` are the model's InputSpecs); add rows and speedups to ``report``. ``progress``:
+    a bar per batch on stderr (a large model at batch 64 can take many minutes per runner)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     from ..model_io import sample_feeds
 
-    for batch in batches:
-        feeds = sample_feeds(inputs, batch=batch, seed=0, where=where)
-        calls, syncs = {}, {}
-        for e in entries:
-            key = f"{e.target} {e.variant}"
-            runner = e.runner
-            # GPU runners take the inputs on the device once (prepare), so the timing is the model's
-            calls[key] = (lambda r=runner, h=runner.prepare(feeds): r.run_device(h)) if hasattr(runner, "prepare") else (lambda r=runner: r.run(feeds))
-            syncs[key] = runner.synchronize
-        per_round = max(1, -(-iterations // rounds)) if iterations is not None else None
-        budget = time_budget_s * len(calls) if time_budget_s is not None else None
-        timed = measure_interleaved(calls, batch=batch, rounds=rounds, iterations=per_round, time_budget_s=budget, warmup=warmup, synchronize=syncs)
-        rows, speedups = compare_rows(timed, entries, batch, confidence, report.own_dense_alias)
-        report.rows.extend(rows)
-        report.comparisons.extend(speedups)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    # on stderr, so that the table or JSON on stdout stays whole; gone once done
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
+        for batch in batches:
+            feeds = sample_feeds(inputs, batch=batch, seed=0, where=where)
+            calls, syncs = {}, {}
+            for e in entries:
+                key = f"{e.target} {e.variant}"
+                runner = e.runner
+                # GPU runners take the inputs on the device once (prepare), so the timing is the model's
+                calls[key] = (lambda r=runner, h=runner.prepare(feeds): r.run_device(h)) if hasattr(runner, "prepare") else (lambda r=runner: r.run(feeds))
+                syncs[key] = runner.synchronize
+            per_round = max(1, -(-iterations // rounds)) if iterations is not None else None
+            budget = time_budget_s * len(calls) if time_budget_s is not None else None
+            task = bar.add_task(f"bench batch {batch}", total=len(calls) * (rounds + 1))
+
+            def done(name: str, task=task, batch=batch) -> None:
+                bar.update(task, advance=1, description=f"bench batch {batch}: {name}")
+
+            timed = measure_interleaved(calls, batch=batch, rounds=rounds, iterations=per_round, time_budget_s=budget, warmup=warmup, synchronize=syncs, done=done)
+            bar.remove_task(task)
+            rows, speedups = compare_rows(timed, entries, batch, confidence, report.own_dense_alias)
+            report.rows.extend(rows)
+            report.comparisons.extend(speedups)
     report.rounds, report.confidence = rounds, confidence
 
 
@@ -264,6 +278,7 @@ def bench(
     workdir: str | Path | None = None,
     build_options: dict[str, dict[str, str]] | None = None,
     trust_model_code: bool = False,
+    progress: bool = False,
 ) -> BenchReport:
     """Benchmark a SparseCheckpoint (built for each target) or an Artifact (as built).
 
@@ -280,6 +295,7 @@ def bench(
         build_options: ``-T`` options per target name, e.g. ``{"torch-sparse-cpu": {"plan": "sparsity"}}``.
         trust_model_code: allow rebuilding a model factory outside dnsconvert (the caller's
             decision, never an artifact's).
+        progress: show a progress bar per batch on stderr while timing.
     """
     from ..checkpoint import SparseCheckpoint
     from ..targets import Artifact, build_artifact, get_target, load_artifact
@@ -338,7 +354,7 @@ def bench(
             report.thread_settings = pin_threads(threads)  # after every runtime is loaded (with 0 it only records)
             bench_runners(
                 entries, report, inputs=spec.inputs, batches=batches, warmup=warmup, iterations=iterations,
-                time_budget_s=time_budget_s, rounds=rounds, confidence=confidence, where=where,
+                time_budget_s=time_budget_s, rounds=rounds, confidence=confidence, where=where, progress=progress,
             )  # fmt: skip
         finally:
             for e in entries:

@@ -14,8 +14,8 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 @click.option("--target", "targets", multiple=True, help="Target(s) to build and time (repeatable; default ort). Ignored for an artifact.")
 @click.option("--batch", "batches", type=int, multiple=True, help="Batch size(s) (repeatable; default 1 and 64).")
 @click.option("--warmup", type=int, default=20, show_default=True)
-@click.option("--iterations", type=int, default=200, show_default=True, help="Timed calls per runner and batch, spread over the rounds (0: use --time-budget).")
-@click.option("--time-budget", type=float, default=None, help="Seconds per runner and batch instead of a fixed count.")
+@click.option("--iterations", type=int, default=None, help="Timed calls per runner and batch, spread over the rounds [default: 200, unless --time-budget].")
+@click.option("--time-budget", type=float, default=None, help="Seconds per runner and batch instead of a fixed count (bounds a large model's run).")
 @click.option("--rounds", type=int, default=10, show_default=True, help="Interleaved rounds: every runner is timed in each round, in rotating order.")
 @click.option("--confidence", type=float, default=0.95, show_default=True, help="Level of the speedup intervals (bootstrap over rounds).")
 @click.option("--baseline", "baselines", type=click.Choice(["fp32", "int8", "none"]), multiple=True, help="ONNX Runtime dense baselines (repeatable; default fp32 and int8).")
@@ -23,10 +23,11 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 @click.option("--pin-cpus", is_flag=True, help="Also bind the process to the first --threads CPUs.")
 @click.option("--min-speedup", type=float, default=None, help="Gate: fail (exit 1) if a speedup against the fastest dense runtime is below this beyond noise (the upper end of its interval).")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (shown on stderr unless --json).")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a speedup and latency plot (PNG) here (needs matplotlib).")
 @model_options
-def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, rounds, confidence, baselines, threads, pin_cpus, min_speedup, as_json, report, plot, model_options) -> None:
+def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, rounds, confidence, baselines, threads, pin_cpus, min_speedup, as_json, no_progress, report, plot, model_options) -> None:
     """Time a checkpoint (built for each --target) or an artifact folder against the fastest dense runtime."""
     from ..artifact import MANIFEST_NAME, load_artifact
     from .._atomic import check_outputs
@@ -35,6 +36,14 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
 
     if rounds < 1:
         raise UserError(f"--rounds {rounds} must be at least 1")
+    if iterations is not None and time_budget is not None:
+        raise UserError("give --iterations or --time-budget, not both", hint="a time budget ends each runner's share after that many seconds; iterations after that many calls")
+    if iterations is not None and iterations < 1:
+        raise UserError(f"--iterations {iterations} must be at least 1", hint="or give --time-budget SECONDS instead")
+    if time_budget is not None and not time_budget > 0:
+        raise UserError(f"--time-budget {time_budget} must be a positive number of seconds")
+    if iterations is None and time_budget is None:
+        iterations = 200
     if not 0.5 <= confidence < 1.0:
         raise UserError(f"--confidence {confidence} must be in [0.5, 1)", hint="e.g. 0.95")
     check_outputs([report, plot], [source, *(source.iterdir() if source.is_dir() else ())])
@@ -48,7 +57,7 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
         targets=targets or ("ort",),
         batches=batches or (1, 64),
         warmup=warmup,
-        iterations=iterations or None,
+        iterations=iterations,
         time_budget_s=time_budget,
         threads=threads,
         rounds=rounds,
@@ -56,6 +65,7 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
         baselines=chosen,
         pin_cpus=pin_cpus,
         trust_model_code=model_options.trust_model_code,
+        progress=not (no_progress or as_json),
     )
     data = result.to_json()
     write_report(report, data)

@@ -157,6 +157,27 @@ def time_op(graph, op, values: Mapping[str, np.ndarray], threads: int, budget_s:
     return {name: round(result.stats(name).p50_ms, 5) for name in calls}
 
 
+TIMING_PASSES = 2
+
+
+def time_ops(graph, ops, values: Mapping[str, np.ndarray], threads: int, budget_s: float, *, passes: int = TIMING_PASSES, timer=None) -> dict[str, dict[str, float]]:
+    """p50 (ms) of every op's variants (``time_op``), each op timed in ``passes`` passes over all
+    ops with ``budget_s / passes`` each; per variant the faster pass counts.
+
+    Why: a hiccup of this VM that hits one op's timing window flips its choice. In one ResNet-18
+    build the first 56x56 convolution's split timed 2.17 ms while its three identical siblings,
+    timed next, took 0.97 ms: the plan kept it serial (1.53 ms), and it ran at 1.8-1.9 ms there.
+    Two timings a whole pass apart (seconds, for a ResNet) rarely both fall in such a window; the
+    minimum is taken for every variant alike, dense included, so none is favoured."""
+    timer = timer or time_op
+    best: dict[str, dict[str, float]] = {op.name: {} for op in ops}
+    for _ in range(passes):
+        for op in ops:
+            for variant, ms in timer(graph, op, values, threads, budget_s / passes).items():
+                best[op.name][variant] = min(ms, best[op.name].get(variant, float("inf")))
+    return best
+
+
 PROBE_GAIN = 1.15  # the probe's split must beat its serial run by this for the threads to count as free
 PROBE_WAIT_S = 20.0
 
@@ -209,11 +230,8 @@ def plan_regime(graph, ops, *, inputs, batch: int, threads: int, mode: str, min_
     feeds = sample_feeds(inputs, batch=batch, seed=0)
     values = activations(graph, feeds, sorted({op.x for op in ops} | {op.residual for op in ops if op.residual}), threads)
     probe = parallel_probe(threads) if threads > 1 else {}
-    kernels, evidence = {}, {}
-    for op in ops:
-        timed = time_op(graph, op, values, threads, budget_s)
-        evidence[op.name] = timed
-        kernels[op.name] = min(timed, key=timed.get)
+    evidence = time_ops(graph, ops, values, threads, budget_s)
+    kernels = {name: min(timed, key=timed.get) for name, timed in evidence.items()}
     decision = {"batch": batch, "kernels": kernels, "timings_ms": evidence, "parallel_probe": probe}
     decision.update(check_whole_model(graph, ops, kernels, feeds, threads, budget_s=4 * budget_s, timings=evidence))
     if decision["mode"] == "dense":
