@@ -6,6 +6,7 @@ import pytest
 
 from helpers import FIXTURES
 from dnsconvert.bench import BASELINE, BenchReport, bench, measure, percentile
+from dnsconvert.errors import UserError
 from dnsconvert.model_io import sample_feeds
 from dnsconvert.timing import measure_interleaved
 
@@ -185,7 +186,7 @@ def test_bench_cli_json_and_plot(run_cli, tmp_path):
     result = run_cli("bench", FIXTURES / "tiny_mlp_unstructured.safetensors", "--iterations", "5", "--rounds", "2", "--batch", "1", "--min-speedup", "1000")
     assert result.exit_code == 1 and "below --min-speedup" in result.stderr
     result = run_cli("bench", FIXTURES / "tiny_mlp_unstructured.safetensors", "--rounds", "0")
-    assert result.exit_code == 2 and "--rounds" in result.stderr
+    assert result.exit_code == 2 and "rounds must be at least 1" in result.stderr
 
 
 def test_bench_cli_time_budget_alone_bounds_the_run_and_bad_counts_are_one_line(run_cli):
@@ -201,10 +202,35 @@ def test_bench_cli_time_budget_alone_bounds_the_run_and_bad_counts_are_one_line(
     samples = {r["variant"]: r["iterations"] for r in data["rows"]}
     assert all(n >= 6 for n in samples.values()) and max(samples.values()) > 200, samples  # by time, not a count
     assert time.perf_counter() - started < 60
-    for args, expected in [(["--iterations", "0"], "--iterations 0"), (["--iterations", "5", "--time-budget", "1"], "not both"), (["--time-budget", "0"], "--time-budget")]:
+    cases = [
+        (["--iterations", "0"], "iterations must be at least 1"),
+        (["--iterations", "5", "--time-budget", "1"], "not both"),
+        (["--time-budget", "0"], "time budget"),
+        (["--time-budget", "inf"], "finite"),  # would never end
+        (["--time-budget", "nan"], "time budget"),
+        (["--batch", "-1"], "batch sizes"),  # used to end in torch's traceback
+        (["--threads", "-1"], "threads"),  # likewise
+        (["--warmup", "-1"], "warm-up"),
+        (["--confidence", "2"], "confidence"),
+    ]
+    for args, expected in cases:
         result = run_cli("bench", model, "--batch", "1", *args)
-        assert result.exit_code == 2 and expected in result.stderr and "Traceback" not in result.output, result.output
+        assert result.exit_code == 2 and expected in result.stderr and "Traceback" not in result.output, (args, result.output)
         assert len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_bench_library_takes_a_time_budget_and_checks_its_settings():
+    """bench() itself (what a pipeline calls): a time budget alone replaces the default count
+    (it was ignored, 200 calls were made), and the same settings are refused as on the CLI."""
+    from dnsconvert.loading import load_checkpoint
+
+    ckpt = load_checkpoint(FIXTURES / "tiny_mlp_unstructured.safetensors")
+    report = bench(ckpt, batches=[1], warmup=1, rounds=2, baselines=["fp32"], time_budget_s=0.2)
+    assert max(r.stats.iterations for r in report.rows) > 200
+    assert {r.stats.iterations for r in bench(ckpt, batches=[1], warmup=0, rounds=2, baselines=[]).rows} == {200}
+    for bad in ({"iterations": 5, "time_budget_s": 1.0}, {"batches": [0]}, {"threads": -2}, {"time_budget_s": float("inf")}):
+        with pytest.raises(UserError):
+            bench(ckpt, **{"batches": [1], **bad})
 
 
 def test_bench_cli_table_lists_speedup_first(run_cli):

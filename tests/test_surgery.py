@@ -604,4 +604,59 @@ def test_the_table_configuration_takes_the_lean_step_and_leaves_it_when_it_must(
         def update_masks(self):
             super().update_masks()
 
+    class LoggedUpdate(DynamicNetworkSurgery):
+        def _update_compiled(self, name):
+            return super()._update_compiled(name)
+
     assert not lean(_mlp(), DNSConfig(target_sparsity=0.9, reestimate=True), Logged)
+    assert not lean(_mlp(), DNSConfig(target_sparsity=0.9, reestimate=True), LoggedUpdate)
+
+
+@pytest.mark.parametrize("change", ["target-zero", "regrow-off", "reestimate-off", "target-none"])
+def test_the_lean_step_follows_settings_changed_mid_run(change):
+    """A run whose settings change under it (a layer's target set to 0 or removed, ``regrow`` or
+    ``reestimate`` switched off) must go on exactly as the general step would: the same masks,
+    weights and counts as a twin whose every step is the general one."""
+    config = DNSConfig(layer_sparsity=dict(TABLE), reestimate=True, gamma=1e-2, iter_stop=60, seed=4)
+    torch.manual_seed(0)
+    models = [_mlp(), _mlp()]
+    models[1].load_state_dict(models[0].state_dict())
+    runs = [DynamicNetworkSurgery(m, DNSConfig(**config.to_json())) for m in models]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    generator = torch.Generator().manual_seed(1)
+    teacher = nn.Linear(784, 10)
+    for step in range(40):
+        if step == 10:
+            for dns in runs:
+                if change == "target-zero":
+                    dns.config.layer_sparsity["3.weight"] = 0.0
+                elif change == "target-none":
+                    del dns.config.layer_sparsity["3.weight"]
+                elif change == "regrow-off":
+                    dns.regrow = False
+                else:
+                    dns.reestimate = False
+        x = torch.randn(32, 1, 28, 28, generator=generator)
+        y = teacher(x.flatten(1)).argmax(1)
+        runs[1]._one_call = []  # the twin: the general step every time
+        for model, opt, dns in zip(models, optimizers, runs):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            dns.step()
+        lean, general = runs
+        assert step >= 10 or lean._one_call_layers() is not None, "the lean step runs before the change"
+        for name in lean.params:
+            assert torch.equal(lean.masks()[name], general.masks()[name]), (change, step, name)
+        for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+            assert torch.equal(a, b), (change, step)
+        assert (lean.cuts, lean.splices) == (general.cuts, general.splices)
+        assert lean.stats == general.stats and _same(lean._bound, general._bound) and _same(lean._bound_margin, general._bound_margin), (change, step)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Dicts of numbers equal key for key, NaN equal to NaN (a bound is NaN where a layer's target went to 0)."""
+    import numpy as np
+
+    return a.keys() == b.keys() and all(np.array_equal(np.float64(a[k]), np.float64(b[k]), equal_nan=True) for k in a)

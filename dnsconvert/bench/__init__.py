@@ -12,6 +12,7 @@ noise" when it spans 1.0). The ratio to the target's own dense variant and to in
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -173,8 +174,11 @@ def bench_runners(
     from ..model_io import sample_feeds
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    # on stderr, so that the table or JSON on stdout stays whole; gone once done
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
+    # On stderr, so that the table or JSON on stdout stays whole; gone once done. Redrawn only
+    # between blocks (auto_refresh off): rich's refresh thread would wake ten times a second
+    # inside the timed calls, on the cores the runners use.
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, disable=not (progress and console.is_terminal), transient=True, auto_refresh=False) as bar:
         for batch in batches:
             feeds = sample_feeds(inputs, batch=batch, seed=0, where=where)
             calls, syncs = {}, {}
@@ -189,7 +193,7 @@ def bench_runners(
             task = bar.add_task(f"bench batch {batch}", total=len(calls) * (rounds + 1))
 
             def done(name: str, task=task, batch=batch) -> None:
-                bar.update(task, advance=1, description=f"bench batch {batch}: {name}")
+                bar.update(task, advance=1, description=f"bench batch {batch}: {name}", refresh=True)
 
             timed = measure_interleaved(calls, batch=batch, rounds=rounds, iterations=per_round, time_budget_s=budget, warmup=warmup, synchronize=syncs, done=done)
             bar.remove_task(task)
@@ -262,13 +266,38 @@ def export_dense_onnx(ckpt, workdir: Path, *, trust_model_code: bool = False) ->
     return path
 
 
+DEFAULT_ITERATIONS = 200
+
+
+def check_bench_settings(*, batches: Sequence[int], warmup: int, iterations: int | None, time_budget_s: float | None, threads: int, rounds: int, confidence: float) -> int | None:
+    """A user's bench settings, checked before anything is built (one-line errors, not a
+    runtime's traceback halfway through); returns the timed calls per runner (None: by time)."""
+    if not batches or any(int(b) < 1 for b in batches):
+        raise UserError(f"batch sizes must be at least 1, got {', '.join(map(str, batches)) or 'none'}")
+    if warmup < 0:
+        raise UserError(f"warm-up calls must be 0 or more, got {warmup}")
+    if iterations is not None and time_budget_s is not None:
+        raise UserError("give iterations or a time budget, not both", hint="a time budget ends each runner's share after that many seconds; iterations after that many calls")
+    if iterations is not None and iterations < 1:
+        raise UserError(f"iterations must be at least 1, got {iterations}", hint="or give a time budget in seconds instead")
+    if time_budget_s is not None and not (math.isfinite(time_budget_s) and time_budget_s > 0):
+        raise UserError(f"the time budget must be a positive, finite number of seconds, got {time_budget_s}")
+    if threads < 0:
+        raise UserError(f"threads must be 0 (each runtime's default) or more, got {threads}")
+    if rounds < 1:
+        raise UserError(f"rounds must be at least 1, got {rounds}")
+    if not 0.5 <= confidence < 1.0:
+        raise UserError(f"confidence {confidence} must be in [0.5, 1)", hint="e.g. 0.95")
+    return DEFAULT_ITERATIONS if iterations is None and time_budget_s is None else iterations
+
+
 def bench(
     source: Any,
     *,
     targets: Sequence[str] = ("ort",),
     batches: Sequence[int] = (1, 64),
     warmup: int = 20,
-    iterations: int | None = 200,
+    iterations: int | None = None,
     time_budget_s: float | None = None,
     threads: int = 0,
     rounds: int = 10,
@@ -286,7 +315,8 @@ def bench(
         source: a SparseCheckpoint, or an Artifact / its folder.
         targets: targets to build for when ``source`` is a checkpoint.
         batches, warmup: batch sizes, untimed calls per runner before the first round.
-        iterations / time_budget_s: timed calls (or seconds) per runner and batch, spread over ``rounds``.
+        iterations / time_budget_s: timed calls, or seconds, per runner and batch, spread over
+            ``rounds``: one of them (neither: 200 calls).
         threads: intra-op threads for every runtime (0: each runtime's default), recorded in the report.
         rounds, confidence: interleaving rounds and the level of the speedup intervals.
         baselines: ONNX Runtime dense baselines to add: ``fp32`` and/or ``int8`` (none: only the targets' own dense).
@@ -303,6 +333,7 @@ def bench(
     unknown = sorted(set(baselines) - {"fp32", "int8"})
     if unknown:
         raise UserError(f"unknown baseline {', '.join(unknown)}", hint="choose fp32 and/or int8")
+    iterations = check_bench_settings(batches=batches, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, threads=threads, rounds=rounds, confidence=confidence)
     pin_threads(threads, pin_cpus=pin_cpus)  # before any runtime is loaded: torch and numba pools take it at start
     if isinstance(source, (str, Path)):
         source = load_artifact(source)

@@ -31,21 +31,11 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
     """Time a checkpoint (built for each --target) or an artifact folder against the fastest dense runtime."""
     from ..artifact import MANIFEST_NAME, load_artifact
     from .._atomic import check_outputs
-    from ..bench import bench
-    from ..errors import GateFailed, UserError
+    from ..bench import bench, check_bench_settings
+    from ..errors import GateFailed
 
-    if rounds < 1:
-        raise UserError(f"--rounds {rounds} must be at least 1")
-    if iterations is not None and time_budget is not None:
-        raise UserError("give --iterations or --time-budget, not both", hint="a time budget ends each runner's share after that many seconds; iterations after that many calls")
-    if iterations is not None and iterations < 1:
-        raise UserError(f"--iterations {iterations} must be at least 1", hint="or give --time-budget SECONDS instead")
-    if time_budget is not None and not time_budget > 0:
-        raise UserError(f"--time-budget {time_budget} must be a positive number of seconds")
-    if iterations is None and time_budget is None:
-        iterations = 200
-    if not 0.5 <= confidence < 1.0:
-        raise UserError(f"--confidence {confidence} must be in [0.5, 1)", hint="e.g. 0.95")
+    # the settings first: a mistake there is one line before anything is loaded or built
+    check_bench_settings(batches=batches or (1,), warmup=warmup, iterations=iterations, time_budget_s=time_budget, threads=threads, rounds=rounds, confidence=confidence)
     check_outputs([report, plot], [source, *(source.iterdir() if source.is_dir() else ())])
     if source.is_dir() or source.name == MANIFEST_NAME:
         subject = load_artifact(source)

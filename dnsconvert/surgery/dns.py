@@ -45,6 +45,8 @@ _MIN_MARGIN = 1e-3
 _LOWERINGS = 4  # times an update flags again, lower, before it runs the torch update
 _NAN32 = np.float32(np.nan)
 _NO_BOUNDS: dict[str, np.float32] = {}  # returned by _fold_bounds when no fold flags (read only)
+# what DNS's lean step goes around: a subclass that overrides one of them gets the general step
+_LEAN_STEP_SKIPS = ("update_masks", "_fold_bounds", "_update_compiled")
 
 
 @dataclass
@@ -215,6 +217,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
         self.config = config
         self._kept_index: dict[str, _KeptIndex] = {}  # set_mask (called from the base __init__) resets it
         self._one_call: list[tuple[nn.Parameter, Any]] | None = None  # see _one_call_layers
+        self._one_call_key: tuple[bool, bool] | None = None  # (regrow, reestimate) it was made for
         selection = dict(layers=config.layers, prune_bias=config.prune_bias, prune_tied=config.prune_tied)
         if names is None:
             names = list(prunable_parameters(model, **selection))
@@ -316,7 +319,7 @@ class DynamicNetworkSurgery(MaskedSparsifier):
     def step(self) -> None:
         """The sparsifier's step (fold, then the drawn layers' updates); for the MNIST table's
         configuration in one lean loop (see ``_one_call_layers``), else the general one."""
-        layers = self._one_call_layers()
+        layers = self._one_call_layers() if self._one_call_key == (self.regrow, self.reestimate) else self._rebuild_one_call()
         if layers is None:
             return super().step()
         # Why a loop of its own: on LeNet-300-100 (a ~1.35 ms training step) the general step
@@ -357,26 +360,34 @@ class DynamicNetworkSurgery(MaskedSparsifier):
                 self._update_general(name)
                 continue
             numel, target = flat.shadow.shape[0], self._target(name)
-            if target is None:  # the config changed under a running step
+            if target is None or target <= 0:  # the config changed since the loop was chosen
                 self._update_general(name)
             elif not self._update_calibrated(name, flat, kept, bound, numel - calibration_rank(numel, target) + 1, self._one_call_lanes):
                 self._update_in_torch(name)
         self.iteration += 1
 
+    def _rebuild_one_call(self) -> list[tuple[nn.Parameter, Any]] | None:
+        """``_one_call_layers`` afresh: ``regrow`` or ``reestimate`` changed since it was made."""
+        self._one_call = None
+        return self._one_call_layers()
+
     def _one_call_layers(self) -> list[tuple[nn.Parameter, Any]] | None:
         """(parameter, flat views) of every layer when the whole step can take the lean loop:
         the magnitude rule without N:M, per-layer targets re-estimated at every update (the one-
         call compiled update), every layer contiguous float32 on CPU, torch's mean/std reproduced,
-        and neither ``update_masks`` nor ``_fold_bounds`` overridden by a subclass. None
-        otherwise. Made once, again after ``set_mask`` (which may swap a layer's tensors)."""
+        and none of the methods it goes around (``_LEAN_STEP_SKIPS``) overridden by a subclass.
+        None otherwise. Made once, again after ``set_mask`` (which may swap a layer's tensors)
+        and when ``regrow`` or ``reestimate`` change; a target changed to None or 0 is seen at
+        the layer's next update."""
         if self._one_call is not None:
             return self._one_call or None
         cls = type(self)
+        self._one_call_key = (self.regrow, self.reestimate)
         eligible = (
-            self._compiled_rule
+            self.regrow
+            and self._compiled_rule
             and not self.criterion.needs_grad
-            and cls.update_masks is DynamicNetworkSurgery.update_masks
-            and cls._fold_bounds is DynamicNetworkSurgery._fold_bounds
+            and all(getattr(cls, method) is getattr(DynamicNetworkSurgery, method) for method in _LEAN_STEP_SKIPS)
             and all((self.reestimate or name in self._recalibrate) and (self._target(name) or 0) > 0 for name in self.params)
         )
         self._one_call_lanes = exact_stats_lanes() if eligible else None

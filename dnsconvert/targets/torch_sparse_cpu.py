@@ -167,8 +167,12 @@ def time_ops(graph, ops, values: Mapping[str, np.ndarray], threads: int, budget_
     Why: a hiccup of this VM that hits one op's timing window flips its choice. In one ResNet-18
     build the first 56x56 convolution's split timed 2.17 ms while its three identical siblings,
     timed next, took 0.97 ms: the plan kept it serial (1.53 ms), and it ran at 1.8-1.9 ms there.
-    Two timings a whole pass apart (seconds, for a ResNet) rarely both fall in such a window; the
-    minimum is taken for every variant alike, dense included, so none is favoured."""
+    Two timings a whole pass apart (seconds, for a ResNet) rarely both fall in such a window. The
+    minimum is taken for every variant alike, dense included, but it favours the variant whose
+    timings scatter more (the split kernels, on this VM); the whole-model check that follows
+    still times the plan against ONNX Runtime in interleaved rounds and keeps it only if faster.
+    Cost: up to twice the planning time for ops slow enough that the three-call floor of a
+    block, not the budget, sets their timing."""
     timer = timer or time_op
     best: dict[str, dict[str, float]] = {op.name: {} for op in ops}
     for _ in range(passes):
