@@ -34,8 +34,9 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
     from ..bench import bench, check_bench_settings
     from ..errors import GateFailed
 
+    batches = batches or (1, 64)
     # the settings first: a mistake there is one line before anything is loaded or built
-    check_bench_settings(batches=batches or (1,), warmup=warmup, iterations=iterations, time_budget_s=time_budget, threads=threads, rounds=rounds, confidence=confidence)
+    check_bench_settings(batches=batches, warmup=warmup, iterations=iterations, time_budget_s=time_budget, threads=threads, rounds=rounds, confidence=confidence)
     check_outputs([report, plot], [source, *(source.iterdir() if source.is_dir() else ())])
     if source.is_dir() or source.name == MANIFEST_NAME:
         subject = load_artifact(source)
@@ -45,7 +46,7 @@ def bench_cmd(source: Path, targets, batches, warmup, iterations, time_budget, r
     result = bench(
         subject,
         targets=targets or ("ort",),
-        batches=batches or (1, 64),
+        batches=batches,
         warmup=warmup,
         iterations=iterations,
         time_budget_s=time_budget,
