@@ -2,6 +2,7 @@
 
     python benchmarks/surgery_overhead.py [--data ../shared/data/mnist] [--preset tuned] [--threads 1]
         [--segments 8] [--steps 200] [--repeats 3] [--models lenet300100 lenet5]
+    python benchmarks/surgery_overhead.py --whole-run 3 [--models lenet300100] [--data ...]
 
 Two copies of a model train on the same batches, drawn as the trainer draws them (one
 permutation per epoch, uint8 images normalised per batch): one plain (forward, backward, SGD
@@ -20,6 +21,14 @@ prune`` runs it (the batch drawn and normalised, running loss and accuracy read)
 denominator of a whole run's wall time. Times are the thread's CPU time by
 default (``--clock wall`` for wall time): on a machine shared with other processes, wall time
 also counts the time the process waits for a core.
+
+``--whole-run PAIRS`` measures the goal's quantity literally instead: whole ``prune()`` runs
+(what ``dnsconvert prune`` calls: data, trainer, evaluation, checkpoint), the preset's DNS run
+against the same trainer training densely for as many steps (``--dense-epochs`` = warm-up + DNS
++ fine-tuning epochs, no surgery), each run in a fresh process on one thread, one run at a
+time, in the order dense, DNS, DNS, dense, ... (so that a drift of the machine falls on both);
+prints each pair's ratio of process CPU time (and wall time), their median and range, and JSON.
+A pair takes ~100 s for LeNet-300-100 and ~20 min for LeNet-5.
 """
 
 from __future__ import annotations
@@ -30,16 +39,56 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
-def load_presets() -> dict:
+def load_table() -> Any:
+    """benchmarks/mnist_table.py: its presets and its one-run worker."""
     spec = importlib.util.spec_from_file_location("mnist_table", Path(__file__).with_name("mnist_table.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.PRESETS
+    return module
+
+
+def load_presets() -> dict:
+    return load_table().PRESETS
+
+
+def whole_run(model: str, kind: str, s: dict, data_dir: str, out: str) -> dict:
+    """One whole ``prune()`` run in this process (fresh, one thread): ``kind`` "dns" is the
+    preset's run as mnist_table.py makes it (seed 0); "dense" the same trainer for as many
+    steps with no surgery: every epoch dense, a DNS phase of zero steps."""
+    if kind == "dense":
+        s = {**s, "dense_epochs": s["dense_epochs"] + s["epochs"] + s["finetune_epochs"], "epochs": 0, "finetune_epochs": 0}
+    row = load_table().run(model, "dns", 0, s, s["layers"], data_dir, out)
+    return {"kind": kind, **{k: row[k] for k in ("steps", "wall_seconds", "cpu_seconds", "sparsity", "test_error")}}
+
+
+def measure_whole_runs(name: str, s: dict, args) -> dict:
+    """``args.whole_run`` pairs of whole runs, one at a time, dense and DNS alternating ABBA."""
+    import multiprocessing
+    import os
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before torch loads there
+    runs: dict[str, list[dict]] = {"dense": [], "dns": []}
+    order = [kind for i in range(args.whole_run) for kind in (("dense", "dns") if i % 2 == 0 else ("dns", "dense"))]
+    with tempfile.TemporaryDirectory() as out, ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        for kind in order:
+            row = pool.submit(whole_run, name, kind, s, args.data, out).result()
+            runs[kind].append(row)
+            print(f"{name:12s} {kind:5s} run: {row['cpu_seconds']:.2f} s CPU, {row['wall_seconds']:.2f} s wall, {row['steps']} steps, sparsity {row['sparsity']:.1%}, error {row['test_error']:.2%}", flush=True)
+    if any(d["steps"] != r["steps"] for d, r in zip(runs["dense"], runs["dns"], strict=True)):
+        raise SystemExit("the dense and DNS runs trained for different numbers of steps")
+    summary: dict[str, Any] = {"model": name, "pairs": [{"dense": d, "dns": r} for d, r in zip(runs["dense"], runs["dns"], strict=True)]}
+    for clock in ("cpu", "wall"):
+        ratios = [r[f"{clock}_seconds"] / d[f"{clock}_seconds"] for d, r in zip(runs["dense"], runs["dns"], strict=True)]
+        summary[f"whole_run_{clock}"] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    return summary
 
 
 class Batches:
@@ -157,7 +206,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="thread CPU time (default; robust to other processes) or wall time")
     parser.add_argument("--step", choices=["bare", "trainer"], default="bare", help="bare: forward, backward, SGD on a ready batch; trainer: also draw and normalise the batch and read loss/accuracy, as dnsconvert prune does")
+    parser.add_argument("--whole-run", type=int, default=0, metavar="PAIRS", help="time PAIRS pairs of whole prune() runs (dense and DNS, alternating) instead of sampled steps")
     args = parser.parse_args()
+    if args.whole_run > 0:
+        presets = load_presets()
+        results = []
+        for name in args.models:
+            r = measure_whole_runs(name, presets[args.preset][name], args)
+            results.append(r)
+            cpu, wall = r["whole_run_cpu"], r["whole_run_wall"]
+            print(
+                f"{name:12s} whole prune() run, DNS / dense, {args.whole_run} pairs: CPU time {cpu['median']:.3f}x ({cpu['min']:.3f}-{cpu['max']:.3f}), "
+                f"wall time {wall['median']:.3f}x ({wall['min']:.3f}-{wall['max']:.3f})",
+                flush=True,
+            )
+        print(json.dumps({"preset": args.preset, "whole_run_pairs": args.whole_run, "threads": 1, "results": results}, indent=2))
+        return
     global CLOCK, TRAINER_STEP
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     TRAINER_STEP = args.step == "trainer"
