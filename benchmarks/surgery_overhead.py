@@ -2,7 +2,7 @@
 
     python benchmarks/surgery_overhead.py [--data ../shared/data/mnist] [--preset tuned] [--threads 1]
         [--segments 8] [--steps 200] [--repeats 3] [--models lenet300100 lenet5]
-    python benchmarks/surgery_overhead.py --whole-run 3 [--models lenet300100] [--data ...]
+    python benchmarks/surgery_overhead.py --whole-run 3 [--side-by-side] [--models lenet300100] [--data ...]
 
 Two copies of a model train on the same batches, drawn as the trainer draws them (one
 permutation per epoch, uint8 images normalised per batch): one plain (forward, backward, SGD
@@ -28,7 +28,9 @@ against the same trainer training densely for as many steps (``--dense-epochs`` 
 + fine-tuning epochs, no surgery), each run in a fresh process on one thread, one run at a
 time, in the order dense, DNS, DNS, dense, ... (so that a drift of the machine falls on both);
 prints each pair's ratio of process CPU time (and wall time), their median and range, and JSON.
-A pair takes ~100 s for LeNet-300-100 and ~20 min for LeNet-5.
+A pair takes ~100 s for LeNet-300-100 and ~20 min for LeNet-5. ``--side-by-side`` runs each
+pair's two runs at once instead, pinned to the first two CPUs and swapped every pair, so that both meet
+the same moments of the machine (at the price of sharing it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -57,34 +60,52 @@ def load_presets() -> dict:
     return load_table().PRESETS
 
 
-def whole_run(model: str, kind: str, s: dict, data_dir: str, out: str) -> dict:
-    """One whole ``prune()`` run in this process (fresh, one thread): ``kind`` "dns" is the
-    preset's run as mnist_table.py makes it (seed 0); "dense" the same trainer for as many
-    steps with no surgery: every epoch dense, a DNS phase of zero steps."""
+def whole_run(model: str, kind: str, s: dict, data_dir: str, out: str, cpu: int | None = None) -> dict:
+    """One whole ``prune()`` run in this process (fresh, one thread, pinned to ``cpu`` if given):
+    ``kind`` "dns" is the preset's run as mnist_table.py makes it (seed 0); "dense" the same
+    trainer for as many steps with no surgery: every epoch dense, a DNS phase of zero steps."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     if kind == "dense":
         s = {**s, "dense_epochs": s["dense_epochs"] + s["epochs"] + s["finetune_epochs"], "epochs": 0, "finetune_epochs": 0}
     row = load_table().run(model, "dns", 0, s, s["layers"], data_dir, out)
-    return {"kind": kind, **{k: row[k] for k in ("steps", "wall_seconds", "cpu_seconds", "sparsity", "test_error")}}
+    return {"kind": kind, "cpu": cpu, **{k: row[k] for k in ("steps", "wall_seconds", "cpu_seconds", "sparsity", "test_error")}}
 
 
 def measure_whole_runs(name: str, s: dict, args) -> dict:
-    """``args.whole_run`` pairs of whole runs, one at a time, dense and DNS alternating ABBA."""
+    """``args.whole_run`` pairs of whole runs: one at a time, dense and DNS alternating ABBA;
+    or, with ``args.side_by_side``, each pair's two runs at once on the first two CPUs, swapped
+    from one pair to the next (both runs then meet the same moments of the machine)."""
     import multiprocessing
-    import os
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
 
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before torch loads there
     runs: dict[str, list[dict]] = {"dense": [], "dns": []}
-    order = [kind for i in range(args.whole_run) for kind in (("dense", "dns") if i % 2 == 0 else ("dns", "dense"))]
-    with tempfile.TemporaryDirectory() as out, ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-        for kind in order:
-            row = pool.submit(whole_run, name, kind, s, args.data, out).result()
-            runs[kind].append(row)
-            print(f"{name:12s} {kind:5s} run: {row['cpu_seconds']:.2f} s CPU, {row['wall_seconds']:.2f} s wall, {row['steps']} steps, sparsity {row['sparsity']:.1%}, error {row['test_error']:.2%}", flush=True)
+    spawn = multiprocessing.get_context("spawn")
+
+    def report(row: dict) -> None:
+        runs[row["kind"]].append(row)
+        where = f" on core {row['cpu']}" if row["cpu"] is not None else ""
+        print(f"{name:12s} {row['kind']:5s} run{where}: {row['cpu_seconds']:.2f} s CPU, {row['wall_seconds']:.2f} s wall, {row['steps']} steps, sparsity {row['sparsity']:.1%}, error {row['test_error']:.2%}", flush=True)
+
+    with tempfile.TemporaryDirectory() as out:
+        if args.side_by_side:
+            with ProcessPoolExecutor(2, mp_context=spawn, max_tasks_per_child=1) as pool:
+                first, second = sorted(os.sched_getaffinity(0))[:2]
+                for i in range(args.whole_run):
+                    cores = {"dense": first, "dns": second} if i % 2 == 0 else {"dense": second, "dns": first}
+                    futures = [pool.submit(whole_run, name, kind, s, args.data, out, cores[kind]) for kind in ("dense", "dns")]
+                    for future in futures:
+                        report(future.result())
+        else:
+            order = [kind for i in range(args.whole_run) for kind in (("dense", "dns") if i % 2 == 0 else ("dns", "dense"))]
+            with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
+                for kind in order:
+                    report(pool.submit(whole_run, name, kind, s, args.data, out).result())
     if any(d["steps"] != r["steps"] for d, r in zip(runs["dense"], runs["dns"], strict=True)):
         raise SystemExit("the dense and DNS runs trained for different numbers of steps")
-    summary: dict[str, Any] = {"model": name, "pairs": [{"dense": d, "dns": r} for d, r in zip(runs["dense"], runs["dns"], strict=True)]}
+    summary: dict[str, Any] = {"model": name, "side_by_side": args.side_by_side, "pairs": [{"dense": d, "dns": r} for d, r in zip(runs["dense"], runs["dns"], strict=True)]}
     for clock in ("cpu", "wall"):
         ratios = [r[f"{clock}_seconds"] / d[f"{clock}_seconds"] for d, r in zip(runs["dense"], runs["dns"], strict=True)]
         summary[f"whole_run_{clock}"] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
@@ -207,7 +228,10 @@ def main() -> None:
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="thread CPU time (default; robust to other processes) or wall time")
     parser.add_argument("--step", choices=["bare", "trainer"], default="bare", help="bare: forward, backward, SGD on a ready batch; trainer: also draw and normalise the batch and read loss/accuracy, as dnsconvert prune does")
     parser.add_argument("--whole-run", type=int, default=0, metavar="PAIRS", help="time PAIRS pairs of whole prune() runs (dense and DNS, alternating) instead of sampled steps")
+    parser.add_argument("--side-by-side", action="store_true", help="with --whole-run: each pair's dense and DNS runs at once, one on each of the first two CPUs (swapped every pair)")
     args = parser.parse_args()
+    if args.side_by_side and (args.whole_run <= 0 or len(os.sched_getaffinity(0)) < 2):
+        parser.error("--side-by-side needs --whole-run PAIRS and two CPUs to run on")
     if args.whole_run > 0:
         presets = load_presets()
         results = []
