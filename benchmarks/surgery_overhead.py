@@ -2,7 +2,7 @@
 
     python benchmarks/surgery_overhead.py [--data ../shared/data/mnist] [--preset tuned] [--threads 1]
         [--segments 8] [--steps 200] [--repeats 3] [--models lenet300100 lenet5]
-    python benchmarks/surgery_overhead.py --whole-run 3 [--side-by-side] [--models lenet300100] [--data ...]
+    python benchmarks/surgery_overhead.py --whole-run 4 [--side-by-side] [--models lenet300100] [--data ...]
 
 Two copies of a model train on the same batches, drawn as the trainer draws them (one
 permutation per epoch, uint8 images normalised per batch): one plain (forward, backward, SGD
@@ -26,11 +26,14 @@ also counts the time the process waits for a core.
 (what ``dnsconvert prune`` calls: data, trainer, evaluation, checkpoint), the preset's DNS run
 against the same trainer training densely for as many steps (``--dense-epochs`` = warm-up + DNS
 + fine-tuning epochs, no surgery), each run in a fresh process on one thread, one run at a
-time, in the order dense, DNS, DNS, dense, ... (so that a drift of the machine falls on both);
-prints each pair's ratio of process CPU time (and wall time), their median and range, and JSON.
-A pair takes ~100 s for LeNet-300-100 and ~20 min for LeNet-5. ``--side-by-side`` runs each
-pair's two runs at once instead, pinned to the first two CPUs and swapped every pair, so that both meet
-the same moments of the machine (at the price of sharing it).
+time, in the order dense, DNS, DNS, dense, ... (so that a drift of the machine falls on both;
+an even number of pairs balances it), after an untimed short run of each arm (a cold numba cache
+would otherwise put ~10 s of compiling into the first DNS run); prints each pair's ratio of
+process CPU time (and wall time), their median and range, and JSON. A pair takes ~100 s for
+LeNet-300-100 and ~20 min for LeNet-5. ``--side-by-side`` runs each pair's two runs at once
+instead, pinned to the first two CPUs and swapped every pair, so that both meet the same spells
+of the machine, at the price of sharing it; the dense run ends a few seconds earlier, so the DNS
+run's last seconds have the machine to themselves (a small bias in its favour).
 """
 
 from __future__ import annotations
@@ -60,52 +63,118 @@ def load_presets() -> dict:
     return load_table().PRESETS
 
 
+def dense_settings(s: dict) -> dict:
+    """The dense arm: every epoch of the DNS run (warm-up, DNS phase, fine-tuning) trained
+    densely; the trainer's DNS phase then has zero steps (its sparsifier is built and
+    all-ones masks are saved: milliseconds) and no step touches a mask."""
+    return {**s, "dense_epochs": s["dense_epochs"] + s["epochs"] + s["finetune_epochs"], "epochs": 0, "finetune_epochs": 0}
+
+
+def steps_of(s: dict) -> tuple[int, int]:
+    """(DNS run's steps, dense run's steps) as the trainer plans them (``plan_phases``)."""
+    from dnsconvert.models import builtin_spec
+    from dnsconvert.surgery.train import PruneConfig, plan_phases
+
+    per_epoch = load_table().STEPS_PER_EPOCH  # MNIST's 60,000 training images at the presets' batch of 64
+
+    def planned(x: dict) -> int:
+        # the plan reads only the epochs (any model will do)
+        config = PruneConfig(model=builtin_spec("lenet300100"), method="dns", dense_epochs=x["dense_epochs"], epochs=x["epochs"], finetune_epochs=x["finetune_epochs"])
+        return sum(phase.steps for phase in plan_phases(config, per_epoch))
+
+    return planned(s), planned(dense_settings(s))
+
+
+def short_settings(s: dict) -> dict:
+    """The preset cut to 85 steps (19 dense, 47 DNS, 19 fine-tuning): the untimed warm-up."""
+    return {**s, "dense_epochs": 0.02, "epochs": 0.05, "finetune_epochs": 0.02, "iter_stop": 40}
+
+
 def whole_run(model: str, kind: str, s: dict, data_dir: str, out: str, cpu: int | None = None) -> dict:
     """One whole ``prune()`` run in this process (fresh, one thread, pinned to ``cpu`` if given):
     ``kind`` "dns" is the preset's run as mnist_table.py makes it (seed 0); "dense" the same
-    trainer for as many steps with no surgery: every epoch dense, a DNS phase of zero steps."""
+    trainer for as many steps with no surgery (``dense_settings``)."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     if kind == "dense":
-        s = {**s, "dense_epochs": s["dense_epochs"] + s["epochs"] + s["finetune_epochs"], "epochs": 0, "finetune_epochs": 0}
-    row = load_table().run(model, "dns", 0, s, s["layers"], data_dir, out)
+        s = dense_settings(s)
+    out_dir = Path(out) / kind  # side by side, the two runs write their checkpoints apart
+    out_dir.mkdir(parents=True, exist_ok=True)
+    row = load_table().run(model, "dns", 0, s, s["layers"], data_dir, str(out_dir))
     return {"kind": kind, "cpu": cpu, **{k: row[k] for k in ("steps", "wall_seconds", "cpu_seconds", "sparsity", "test_error")}}
 
 
-def measure_whole_runs(name: str, s: dict, args) -> dict:
-    """``args.whole_run`` pairs of whole runs: one at a time, dense and DNS alternating ABBA;
-    or, with ``args.side_by_side``, each pair's two runs at once on the first two CPUs, swapped
-    from one pair to the next (both runs then meet the same moments of the machine)."""
-    import multiprocessing
-    import tempfile
-    from concurrent.futures import ProcessPoolExecutor
+def _whole_run_worker(connection, *args) -> None:
+    """A fresh process's whole run, its row (or its error) sent back through ``connection``."""
+    try:
+        connection.send(("row", whole_run(*args)))
+    except BaseException as error:  # noqa: BLE001 - reported by the parent, which stops the benchmark
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        connection.close()
 
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before torch loads there
-    runs: dict[str, list[dict]] = {"dense": [], "dns": []}
+
+def run_at_once(jobs: list[tuple], data_dir: str, out: str) -> list[dict]:
+    """Run each job (model, kind, settings, cpu) in its own fresh spawned process, all at once,
+    and return their rows in order. Plain processes, not a pool: a pool that recycles its
+    workers starts a replacement (importing torch) as soon as one run ends, beside the other."""
+    import multiprocessing
+
     spawn = multiprocessing.get_context("spawn")
+    started = []
+    for model, kind, s, cpu in jobs:
+        receive, send = spawn.Pipe(duplex=False)
+        process = spawn.Process(target=_whole_run_worker, args=(send, model, kind, s, data_dir, out, cpu))
+        process.start()
+        send.close()  # the child holds the only sending end: its death without a row is an EOF here
+        started.append((process, receive))
+    rows = []
+    for process, receive in started:
+        try:
+            tag, value = receive.recv()
+        except EOFError:
+            process.join()
+            tag, value = "error", f"the worker died (exit code {process.exitcode})"
+        process.join()
+        if tag == "error":
+            raise SystemExit(f"a whole run failed: {value}")
+        rows.append(value)
+    return rows
+
+
+def measure_whole_runs(name: str, s: dict, pairs: int, data_dir: str, side_by_side: bool = False, runner=None, cpus: tuple[int, int] = (0, 1)) -> dict:
+    """``pairs`` pairs of whole runs, after an untimed short run of each arm (numba's on-disk
+    cache of the surgery kernels may be cold, after a fresh clone or an edit: compiling them,
+    ~10 s, would land in the first DNS run). One run at a time, dense and DNS alternating ABBA;
+    or, ``side_by_side``, each pair's two runs at once on ``cpus``, swapped every pair.
+    ``runner(jobs, data_dir, out)`` runs jobs at once (``run_at_once``; a test passes its own)."""
+    import tempfile
+
+    runner = runner or run_at_once
+    dns_steps, dense_steps = steps_of(s)
+    if dns_steps != dense_steps:  # fractional epochs round per phase: say so before an hour of runs
+        raise SystemExit(f"{name}: the DNS run would train {dns_steps} steps and the dense run {dense_steps}; use epochs that are whole multiples of 1/{load_table().STEPS_PER_EPOCH}")
+    runs: dict[str, list[dict]] = {"dense": [], "dns": []}
 
     def report(row: dict) -> None:
         runs[row["kind"]].append(row)
-        where = f" on core {row['cpu']}" if row["cpu"] is not None else ""
+        where = f" on CPU {row['cpu']}" if row["cpu"] is not None else ""
         print(f"{name:12s} {row['kind']:5s} run{where}: {row['cpu_seconds']:.2f} s CPU, {row['wall_seconds']:.2f} s wall, {row['steps']} steps, sparsity {row['sparsity']:.1%}, error {row['test_error']:.2%}", flush=True)
 
     with tempfile.TemporaryDirectory() as out:
-        if args.side_by_side:
-            with ProcessPoolExecutor(2, mp_context=spawn, max_tasks_per_child=1) as pool:
-                first, second = sorted(os.sched_getaffinity(0))[:2]
-                for i in range(args.whole_run):
-                    cores = {"dense": first, "dns": second} if i % 2 == 0 else {"dense": second, "dns": first}
-                    futures = [pool.submit(whole_run, name, kind, s, args.data, out, cores[kind]) for kind in ("dense", "dns")]
-                    for future in futures:
-                        report(future.result())
-        else:
-            order = [kind for i in range(args.whole_run) for kind in (("dense", "dns") if i % 2 == 0 else ("dns", "dense"))]
-            with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
-                for kind in order:
-                    report(pool.submit(whole_run, name, kind, s, args.data, out).result())
+        for kind in ("dns", "dense"):  # the warm-up: compiled kernels cached, files read once
+            runner([(name, kind, short_settings(s), None)], data_dir, out)
+        for i in range(pairs):
+            if side_by_side:
+                first, second = cpus if i % 2 == 0 else cpus[::-1]
+                for row in runner([(name, "dense", s, first), (name, "dns", s, second)], data_dir, out):
+                    report(row)
+            else:
+                for kind in ("dense", "dns") if i % 2 == 0 else ("dns", "dense"):
+                    report(runner([(name, kind, s, None)], data_dir, out)[0])
     if any(d["steps"] != r["steps"] for d, r in zip(runs["dense"], runs["dns"], strict=True)):
         raise SystemExit("the dense and DNS runs trained for different numbers of steps")
-    summary: dict[str, Any] = {"model": name, "side_by_side": args.side_by_side, "pairs": [{"dense": d, "dns": r} for d, r in zip(runs["dense"], runs["dns"], strict=True)]}
+    summary: dict[str, Any] = {"model": name, "side_by_side": side_by_side, "pairs": [{"dense": d, "dns": r} for d, r in zip(runs["dense"], runs["dns"], strict=True)]}
     for clock in ("cpu", "wall"):
         ratios = [r[f"{clock}_seconds"] / d[f"{clock}_seconds"] for d, r in zip(runs["dense"], runs["dns"], strict=True)]
         summary[f"whole_run_{clock}"] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
@@ -225,32 +294,43 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="thread CPU time (default; robust to other processes) or wall time")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="thread CPU time (default; robust to other processes) or wall time (sampled steps only)")
     parser.add_argument("--step", choices=["bare", "trainer"], default="bare", help="bare: forward, backward, SGD on a ready batch; trainer: also draw and normalise the batch and read loss/accuracy, as dnsconvert prune does")
-    parser.add_argument("--whole-run", type=int, default=0, metavar="PAIRS", help="time PAIRS pairs of whole prune() runs (dense and DNS, alternating) instead of sampled steps")
+    parser.add_argument("--whole-run", type=int, default=0, metavar="PAIRS", help="time PAIRS pairs of whole prune() runs (dense and DNS, alternating; an even number balances the order) instead of sampled steps; one thread, process CPU and wall time: --threads, --clock, --step, --segments, --steps and --repeats do not apply")
     parser.add_argument("--side-by-side", action="store_true", help="with --whole-run: each pair's dense and DNS runs at once, one on each of the first two CPUs (swapped every pair)")
     args = parser.parse_args()
-    if args.side_by_side and (args.whole_run <= 0 or len(os.sched_getaffinity(0)) < 2):
+    if args.whole_run < 0:
+        parser.error("--whole-run takes a number of pairs >= 1 (0: sampled steps)")
+    if args.side_by_side and (args.whole_run == 0 or len(os.sched_getaffinity(0)) < 2):
         parser.error("--side-by-side needs --whole-run PAIRS and two CPUs to run on")
+    presets = load_presets()
+    unknown = [name for name in args.models if name not in presets.get(args.preset, {})]
+    if args.preset not in presets or unknown:
+        parser.error(f"--preset must be one of {sorted(presets)} and --models of {sorted(presets['tuned'])}")
     if args.whole_run > 0:
-        presets = load_presets()
+        from dnsconvert.data import load_mnist
+
+        try:  # the whole runs train on real MNIST: a missing directory is one line here, not a worker's traceback
+            load_mnist(args.data)
+        except Exception as error:  # noqa: BLE001
+            parser.error(f"--whole-run needs the MNIST files in --data {args.data}: {error}")
+        cpus = tuple(sorted(os.sched_getaffinity(0))[:2]) if args.side_by_side else (0, 1)
         results = []
         for name in args.models:
-            r = measure_whole_runs(name, presets[args.preset][name], args)
+            r = measure_whole_runs(name, presets[args.preset][name], args.whole_run, args.data, args.side_by_side, cpus=cpus)
             results.append(r)
             cpu, wall = r["whole_run_cpu"], r["whole_run_wall"]
             print(
-                f"{name:12s} whole prune() run, DNS / dense, {args.whole_run} pairs: CPU time {cpu['median']:.3f}x ({cpu['min']:.3f}-{cpu['max']:.3f}), "
-                f"wall time {wall['median']:.3f}x ({wall['min']:.3f}-{wall['max']:.3f})",
+                f"{name:12s} whole prune() run, DNS / dense, {args.whole_run} pair(s){' side by side' if args.side_by_side else ''}: "
+                f"CPU time {cpu['median']:.3f}x ({cpu['min']:.3f}-{cpu['max']:.3f}), wall time {wall['median']:.3f}x ({wall['min']:.3f}-{wall['max']:.3f})",
                 flush=True,
             )
-        print(json.dumps({"preset": args.preset, "whole_run_pairs": args.whole_run, "threads": 1, "results": results}, indent=2))
+        print(json.dumps({"preset": args.preset, "whole_run_pairs": args.whole_run, "side_by_side": args.side_by_side, "threads": 1, "results": results}, indent=2))
         return
     global CLOCK, TRAINER_STEP
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     TRAINER_STEP = args.step == "trainer"
     torch.set_num_threads(args.threads)
-    presets = load_presets()
     results = []
     for name in args.models:
         r = measure(name, presets[args.preset][name], args)
