@@ -660,3 +660,31 @@ def _same(a: dict, b: dict) -> bool:
     import numpy as np
 
     return a.keys() == b.keys() and all(np.array_equal(np.float64(a[k]), np.float64(b[k]), equal_nan=True) for k in a)
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_the_progress_bar_says_when_the_compiled_kernels_load(monkeypatch, loaded):
+    """The first steps of a sparse phase load numba's compiled passes (compiled on the first run
+    after an install, ~10 s): the bar says so then, instead of standing still without a word."""
+    import rich.progress
+
+    from dnsconvert.data import synthetic_digits
+    from dnsconvert.models import builtin_spec
+    from dnsconvert.surgery import DNSConfig, PruneConfig, prune, sparsifier
+    from dnsconvert.surgery.train import LOADING_KERNELS
+
+    sparsifier._kernels()  # loaded in any case, so that "not loaded" below is only what the trainer sees
+    if not loaded:
+        monkeypatch.setattr(sparsifier, "_KERNELS", None)
+    seen = []
+    update = rich.progress.Progress.update
+
+    def recording(self, task_id, **fields):
+        seen.append(fields.get("description"))
+        return update(self, task_id, **fields)
+
+    monkeypatch.setattr(rich.progress.Progress, "update", recording)
+    config = PruneConfig(builtin_spec("lenet300100"), dns=DNSConfig(target_sparsity=0.9, gamma=1e-3), dense_epochs=0.02, epochs=0.02, checkpoint_every=0)
+    prune(config, data=synthetic_digits(640, 64, seed=0), progress=True)
+    assert (f"dns: {LOADING_KERNELS}" in seen) is not loaded
+    assert "dns" in seen and not any(d and "dense" in d and "loading" in d for d in seen)  # dense steps need no kernels

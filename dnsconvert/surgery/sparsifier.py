@@ -283,6 +283,13 @@ _MISSING: Any = object()
 _KERNELS: Any = None
 
 
+def kernels_loaded() -> bool:
+    """Whether this process has loaded the compiled passes yet: the first steps of a sparse
+    phase load them from numba's on-disk cache (~0.4 s), or compile them (~10 s) on the first
+    run after an install or an edit of ``_kernels.py``."""
+    return _KERNELS is not None
+
+
 def _kernels() -> Any:
     """The compiled passes, imported on first use (numba compiles or loads them from its cache)."""
     global _KERNELS

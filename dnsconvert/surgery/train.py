@@ -31,7 +31,7 @@ from ..models import build_model, load_weights_
 from ..userdata import TASKS, Task, first_batch_check, forward, make_task, resolve_training_data, split_batch
 from .baselines import magnitude_masks, sparsity_at
 from .dns import DNSConfig, DynamicNetworkSurgery
-from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, prunable_layers, prunable_parameters
+from .sparsifier import FixedMaskSparsifier, MaskedSparsifier, kernels_loaded, prunable_layers, prunable_parameters
 
 METHODS = ("dns", "magnitude", "imp")
 
@@ -110,6 +110,9 @@ class PruneResult:
     steps: int
     data_source: str
     task: str = "classification"  # the task's name, or the user loss function's import path
+
+
+LOADING_KERNELS = "loading compiled kernels…"  # compiled on the first run after an install: up to ~10 s
 
 
 def plan_phases(config: PruneConfig, steps_per_epoch: int) -> list[Phase]:
@@ -309,6 +312,9 @@ class Trainer:
                 phase = self.phases[self.phase_index]
                 if self.phase_step == 0 or self.optimizer is None:
                     self._start_phase(phase)
+                    if self.progress and self.sparsifier is not None and not kernels_loaded():
+                        # else the bar stands still at the phase's start while numba loads or compiles
+                        bar.update(task, description=f"{phase.kind}: {LOADING_KERNELS}")
                 self.ddp_model.train()
                 while self.phase_step < phase.steps:
                     global_step = self.global_step
