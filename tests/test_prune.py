@@ -104,3 +104,16 @@ def test_masked_finetune_keeps_the_dns_masks(tmp_path):
         assert torch.equal(a.masks[name], b.masks[name]), name
         assert not torch.equal(a.weights[name], b.weights[name])  # fine-tuning moved the kept weights
         assert not bool(b.weights[name][~b.masks[name]].any())  # and the cut ones stayed zero
+
+
+def test_a_layer_left_without_any_weight_is_warned_about(tmp_path, run_cli):
+    """DNS with its default c = 3 straight from initialisation: a uniform |W| has its mean + 3·std
+    above its largest weight, so every weight is cut; the user is told which layers and what to do."""
+    out = tmp_path / "emptied.safetensors"
+    result = run_cli("prune", "--model", "lenet300100", "--data", "synthetic", "--dense-epochs", "0.05", "--epochs", "0.1", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["emptied_layers"] == ["1.weight", "3.weight", "5.weight"]
+    assert "every weight of 1.weight, 3.weight, 5.weight is cut" in result.stderr and "--target-sparsity" in result.stderr
+    kept = run_cli("prune", "--model", "lenet300100", "--data", "synthetic", "--epochs", "0.1", "--target-sparsity", "0.9", "-o", tmp_path / "kept.safetensors", "--json")
+    assert json.loads(kept.stdout)["emptied_layers"] == [] and "every weight" not in kept.stderr

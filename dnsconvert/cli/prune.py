@@ -59,8 +59,12 @@ def prune_cmd(**o) -> None:
         "steps": result.steps,
         "wall_seconds": result.wall_seconds,
         "world_size": result.checkpoint.state.get("world_size", 1),
+        "emptied_layers": emptied_layers(result.checkpoint),
     }
+    warning = emptied_hint(summary["emptied_layers"], None if resume else config) if summary["emptied_layers"] else None
     if o["as_json"]:
+        if warning:
+            console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False)
         emit_json(summary)
         return
     from ..validate import validate
@@ -72,3 +76,23 @@ def prune_cmd(**o) -> None:
         f"data {result.data_source}: {quality}, sparsity {result.sparsity:.2%}, "
         f"compression {result.compression:.1f}x, {result.steps} steps in {result.wall_seconds:.1f}s -> {o['output']}"
     )
+    if warning:  # last, after the report's dead-layer lines: why it happened and what to change
+        console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def emptied_layers(checkpoint) -> list[str]:
+    """The masked tensors with every entry cut: the model ignores its input there."""
+    return [name for name, mask in checkpoint.masks.items() if mask.numel() and not bool(mask.any())]
+
+
+def emptied_hint(names: list[str], config) -> str:
+    which = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    if config is not None and config.method == "dns" and config.dns.target_sparsity is None and not config.dns.layer_sparsity:
+        why = (
+            f"DNS's threshold (mean + c·std of |W|, c = {config.dns.c:g}) lay above every weight there, as it does on a "
+            "freshly initialised layer whose |W| is uniform; give --target-sparsity or --layer-sparsity, a lower --c "
+            "(or --layer-c), or --dense-epochs to train first"
+        )
+    else:
+        why = "lower those layers' target sparsity (or DNS's c)"
+    return f"every weight of {which} is cut (the model ignores its input there): {why}"
