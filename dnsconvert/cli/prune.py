@@ -59,30 +59,24 @@ def prune_cmd(**o) -> None:
         "steps": result.steps,
         "wall_seconds": result.wall_seconds,
         "world_size": result.checkpoint.state.get("world_size", 1),
-        "emptied_layers": emptied_layers(result.checkpoint),
     }
-    warning = emptied_hint(summary["emptied_layers"], None if resume else config) if summary["emptied_layers"] else None
-    if o["as_json"]:
-        if warning:
-            console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False)
-        emit_json(summary)
-        return
     from ..validate import validate
 
-    out = console()
-    render_sparsity_report(validate(result.checkpoint), out)
-    quality = f"test error {1 - result.test_accuracy:.2%}" if result.test_accuracy is not None else f"test loss {result.test_loss:.4g}"
-    out.print(
-        f"data {result.data_source}: {quality}, sparsity {result.sparsity:.2%}, "
-        f"compression {result.compression:.1f}x, {result.steps} steps in {result.wall_seconds:.1f}s -> {o['output']}"
-    )
-    if warning:  # last, after the report's dead-layer lines: why it happened and what to change
-        console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False)
-
-
-def emptied_layers(checkpoint) -> list[str]:
-    """The masked tensors with every entry cut: the model ignores its input there."""
-    return [name for name, mask in checkpoint.masks.items() if mask.numel() and not bool(mask.any())]
+    report = validate(result.checkpoint)
+    # validate's dead-layer rule: the layers whose every weight is cut
+    summary["emptied_layers"] = emptied = [v.layer for v in report.violations if v.rule == "dead-layer"]
+    if o["as_json"]:
+        emit_json(summary)
+    else:
+        out = console()
+        render_sparsity_report(report, out)
+        quality = f"test error {1 - result.test_accuracy:.2%}" if result.test_accuracy is not None else f"test loss {result.test_loss:.4g}"
+        out.print(
+            f"data {result.data_source}: {quality}, sparsity {result.sparsity:.2%}, "
+            f"compression {result.compression:.1f}x, {result.steps} steps in {result.wall_seconds:.1f}s -> {o['output']}"
+        )
+    if emptied:  # last, after the report's dead-layer lines: why it happened and what to change
+        console(stderr=True).print(f"[yellow]warning:[/] {emptied_hint(emptied, None if resume else config)}", highlight=False)
 
 
 def emptied_hint(names: list[str], config) -> str:
