@@ -2,7 +2,7 @@
 
     python benchmarks/surgery_overhead.py [--data ../shared/data/mnist] [--preset tuned] [--threads 1]
         [--segments 8] [--steps 200] [--repeats 3] [--models lenet300100 lenet5]
-    python benchmarks/surgery_overhead.py --whole-run 4 [--side-by-side] [--models lenet300100] [--data ...]
+    python benchmarks/surgery_overhead.py --whole-run 4 [--side-by-side] [--null] [--models lenet300100] [--data ...]
 
 Two copies of a model train on the same batches, drawn as the trainer draws them (one
 permutation per epoch, uint8 images normalised per batch): one plain (forward, backward, SGD
@@ -34,6 +34,12 @@ LeNet-300-100 and ~20 min for LeNet-5. ``--side-by-side`` runs each pair's two r
 instead, pinned to the first two CPUs and swapped every pair, so that both meet the same spells
 of the machine, at the price of sharing it; the dense run ends a few seconds earlier, so the DNS
 run's last seconds have the machine to themselves (a small bias in its favour).
+
+The whole-run estimate is the geometric mean of the pairs' ratios with a 95% bootstrap interval
+over pairs: one process runs 3-4 s (7-8%) slower or faster than the next for no reason of its
+own (the same run, bitwise the same result), so a single pair's ratio is the overhead times that
+noise, and the overhead is what the pairs agree on. ``--null`` measures that noise: both arms
+dense (an A/A test), whose pairs should centre on 1.0 with the same spread.
 """
 
 from __future__ import annotations
@@ -93,10 +99,11 @@ def short_settings(s: dict) -> dict:
 def whole_run(model: str, kind: str, s: dict, data_dir: str, out: str, cpu: int | None = None) -> dict:
     """One whole ``prune()`` run in this process (fresh, one thread, pinned to ``cpu`` if given):
     ``kind`` "dns" is the preset's run as mnist_table.py makes it (seed 0); "dense" the same
-    trainer for as many steps with no surgery (``dense_settings``)."""
+    trainer for as many steps with no surgery (``dense_settings``); "dense-b" another dense run,
+    the A/A arm of ``--null``."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    if kind == "dense":
+    if kind in ("dense", "dense-b"):
         s = dense_settings(s)
     out_dir = Path(out) / kind  # side by side, the two runs write their checkpoints apart
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,19 +149,36 @@ def run_at_once(jobs: list[tuple], data_dir: str, out: str) -> list[dict]:
     return rows
 
 
-def measure_whole_runs(name: str, s: dict, pairs: int, data_dir: str, side_by_side: bool = False, runner=None, cpus: tuple[int, int] = (0, 1)) -> dict:
+def pairs_estimate(ratios: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
+    """The geometric mean of per-pair ratios and its 95% percentile bootstrap interval over pairs
+    (resampled with replacement; the seed fixes the interval for given ratios)."""
+    import numpy as np
+
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    estimate = float(np.exp(logs.mean()))
+    if len(logs) < 2:
+        return {"geomean": estimate, "low": None, "high": None}
+    picks = np.random.default_rng(seed).integers(0, len(logs), size=(resamples, len(logs)))
+    means = logs[picks].mean(axis=1)
+    low, high = np.exp(np.percentile(means, [2.5, 97.5]))
+    return {"geomean": estimate, "low": float(low), "high": float(high)}
+
+
+def measure_whole_runs(name: str, s: dict, pairs: int, data_dir: str, side_by_side: bool = False, runner=None, cpus: tuple[int, int] = (0, 1), null: bool = False) -> dict:
     """``pairs`` pairs of whole runs, after an untimed short run of each arm (numba's on-disk
     cache of the surgery kernels may be cold, after a fresh clone or an edit: compiling them,
     ~10 s, would land in the first DNS run). One run at a time, dense and DNS alternating ABBA;
-    or, ``side_by_side``, each pair's two runs at once on ``cpus``, swapped every pair.
+    or, ``side_by_side``, each pair's two runs at once on ``cpus``, swapped every pair. ``null``:
+    the second arm is another dense run (A/A), so the ratios show the noise between processes.
     ``runner(jobs, data_dir, out)`` runs jobs at once (``run_at_once``; a test passes its own)."""
     import tempfile
 
     runner = runner or run_at_once
+    other = "dense-b" if null else "dns"
     dns_steps, dense_steps = steps_of(s)
     if dns_steps != dense_steps:  # fractional epochs round per phase: say so before an hour of runs
         raise SystemExit(f"{name}: the DNS run would train {dns_steps} steps and the dense run {dense_steps}; use epochs that are whole multiples of 1/{load_table().STEPS_PER_EPOCH}")
-    runs: dict[str, list[dict]] = {"dense": [], "dns": []}
+    runs: dict[str, list[dict]] = {"dense": [], other: []}
 
     def report(row: dict) -> None:
         runs[row["kind"]].append(row)
@@ -162,22 +186,22 @@ def measure_whole_runs(name: str, s: dict, pairs: int, data_dir: str, side_by_si
         print(f"{name:12s} {row['kind']:5s} run{where}: {row['cpu_seconds']:.2f} s CPU, {row['wall_seconds']:.2f} s wall, {row['steps']} steps, sparsity {row['sparsity']:.1%}, error {row['test_error']:.2%}", flush=True)
 
     with tempfile.TemporaryDirectory() as out:
-        for kind in ("dns", "dense"):  # the warm-up: compiled kernels cached, files read once
+        for kind in (other, "dense"):  # the warm-up: compiled kernels cached, files read once
             runner([(name, kind, short_settings(s), None)], data_dir, out)
         for i in range(pairs):
             if side_by_side:
                 first, second = cpus if i % 2 == 0 else cpus[::-1]
-                for row in runner([(name, "dense", s, first), (name, "dns", s, second)], data_dir, out):
+                for row in runner([(name, "dense", s, first), (name, other, s, second)], data_dir, out):
                     report(row)
             else:
-                for kind in ("dense", "dns") if i % 2 == 0 else ("dns", "dense"):
+                for kind in ("dense", other) if i % 2 == 0 else (other, "dense"):
                     report(runner([(name, kind, s, None)], data_dir, out)[0])
-    if any(d["steps"] != r["steps"] for d, r in zip(runs["dense"], runs["dns"], strict=True)):
-        raise SystemExit("the dense and DNS runs trained for different numbers of steps")
-    summary: dict[str, Any] = {"model": name, "side_by_side": side_by_side, "pairs": [{"dense": d, "dns": r} for d, r in zip(runs["dense"], runs["dns"], strict=True)]}
+    if any(d["steps"] != r["steps"] for d, r in zip(runs["dense"], runs[other], strict=True)):
+        raise SystemExit("the two arms trained for different numbers of steps")
+    summary: dict[str, Any] = {"model": name, "side_by_side": side_by_side, "null": null, "pairs": [{"dense": d, other: r} for d, r in zip(runs["dense"], runs[other], strict=True)]}
     for clock in ("cpu", "wall"):
-        ratios = [r[f"{clock}_seconds"] / d[f"{clock}_seconds"] for d, r in zip(runs["dense"], runs["dns"], strict=True)]
-        summary[f"whole_run_{clock}"] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        ratios = [r[f"{clock}_seconds"] / d[f"{clock}_seconds"] for d, r in zip(runs["dense"], runs[other], strict=True)]
+        summary[f"whole_run_{clock}"] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), **pairs_estimate(ratios)}
     return summary
 
 
@@ -298,11 +322,14 @@ def main() -> None:
     parser.add_argument("--step", choices=["bare", "trainer"], default="bare", help="bare: forward, backward, SGD on a ready batch; trainer: also draw and normalise the batch and read loss/accuracy, as dnsconvert prune does")
     parser.add_argument("--whole-run", type=int, default=0, metavar="PAIRS", help="time PAIRS pairs of whole prune() runs (dense and DNS, alternating; an even number balances the order) instead of sampled steps; one thread, process CPU and wall time: --threads, --clock, --step, --segments, --steps and --repeats do not apply")
     parser.add_argument("--side-by-side", action="store_true", help="with --whole-run: each pair's dense and DNS runs at once, one on each of the first two CPUs (swapped every pair)")
+    parser.add_argument("--null", action="store_true", help="with --whole-run: an A/A test, both arms dense, to measure the noise between processes")
     args = parser.parse_args()
     if args.whole_run < 0:
         parser.error("--whole-run takes a number of pairs >= 1 (0: sampled steps)")
     if args.side_by_side and (args.whole_run == 0 or len(os.sched_getaffinity(0)) < 2):
         parser.error("--side-by-side needs --whole-run PAIRS and two CPUs to run on")
+    if args.null and args.whole_run == 0:
+        parser.error("--null needs --whole-run PAIRS")
     presets = load_presets()
     unknown = [name for name in args.models if name not in presets.get(args.preset, {})]
     if args.preset not in presets or unknown:
@@ -317,15 +344,14 @@ def main() -> None:
         cpus = tuple(sorted(os.sched_getaffinity(0))[:2]) if args.side_by_side else (0, 1)
         results = []
         for name in args.models:
-            r = measure_whole_runs(name, presets[args.preset][name], args.whole_run, args.data, args.side_by_side, cpus=cpus)
+            r = measure_whole_runs(name, presets[args.preset][name], args.whole_run, args.data, args.side_by_side, cpus=cpus, null=args.null)
             results.append(r)
-            cpu, wall = r["whole_run_cpu"], r["whole_run_wall"]
-            print(
-                f"{name:12s} whole prune() run, DNS / dense, {args.whole_run} pair(s){' side by side' if args.side_by_side else ''}: "
-                f"CPU time {cpu['median']:.3f}x ({cpu['min']:.3f}-{cpu['max']:.3f}), wall time {wall['median']:.3f}x ({wall['min']:.3f}-{wall['max']:.3f})",
-                flush=True,
-            )
-        print(json.dumps({"preset": args.preset, "whole_run_pairs": args.whole_run, "side_by_side": args.side_by_side, "threads": 1, "results": results}, indent=2))
+            print(f"{name:12s} whole prune() run, {'dense / dense (A/A)' if args.null else 'DNS / dense'}, {args.whole_run} pair(s){' side by side' if args.side_by_side else ''}:", flush=True)
+            for clock in ("cpu", "wall"):
+                e = r[f"whole_run_{clock}"]
+                interval = f" [{e['low']:.3f}, {e['high']:.3f}]" if e["low"] is not None else ""
+                print(f"{'':12s}   {clock:4s} time: geometric mean {e['geomean']:.3f}x{interval}; median {e['median']:.3f}x, pairs {e['min']:.3f}-{e['max']:.3f}", flush=True)
+        print(json.dumps({"preset": args.preset, "whole_run_pairs": args.whole_run, "side_by_side": args.side_by_side, "null": args.null, "threads": 1, "results": results}, indent=2))
         return
     global CLOCK, TRAINER_STEP
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter

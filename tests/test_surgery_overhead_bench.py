@@ -64,3 +64,25 @@ def test_whole_runs_refuse_arms_of_different_lengths_before_running():
     with pytest.raises(SystemExit, match="different|would train"):
         bench.measure_whole_runs("lenet300100", s, 1, "unused", runner=fake_runner(calls, {"dense": 1.0, "dns": 1.0}))
     assert calls == []
+
+
+def test_pairs_estimate_is_the_geometric_mean_with_an_interval_over_pairs():
+    bench = load_benchmark()
+    ratios = [1.05, 1.10, 1.07, 1.04, 1.146, 1.06]
+    e = bench.pairs_estimate(ratios)
+    assert e["geomean"] == pytest.approx(torch.tensor(ratios, dtype=torch.float64).log().mean().exp().item())
+    assert min(ratios) < e["low"] < e["geomean"] < e["high"] < max(ratios)
+    assert bench.pairs_estimate(ratios) == e  # seeded: the same ratios give the same interval
+    wide = bench.pairs_estimate([0.9, 1.3, 0.95, 1.25])
+    assert wide["high"] - wide["low"] > e["high"] - e["low"]
+    assert bench.pairs_estimate([1.2]) == {"geomean": pytest.approx(1.2), "low": None, "high": None}
+
+
+def test_null_run_pairs_two_dense_arms():
+    bench = load_benchmark()
+    s = bench.load_presets()["tuned"]["lenet300100"]
+    calls: list = []
+    result = bench.measure_whole_runs("lenet300100", s, 2, "unused", runner=fake_runner(calls, {"dense": 40.0, "dense-b": 40.0}), null=True)
+    assert {kind for batch in calls for kind, _, _ in batch} == {"dense", "dense-b"}
+    assert result["null"] and result["whole_run_cpu"]["geomean"] == pytest.approx(1.0)
+    assert "dns" not in result["pairs"][0]

@@ -132,6 +132,30 @@ def test_auto_plan_falls_back_to_dense_when_sparse_loses(tmp_path):
     np.testing.assert_allclose(runner.run(feeds)[0], load(artifact, "dense").run(feeds)[0], atol=1e-6)
 
 
+def test_loading_without_threads_runs_the_plan_with_its_threads(tmp_path):
+    """threads 0 (``dnsconvert bench`` without --threads) runs a plan's parallel kernels split over
+    the threads it was timed with, not serially; a given count, or a plan's absurd one, is bounded."""
+    import os
+
+    artifact = build(tmp_path, masked_checkpoint("lenet5", 0.95), **SPARSITY_PLAN)
+    model = onnx.load_from_string(artifact.read("sparse"))
+    plan = read_plan(model)
+    for regime in plan["regimes"].values():
+        regime["kernels"] = {name: "parallel" for name in regime["kernels"]}
+    cpus = len(os.sched_getaffinity(0))
+
+    def parts(threads, planned):
+        runner = SparseCpuRunner(model, {**plan, "threads": planned}, threads)
+        return sorted({step["threads"] for step in runner.describe()["small"] if "threads" in step})
+
+    assert parts(0, 2) == [min(2, cpus)]
+    assert parts(1, 2) == [1]
+    assert parts(0, 1) == [1]
+    assert parts(0, 10**6) == [cpus]
+    feeds = sample_feeds(masked_checkpoint("lenet5", 0.95).model.inputs, batch=3, seed=0)
+    np.testing.assert_allclose(SparseCpuRunner(model, {**plan, "threads": 2}).run(feeds)[0], load(artifact, "dense").run(feeds)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_hostile_or_tampered_models_are_rejected(tmp_path):
     """What the hash check cannot catch (a file written by someone else with valid hashes):
     sparse indices outside their tensor, and plans that do not fit, are TargetErrors."""
