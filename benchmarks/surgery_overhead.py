@@ -36,10 +36,13 @@ of the machine, at the price of sharing it; the dense run ends a few seconds ear
 run's last seconds have the machine to themselves (a small bias in its favour).
 
 The whole-run estimate is the geometric mean of the pairs' ratios with a 95% bootstrap interval
-over pairs: one process runs 3-4 s (7-8%) slower or faster than the next for no reason of its
-own (the same run, bitwise the same result), so a single pair's ratio is the overhead times that
-noise, and the overhead is what the pairs agree on. ``--null`` measures that noise: both arms
-dense (an A/A test), whose pairs should centre on 1.0 with the same spread.
+over pairs (from 5 pairs; fewer give the range only): the same run, bitwise the same result,
+takes 3-4 s (7-8%) longer or shorter from one quarter of an hour to the next, and the DNS run's
+memory-bound share moves with the machine's state more than the dense run does, so a single
+pair's ratio is the overhead times noise, and the overhead is what the pairs agree on.
+``--null`` checks the method for bias: both arms dense (an A/A test), whose pairs should centre
+on 1.0 (their spread is the noise between two processes of the same work, narrower than the
+DNS pairs' scatter).
 """
 
 from __future__ import annotations
@@ -149,14 +152,20 @@ def run_at_once(jobs: list[tuple], data_dir: str, out: str) -> list[dict]:
     return rows
 
 
+MIN_PAIRS_FOR_INTERVAL = 5  # below this a percentile bootstrap's 95% ends are just the extreme pairs
+
+
 def pairs_estimate(ratios: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
     """The geometric mean of per-pair ratios and its 95% percentile bootstrap interval over pairs
-    (resampled with replacement; the seed fixes the interval for given ratios)."""
+    (resampled with replacement; the seed fixes the interval for given ratios). With fewer than
+    ``MIN_PAIRS_FOR_INTERVAL`` pairs there is no interval (low, high None): a resample that draws
+    one pair n times has probability n^(1-n) (1/27 for 3 pairs, above 2.5%), so the percentiles
+    would land on the lowest and highest ratio and call a range an interval."""
     import numpy as np
 
     logs = np.log(np.asarray(ratios, dtype=np.float64))
     estimate = float(np.exp(logs.mean()))
-    if len(logs) < 2:
+    if len(logs) < MIN_PAIRS_FOR_INTERVAL:
         return {"geomean": estimate, "low": None, "high": None}
     picks = np.random.default_rng(seed).integers(0, len(logs), size=(resamples, len(logs)))
     means = logs[picks].mean(axis=1)
@@ -349,7 +358,7 @@ def main() -> None:
             print(f"{name:12s} whole prune() run, {'dense / dense (A/A)' if args.null else 'DNS / dense'}, {args.whole_run} pair(s){' side by side' if args.side_by_side else ''}:", flush=True)
             for clock in ("cpu", "wall"):
                 e = r[f"whole_run_{clock}"]
-                interval = f" [{e['low']:.3f}, {e['high']:.3f}]" if e["low"] is not None else ""
+                interval = f" [{e['low']:.3f}, {e['high']:.3f}]" if e["low"] is not None else f" (fewer than {MIN_PAIRS_FOR_INTERVAL} pairs: no interval)"
                 print(f"{'':12s}   {clock:4s} time: geometric mean {e['geomean']:.3f}x{interval}; median {e['median']:.3f}x, pairs {e['min']:.3f}-{e['max']:.3f}", flush=True)
         print(json.dumps({"preset": args.preset, "whole_run_pairs": args.whole_run, "side_by_side": args.side_by_side, "null": args.null, "threads": 1, "results": results}, indent=2))
         return

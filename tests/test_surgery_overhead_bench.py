@@ -73,9 +73,11 @@ def test_pairs_estimate_is_the_geometric_mean_with_an_interval_over_pairs():
     assert e["geomean"] == pytest.approx(torch.tensor(ratios, dtype=torch.float64).log().mean().exp().item())
     assert min(ratios) < e["low"] < e["geomean"] < e["high"] < max(ratios)
     assert bench.pairs_estimate(ratios) == e  # seeded: the same ratios give the same interval
-    wide = bench.pairs_estimate([0.9, 1.3, 0.95, 1.25])
+    wide = bench.pairs_estimate([0.9, 1.3, 0.95, 1.25, 1.0, 1.2])
     assert wide["high"] - wide["low"] > e["high"] - e["low"]
     assert bench.pairs_estimate([1.2]) == {"geomean": pytest.approx(1.2), "low": None, "high": None}
+    few = bench.pairs_estimate([0.965, 0.971, 0.964])  # too few pairs: a range, not an interval
+    assert few["low"] is None and few["high"] is None and few["geomean"] == pytest.approx(0.9667, abs=1e-4)
 
 
 def test_null_run_pairs_two_dense_arms():

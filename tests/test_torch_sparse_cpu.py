@@ -132,9 +132,11 @@ def test_auto_plan_falls_back_to_dense_when_sparse_loses(tmp_path):
     np.testing.assert_allclose(runner.run(feeds)[0], load(artifact, "dense").run(feeds)[0], atol=1e-6)
 
 
-def test_loading_without_threads_runs_the_plan_with_its_threads(tmp_path):
-    """threads 0 (``dnsconvert bench`` without --threads) runs a plan's parallel kernels split over
-    the threads it was timed with, not serially; a given count, or a plan's absurd one, is bounded."""
+def test_loading_without_threads_splits_kernels_over_the_plans_threads(tmp_path):
+    """threads 0 (``dnsconvert bench`` without --threads) splits a plan's parallel kernels over the
+    threads it was timed with (bounded by the CPUs this process may use), not serially, while
+    ONNX Runtime's sessions keep their default, as the dense baseline's do; a negative thread
+    count in a plan or in the build options is refused."""
     import os
 
     artifact = build(tmp_path, masked_checkpoint("lenet5", 0.95), **SPARSITY_PLAN)
@@ -154,6 +156,14 @@ def test_loading_without_threads_runs_the_plan_with_its_threads(tmp_path):
     assert parts(0, 10**6) == [cpus]
     feeds = sample_feeds(masked_checkpoint("lenet5", 0.95).model.inputs, batch=3, seed=0)
     np.testing.assert_allclose(SparseCpuRunner(model, {**plan, "threads": 2}).run(feeds)[0], load(artifact, "dense").run(feeds)[0], atol=1e-5, rtol=1e-5)
+    # a dense regime is ONNX Runtime's own session at its default thread count, whatever the plan says
+    dense_plan = {**plan, "threads": 1, "regimes": {r: {**d, "mode": "dense"} for r, d in plan["regimes"].items()}}
+    session = SparseCpuRunner(model, dense_plan).runners["small"].session
+    assert session.get_session_options().intra_op_num_threads == 0
+    with pytest.raises(TargetError, match="plan"):
+        SparseCpuRunner(model, {**plan, "threads": -1})
+    with pytest.raises(TargetError, match="threads=-1"):
+        build(tmp_path, masked_checkpoint("lenet5", 0.95), "negative", threads=-1, **SPARSITY_PLAN)
 
 
 def test_hostile_or_tampered_models_are_rejected(tmp_path):
@@ -228,10 +238,13 @@ def test_sparse_conv_matches_torch_on_short_and_long_planes(height, width, batch
     x = torch.randn(batch, 20, height, width)
     pad = kernel // 2
     expected = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=pad, stride=stride))
+    x2 = torch.randn_like(x)  # a second call: nothing of the first input may linger in the copies
+    expected2 = torch.relu(torch.nn.functional.conv2d(x2, weight, bias, padding=pad, stride=stride))
     for parts in (1, 2):
         for forced in ("auto", "rows", "aligned"):
             conv = SparseConv2d(weight.numpy(), bias.numpy(), stride=stride, pads=(pad, pad, pad, pad), activation=1, parts=parts, layout=forced)
             np.testing.assert_allclose(conv(x.numpy()), expected.numpy(), atol=1e-4, rtol=1e-5)
+            np.testing.assert_allclose(conv(x2.numpy()), expected2.numpy(), atol=1e-4, rtol=1e-5)
             layout = conv._layout(batch, height, width)
             assert (layout.copies > 0) == {"auto": aligned, "rows": False, "aligned": True}[forced]
             if layout.copies:

@@ -317,7 +317,8 @@ def bench(
         batches, warmup: batch sizes, untimed calls per runner before the first round.
         iterations / time_budget_s: timed calls, or seconds, per runner and batch, spread over
             ``rounds``: one of them (neither: 200 calls).
-        threads: intra-op threads for every runtime (0: each runtime's default), recorded in the report.
+        threads: intra-op threads for every runtime (0: each runtime's default; torch-sparse-cpu's
+            kernels then split over the threads their plan was timed with), recorded in the report.
         rounds, confidence: interleaving rounds and the level of the speedup intervals.
         baselines: ONNX Runtime dense baselines to add: ``fp32`` and/or ``int8`` (none: only the targets' own dense).
         pin_cpus: also bind the process to the first ``threads`` CPUs.

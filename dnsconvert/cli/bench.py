@@ -19,7 +19,7 @@ from ._common import console, emit_json, load_with_model, model_options, write_r
 @click.option("--rounds", type=int, default=10, show_default=True, help="Interleaved rounds: every runner is timed in each round, in rotating order.")
 @click.option("--confidence", type=float, default=0.95, show_default=True, help="Level of the speedup intervals (bootstrap over rounds).")
 @click.option("--baseline", "baselines", type=click.Choice(["fp32", "int8", "none"]), multiple=True, help="ONNX Runtime dense baselines (repeatable; default fp32 and int8).")
-@click.option("--threads", type=int, default=0, help="Intra-op threads for every runtime (0: defaults); recorded in the report.")
+@click.option("--threads", type=int, default=0, help="Intra-op threads for every runtime (0: defaults; torch-sparse-cpu then splits its kernels over the threads its plan was timed with); recorded in the report.")
 @click.option("--pin-cpus", is_flag=True, help="Also bind the process to the first --threads CPUs.")
 @click.option("--min-speedup", type=float, default=None, help="Gate: fail (exit 1) if a speedup against the fastest dense runtime is below this beyond noise (the upper end of its interval).")
 @click.option("--json", "as_json", is_flag=True)

@@ -412,9 +412,12 @@ def ort_session(model: bytes | onnx.ModelProto, threads: int, *, spinning: bool 
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def build_steps(graph: Graph, ops: Sequence[SparseOp], chosen: Mapping[str, str], threads: int, *, spinning: bool = False) -> list:
+def build_steps(graph: Graph, ops: Sequence[SparseOp], chosen: Mapping[str, str], threads: int, *, spinning: bool = False, split: int | None = None) -> list:
     """Steps that run the whole graph: the ``chosen`` ops (name -> serial | parallel) as kernels,
-    cheap ops between kernels natively, every other node in ONNX Runtime segments."""
+    cheap ops between kernels natively, every other node in ONNX Runtime segments (``threads``
+    intra-op threads, 0: its default). A parallel kernel splits over ``split`` threads (default
+    ``threads``)."""
+    split = threads if split is None else split
     by_name = {op.name: op for op in ops if op.name in chosen}
     claimed: dict[int, SparseOp] = {}
     for op in by_name.values():
@@ -451,7 +454,7 @@ def build_steps(graph: Graph, ops: Sequence[SparseOp], chosen: Mapping[str, str]
     steps: list = []
     for (kind, item), needed in zip(plan, needed_after):
         if kind == "op":
-            parts = threads if chosen[item.name] == "parallel" and threads > 1 else 1
+            parts = split if chosen[item.name] == "parallel" and split > 1 else 1
             if item.kind == "linear" and steps and isinstance(steps[-1], LinearChainStep) and _chains(steps[-1], item, graph):
                 previous = steps[-1]
                 steps[-1] = LinearChainStep(previous.ops + [item], max(parts, previous.parts))

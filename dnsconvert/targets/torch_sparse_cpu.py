@@ -33,7 +33,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -86,7 +86,7 @@ class RegimePlan:
 class ExecutionPlan:
     version: Literal[1]
     small_batch: int
-    threads: int
+    threads: Annotated[int, Field(ge=0)]
     plan: Literal["auto", "sparsity", "dense"]
     ops: dict[str, OpRecord]
     regimes: dict[Literal["small", "large"], RegimePlan]
@@ -357,11 +357,11 @@ class SparseCpuRunner:
 
         graph = load_graph(sparse_model)
         check_plan(plan)
-        if not threads:
-            # 0 ("each runtime's default") runs the plan as it was timed, its parallel kernels split
-            # over the plan's threads: read as one thread, every parallel kernel ran serially
-            # (ResNet-18 ERK through `dnsconvert bench` without --threads: 19.3 ms against 11.9)
-            threads = max(0, min(int(plan.get("threads") or 0), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+        # threads 0 ("each runtime's default"): ONNX Runtime's sessions take their default, as the
+        # dense baseline's do, and the plan's parallel kernels split over the threads the plan was
+        # timed with (read as one thread, they ran serially: ResNet-18 ERK through `dnsconvert
+        # bench` without --threads took 19.3 ms, slower than ORT dense's 16.9, instead of 11.9)
+        split = threads or min(int(plan.get("threads") or 0), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         ops = find_sparse_ops(graph, list(plan["ops"]))
         missing = sorted(set(plan["ops"]) - {op.name for op in ops})
         if missing:
@@ -381,7 +381,7 @@ class SparseCpuRunner:
                     dense[spinning] = _SessionRunner(ort_session(dense_model or graph.model, threads, spinning=spinning), self.output_names)
                 self.runners[regime], self.modes[regime] = dense[spinning], "onnxruntime dense"
             else:
-                steps = build_steps(graph, ops, chosen, threads, spinning=bool(decision.get("spinning", False)))
+                steps = build_steps(graph, ops, chosen, threads, spinning=bool(decision.get("spinning", False)), split=split)
                 self.runners[regime], self.modes[regime] = GraphRunner(graph, steps, "planned"), "planned"
         # the per-call path is kept as short as OrtRunner's: a dense regime must cost what ONNX
         # Runtime costs, and at LeNet's 16 us a call every extra dict copy shows
@@ -481,6 +481,8 @@ class TorchSparseCpuTarget(Target):
         if mode not in ("auto", "sparsity", "dense"):
             raise TargetError(f"plan={mode!r} is not auto, sparsity or dense")
         threads = option_number(extra, "threads", 0, int)
+        if threads < 0:
+            raise TargetError(f"threads={threads} must be 0 (each runtime's default) or a number of threads")
         try:
             batches = [int(b) for b in extra.get("batches", "1,64").split(",")]
         except ValueError:
