@@ -185,14 +185,20 @@ def measure_interleaved(
     time_budget_s: float | None = None,
     warmup: int = 10,
     warmup_per_round: int = 1,
+    settle_s: float = 0.0,
     synchronize: Mapping[str, Callable[[], None]] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     done: Callable[[str], None] | None = None,
 ) -> Interleaved:
     """Time every call in ``calls`` in ``rounds`` rounds; in each round each variant runs
-    ``warmup_per_round`` untimed calls (caches, thread pools), then ``iterations`` timed calls
+    ``warmup_per_round`` untimed calls (caches, thread pools), and more while less than
+    ``settle_s`` has passed since its block began, then ``iterations`` timed calls
     (or its share of ``time_budget_s``: budget / rounds / variants, at least 3 calls). The
     order of variants rotates from round to round so that none always follows the same one.
+    Why ``settle_s``: a variant's idle worker threads go on spinning for a while after its block
+    (an ONNX Runtime session with spinning on, its default: ~30-40 ms), taking the cores the
+    next variant's threads need — ResNet-18's sparse runner, split over both threads, ran its
+    first two calls after a dense ORT call at 20 ms instead of 12.
     ``done(name)``, if given, is told of each variant's warm-up and each of its blocks as they
     end: ``len(calls) * (rounds + 1)`` calls in all (a progress bar's steps)."""
     if iterations is None and time_budget_s is None:
@@ -213,8 +219,11 @@ def measure_interleaved(
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             run, done = calls[name], sync.get(name, _noop)
-            for _ in range(warmup_per_round):
+            settled = clock() + settle_s
+            untimed = 0
+            while untimed < warmup_per_round or clock() < settled:
                 run()
+                untimed += 1
             done()
             block: list[float] = []
             started = clock()

@@ -278,6 +278,52 @@ def test_device_runners_upload_once():
     report = BenchReport("m")
     entries = [_Entry("device-double", "dense", DeviceRunner()), _Entry("device-double", "sparse", DeviceRunner())]
     bench_runners(entries, report, inputs=ModelSpec("x:y", {}, (1, 4)).inputs, batches=(1, 8), warmup=2, iterations=5, time_budget_s=None, rounds=5, confidence=0.95)
-    # per batch and runner: 2 warm-up calls, then 5 rounds of (1 round warm-up + 1 timed call)
-    assert calls == {"prepare": 4, "run_device": 4 * (2 + 5 * 2), "run": 0}
+    # per batch and runner: 2 warm-up calls, then 5 rounds of (untimed calls for BLOCK_SETTLE_S, at
+    # least 1, + 1 timed call); the inputs uploaded once per batch and runner, never run from the host
+    assert calls["prepare"] == 4 and calls["run"] == 0 and calls["run_device"] >= 4 * (2 + 5 * 2)
     assert len(report.comparisons) == 2
+
+
+def test_each_block_settles_for_a_while_before_its_timed_calls():
+    """settle_s: untimed calls at a block's start until that long has passed (at least
+    warmup_per_round of them), so that the previous variant's spinning workers are gone."""
+    clock = FakeClock()
+    order = []
+
+    def runner(name, ms):
+        def run():
+            order.append(name)
+            clock.now += ms / 1000.0
+
+        return run
+
+    calls = {"a": runner("a", 4.0), "b": runner("b", 10.0)}
+    timed = measure_interleaved(calls, batch=1, rounds=2, iterations=2, warmup=0, warmup_per_round=1, settle_s=0.025, clock=clock)
+    # a block of a: 7 untimed calls (28 ms >= 25) + 2 timed; of b: 3 untimed (30 ms) + 2 timed
+    assert order == ["a"] * 9 + ["b"] * 5 + ["b"] * 5 + ["a"] * 9
+    assert timed.stats("a").p50_ms == pytest.approx(4.0) and timed.stats("b").p50_ms == pytest.approx(10.0)
+
+
+def test_bench_settles_every_block_by_default(monkeypatch, tmp_path):
+    """bench hands measure_interleaved its BLOCK_SETTLE_S (the suite sets it to 0 for speed)."""
+    import dnsconvert.bench as bench_module
+    from dnsconvert.bench import _Entry, bench_runners
+    from dnsconvert.modelspec import ModelSpec
+
+    monkeypatch.setattr(bench_module, "BLOCK_SETTLE_S", 0.05)
+    seen = []
+    real = bench_module.measure_interleaved
+    monkeypatch.setattr(bench_module, "measure_interleaved", lambda *a, **k: seen.append(k["settle_s"]) or real(*a, **k))
+
+    class Quick:
+        def run(self, x):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def close(self):
+            pass
+
+    bench_runners([_Entry("quick", "dense", Quick()), _Entry("quick", "sparse", Quick())], BenchReport("m"), inputs=ModelSpec("x:y", {}, (1, 4)).inputs, batches=(1,), warmup=1, iterations=2, time_budget_s=None, rounds=2, confidence=0.95)
+    assert seen == [0.05]

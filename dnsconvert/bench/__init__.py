@@ -29,6 +29,10 @@ BASELINE = "onnxruntime"  # the target name of the reference dense rows
 DENSE, SPARSE, INT8 = "dense", "sparse", "dense-int8"
 NO_SPIN = "dense-nospin"  # ONNX Runtime fp32 dense with its workers' spin-waiting off
 FP32_DENSE = (DENSE, NO_SPIN)  # variants that compete for "fastest dense"
+# untimed calls at the start of each block for at least this long: the previous runner's idle
+# workers (ONNX Runtime spins ~30-40 ms after a call) would otherwise share the cores with the
+# first timed calls (see timing.measure_interleaved)
+BLOCK_SETTLE_S = 0.05
 
 
 @dataclass
@@ -195,7 +199,7 @@ def bench_runners(
             def done(name: str, task=task, batch=batch) -> None:
                 bar.update(task, advance=1, description=f"bench batch {batch}: {name}", refresh=True)
 
-            timed = measure_interleaved(calls, batch=batch, rounds=rounds, iterations=per_round, time_budget_s=budget, warmup=warmup, synchronize=syncs, done=done)
+            timed = measure_interleaved(calls, batch=batch, rounds=rounds, iterations=per_round, time_budget_s=budget, warmup=warmup, settle_s=BLOCK_SETTLE_S, synchronize=syncs, done=done)
             bar.remove_task(task)
             rows, speedups = compare_rows(timed, entries, batch, confidence, report.own_dense_alias)
             report.rows.extend(rows)
