@@ -56,9 +56,8 @@ def test_percentile_matches_numpy():
         assert percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
-def test_interleaved_rounds_rotate_and_ratio_is_exact_on_known_delays():
-    clock = FakeClock()
-    order = []
+def timed_runner(clock, order):
+    """runner(name, ms): a call that records its name and advances the fake clock by ms."""
 
     def runner(name, ms):
         def run():
@@ -67,6 +66,12 @@ def test_interleaved_rounds_rotate_and_ratio_is_exact_on_known_delays():
 
         return run
 
+    return runner
+
+
+def test_interleaved_rounds_rotate_and_ratio_is_exact_on_known_delays():
+    clock, order = FakeClock(), []
+    runner = timed_runner(clock, order)
     calls = {"dense": runner("dense", 4.0), "sparse": runner("sparse", 1.0), "other": runner("other", 2.0)}
     finished: list[tuple[str, int]] = []  # the progress hook: each warm-up and block as it ends
     timed = measure_interleaved(calls, batch=1, rounds=3, iterations=2, warmup=1, warmup_per_round=1, clock=clock, done=lambda name: finished.append((name, len(order))))
@@ -287,16 +292,8 @@ def test_device_runners_upload_once():
 def test_each_block_settles_for_a_while_before_its_timed_calls():
     """settle_s: untimed calls at a block's start until that long has passed (at least
     warmup_per_round of them), so that the previous variant's spinning workers are gone."""
-    clock = FakeClock()
-    order = []
-
-    def runner(name, ms):
-        def run():
-            order.append(name)
-            clock.now += ms / 1000.0
-
-        return run
-
+    clock, order = FakeClock(), []
+    runner = timed_runner(clock, order)
     calls = {"a": runner("a", 4.0), "b": runner("b", 10.0)}
     timed = measure_interleaved(calls, batch=1, rounds=2, iterations=2, warmup=0, warmup_per_round=1, settle_s=0.025, clock=clock)
     # a block of a: 7 untimed calls (28 ms >= 25) + 2 timed; of b: 3 untimed (30 ms) + 2 timed
