@@ -25,16 +25,22 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=12)
     parser.add_argument("--trust-model-code", action="store_true")
     args = parser.parse_args()
+    from dnsconvert.errors import UserError
     from dnsconvert.model_io import sample_feeds
     from dnsconvert.targets import get_target, load_artifact
     from dnsconvert.timing import pin_threads
 
     pin_threads(args.threads)
-    artifact = load_artifact(args.artifact)
-    target = get_target(artifact.manifest.target)
-    options = {"threads": str(args.threads)}
-    sparse = target.load(artifact, "sparse", options, trust_model_code=args.trust_model_code)
-    dense = target.load(artifact, "dense", options, trust_model_code=args.trust_model_code)
+    try:  # a missing folder, another target's artifact, model code not trusted: one line
+        artifact = load_artifact(args.artifact)
+        if artifact.manifest.target != "torch-sparse-cpu":
+            parser.error(f"{args.artifact} is a {artifact.manifest.target} artifact; this script times a torch-sparse-cpu one")
+        target = get_target(artifact.manifest.target)
+        options = {"threads": str(args.threads)}
+        sparse = target.load(artifact, "sparse", options, trust_model_code=args.trust_model_code)
+        dense = target.load(artifact, "dense", options, trust_model_code=args.trust_model_code)
+    except UserError as error:
+        parser.error(str(error))
     feeds = sample_feeds(artifact.manifest.model_spec.inputs, batch=1, seed=0)
     for _ in range(5):
         sparse.run(feeds)
