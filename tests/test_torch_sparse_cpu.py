@@ -77,6 +77,21 @@ def test_auto_plan_records_its_evidence(tmp_path):
         assert any(r["verdict"] == "faster" for r in decision.candidates.values()) == (decision.mode == "sparse")
 
 
+def test_whole_model_check_settles_every_block_by_default(tmp_path, monkeypatch):
+    """The planner's whole-model check hands measure_interleaved its PLAN_SETTLE_S (the suite
+    sets it to 0 for speed), so that no plan is timed while the spinning dense session's idle
+    worker still holds a core."""
+    import dnsconvert.targets.torch_sparse_cpu as planner
+    import dnsconvert.timing
+
+    monkeypatch.setattr(planner, "PLAN_SETTLE_S", 0.02)
+    seen = []
+    real = dnsconvert.timing.measure_interleaved
+    monkeypatch.setattr(dnsconvert.timing, "measure_interleaved", lambda *a, **k: seen.append(k.get("settle_s")) or real(*a, **k))
+    build(tmp_path, masked_checkpoint("lenet300100", 0.99), batches="1", plan_budget=0.05, threads=1)
+    assert seen.count(0.02) == 1  # the one regime's check; the op timings run unsettled (their dense side never spins)
+
+
 def test_planning_waits_while_two_threads_are_no_faster_than_one():
     """parallel_probe re-measures, a second apart, while the split is not faster than serial,
     up to its limit, and reports what it saw; the real probe measures both variants."""
@@ -253,6 +268,72 @@ def test_sparse_conv_matches_torch_on_short_and_long_planes(height, width, batch
     assert SparseConv2d(very_sparse.numpy(), None, stride=stride, pads=(pad, pad, pad, pad))._layout(batch, height, width).copies == 0
 
 
+@pytest.mark.parametrize("consumer_stride,consumer_kernel,layout", [(1, 3, "aligned"), (1, 3, "rows"), (2, 3, "aligned"), (2, 1, "rows"), (1, 5, "aligned")])
+def test_a_convolution_feeds_the_next_ones_buffer(consumer_stride, consumer_kernel, layout):
+    """``feeds``: each share of the producer writes its output channels straight into the next
+    convolution's input buffer; that one then skips its own fill for exactly that array, and
+    fills itself for any other. Results bitwise those of the unfed pair, and torch's."""
+    torch.manual_seed(consumer_stride * 10 + consumer_kernel)
+    w1 = torch.randn(12, 6, 3, 3) * (torch.rand(12, 6, 3, 3) > 0.4)
+    w2 = torch.randn(10, 12, consumer_kernel, consumer_kernel) * (torch.rand(10, 12, consumer_kernel, consumer_kernel) > 0.4)
+    pad = consumer_kernel // 2
+    x, other = torch.randn(2, 6, 33, 35), torch.randn(2, 6, 33, 35)
+
+    def expected(image):
+        y = torch.relu(torch.nn.functional.conv2d(image, w1, padding=1))
+        return torch.nn.functional.conv2d(y, w2, stride=consumer_stride, padding=pad).numpy()
+
+    for parts in (1, 2):
+        producer = SparseConv2d(w1.numpy(), None, stride=1, pads=(1, 1, 1, 1), activation=1, parts=parts, layout=layout)
+        consumer = SparseConv2d(w2.numpy(), None, stride=consumer_stride, pads=(pad,) * 4, parts=parts, layout=layout)
+        plain = SparseConv2d(w2.numpy(), None, stride=consumer_stride, pads=(pad,) * 4, parts=parts, layout=layout)
+        producer.feeds = consumer
+        for image in (x, other, x):
+            y = producer(image.numpy())
+            assert consumer._filled_from is y
+            fed = consumer(y)
+            assert consumer._filled_from is None
+            np.testing.assert_array_equal(fed, plain(y))
+            np.testing.assert_allclose(fed, expected(image), atol=1e-4, rtol=1e-5)
+        assert (consumer._layout(2, 33, 35).copies > 0) == (layout == "aligned")
+        # another array than the one the producer wrote last: the consumer fills itself
+        y_other = producer(other.numpy()).copy()
+        producer(x.numpy())
+        np.testing.assert_allclose(consumer(y_other), expected(other), atol=1e-4, rtol=1e-5)
+
+
+def test_graph_steps_link_each_convolution_to_the_reader_with_the_largest_kernel():
+    """Two residual blocks: the first block's output is read by the second's 3x3 convolution and
+    by its 1x1 downsample; the 3x3 one (the costlier buffer) is fed. The run matches torch."""
+    from dnsconvert.export.onnx_export import torch_to_onnx
+    from dnsconvert.targets.sparse_graph import ConvStep, GraphRunner, build_steps, find_sparse_ops, load_graph
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(_Block(), _Block(8)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight *= torch.rand_like(module.weight) > 0.5
+    graph = load_graph(torch_to_onnx(model, torch.randn(1, 4, 20, 20)))
+    weights = [init.name for init in graph.model.graph.initializer if graph.arrays[init.name].ndim == 4]
+    ops = find_sparse_ops(graph, weights)
+    for threads in (1, 2):
+        steps = build_steps(graph, ops, {op.name: "parallel" for op in ops}, threads)
+        convs = [step.conv for step in steps if isinstance(step, ConvStep)]
+        assert len(convs) == 6
+        block1_out = next(step for step in steps if isinstance(step, ConvStep) and step.residual).outputs[0]
+        readers = [step.conv for step in steps if isinstance(step, ConvStep) and step.inputs[0] == block1_out]
+        producer = next(step.conv for step in steps if isinstance(step, ConvStep) and step.outputs[0] == block1_out)
+        assert sorted(r.kh for r in readers) == [1, 3] and producer.feeds is next(r for r in readers if r.kh == 3)
+        assert sum(conv.feeds is not None for conv in convs) == 3  # conv1 -> conv2 in each block, block 1 -> block 2's conv1
+        runner = GraphRunner(graph, steps, "planned")
+        x = torch.randn(2, 4, 20, 20)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        for _ in range(2):
+            np.testing.assert_allclose(runner.run_feeds({graph.input_names[0]: x.numpy()})[0], expected, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("index_type", [np.int32, np.int64])
 def test_register_tiles_add_every_row_once(index_type):
     """tile_rows against numpy for every tail (lengths 16..512 in whole vectors), a stride and a
@@ -352,13 +433,13 @@ def test_kernels_refuse_inputs_that_do_not_fit():
 class _Block(torch.nn.Module):
     """A ResNet basic block with a strided 1x1 shortcut (conv-BN, BN folded by the exporter)."""
 
-    def __init__(self):
+    def __init__(self, channels: int = 4):
         super().__init__()
-        self.conv1 = torch.nn.Conv2d(4, 8, 3, 2, 1, bias=False)
+        self.conv1 = torch.nn.Conv2d(channels, 8, 3, 2, 1, bias=False)
         self.bn1 = torch.nn.BatchNorm2d(8)
         self.conv2 = torch.nn.Conv2d(8, 8, 3, 1, 1, bias=False)
         self.bn2 = torch.nn.BatchNorm2d(8)
-        self.down = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1, 2, bias=False), torch.nn.BatchNorm2d(8))
+        self.down = torch.nn.Sequential(torch.nn.Conv2d(channels, 8, 1, 2, bias=False), torch.nn.BatchNorm2d(8))
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))

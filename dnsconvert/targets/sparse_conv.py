@@ -38,7 +38,12 @@ random weights at ResNet-18 ERK densities:
 Epilogue: bias, an optional residual tensor added before the activation (ResNet's
 ``relu(bn(conv(x)) + identity)``), the activation, and an optional k x k / stride k max pool
 (LeNet's conv -> pool) taken from the accumulator, so the unpooled output is never written.
-BatchNorm is already folded into the weight by the ONNX exporter.
+BatchNorm is already folded into the weight by the ONNX exporter. Where the next step is a
+convolution kernel reading this output (``SparseConv2d.feeds``), each thread then writes its
+finished output channels into that convolution's input buffer (phase planes and shifted
+copies) while they are still in its cache, and the next call skips its own fill: before, that
+copy ran on one thread ahead of every split (1.0 of ResNet-18 ERK's 11.6 ms; fed, the whole
+model ran 1.0-6.5% faster in alternating rounds, more in the slow spells).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, set_parallel_chunksize
 
 from ..timing import fast_fork_join
 from .csr_kernels import JIT, activate_row, axpy_rows, run_split
@@ -57,38 +62,58 @@ CHUNK = 4096  # output positions per accumulation pass: 16 KiB of accumulator st
 ALIGNED_MIN_NNZ = 32  # nonzeros per output channel (on average) below which a layer keeps its rows
 ALIGN_WASTE = 1.15  # a short plane takes the aligned layout if that widens its rows by at most this
 TILE = 256  # output positions per tile of the aligned layout (128-512 measured alike)
+# output-channel chunks per thread, handed out one at a time (numba's chunk size 1 over TBB) rather
+# than one fixed half per thread: for seconds at a time one of this VM's two cores runs at about
+# half speed (a fixed loop timed on each core in turn: 2.3-2.8 ms on one against 1.3 on the
+# other in 3% of a minute's samples), and a fixed split waits for the slow half. ResNet-18 ERK,
+# same process, alternating rounds: 12.7-13.0 ms with two chunks per thread against 12.9-13.6
+# with one in slow spells, alike (11.2-11.5 ms) outside them; four chunks were slower (11.9 ms)
+CHUNKS_PER_THREAD = 2
 VECTOR = LANES  # float32 lanes of an AVX-512 register (lengths are whole vectors: register_tiles needs it)
 
 
-@njit(**JIT)
-def _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases):
-    """Copy [N, C, H, W] into zero-padded phase planes laid out [C, s, s, N, plane]; only the
-    phases some nonzero reads (``phases[ph * stride + pw]``), never the borders (they stay zero)."""
-    images, channels, height, width = x.shape
-    for c in range(channels):
-        for ph in range(stride):
-            for pw in range(stride):
-                if not phases[ph * stride + pw]:
-                    continue
-                i0 = max(0, -((ph - pad_t) // stride))  # first phase row that holds an image row
-                j0 = max(0, -((pw - pad_l) // stride))
-                x0 = stride * j0 + pw - pad_l
-                count = min(ws - j0, (width - x0 + stride - 1) // stride)
-                for n in range(images):
-                    base = (((c * stride + ph) * stride + pw) * images + n) * plane
-                    for i in range(i0, plane // ws):
-                        y = stride * i + ph - pad_t
-                        if y >= height:
-                            break
-                        row = x[n, c, y]
-                        dst = buf[base + i * ws + j0 : base + i * ws + j0 + count]
-                        if stride == 1:
-                            src = row[x0 : x0 + count]
-                            for t in range(count):
-                                dst[t] = src[t]
-                        else:
-                            for t in range(count):
-                                dst[t] = row[x0 + t * stride]
+@njit(inline="always", **JIT)
+def _fill_channel(x, c, buf, geometry, phases):
+    """Channel ``c`` of [N, C, H, W] into its zero-padded phase planes, laid out [C, s, s, N,
+    plane]: only the phases some nonzero reads (``phases[ph * stride + pw]``), never the
+    borders (they stay zero); then (aligned layout) the channel's stretch of copy 0 into each
+    copy q, moved left by q floats (its first q floats go to the end of the previous channel's
+    stretch there; copy q has no place for copy 0's very first q). Channels are independent, so
+    threads may fill different channels at once. ``geometry``: pad_t, pad_l, stride, plane, ws,
+    copies, copy_size."""
+    pad_t, pad_l, stride, plane, ws, copies, copy_size = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5], geometry[6]
+    images, height, width = x.shape[0], x.shape[2], x.shape[3]
+    for ph in range(stride):
+        for pw in range(stride):
+            if not phases[ph * stride + pw]:
+                continue
+            i0 = max(0, -((ph - pad_t) // stride))  # first phase row that holds an image row
+            j0 = max(0, -((pw - pad_l) // stride))
+            x0 = stride * j0 + pw - pad_l
+            count = min(ws - j0, (width - x0 + stride - 1) // stride)
+            for n in range(images):
+                base = (((c * stride + ph) * stride + pw) * images + n) * plane
+                for i in range(i0, plane // ws):
+                    y = stride * i + ph - pad_t
+                    if y >= height:
+                        break
+                    row = x[n, c, y]
+                    dst = buf[base + i * ws + j0 : base + i * ws + j0 + count]
+                    if stride == 1:
+                        src = row[x0 : x0 + count]
+                        for t in range(count):
+                            dst[t] = src[t]
+                    else:
+                        for t in range(count):
+                            dst[t] = row[x0 + t * stride]
+    stretch = stride * stride * images * plane
+    start = c * stretch
+    for q in range(1, copies):
+        skip = max(0, q - start)
+        dst = buf[q * copy_size + start - q + skip : q * copy_size + start + stretch - q]
+        src = buf[start + skip : start + stretch]
+        for t in range(stretch - skip):
+            dst[t] = src[t]
 
 
 @njit(inline="always", **JIT)
@@ -123,8 +148,17 @@ def _epilogue(acc, out, res, has_res, act, ws, plane, oh, ow, pool, oc):
             activate_row(dst, act)  # one loop per activation: a per-element switch is not vectorised
 
 
+@njit(inline="always", **JIT)
+def _finish(acc, out, res, has_res, act, ws, plane, oh, ow, pool, oc, feed, fbuf, fgeometry, fphases):
+    """Channel ``oc``'s epilogue, then (``feed``) the same channel into the next convolution's
+    input buffer while its rows are still in this core's cache (``SparseConv2d.feeds``)."""
+    _epilogue(acc, out, res, has_res, act, ws, plane, oh, ow, pool, oc)
+    if feed:
+        _fill_channel(out, oc, fbuf, fgeometry, fphases)
+
+
 @njit(**JIT)
-def _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, oc_lo, oc_hi):
+def _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, acc, oc_lo, oc_hi, feed, fbuf, fgeometry, fphases):
     """Output channels [oc_lo, oc_hi) of all images, one at a time in the row ``acc``."""
     length = acc.shape[0]
     for oc in range(oc_lo, oc_hi):
@@ -136,11 +170,11 @@ def _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, 
         else:
             for j0 in range(0, length, CHUNK):
                 axpy_rows(acc[j0 : min(length, j0 + CHUNK)], buf, off, val, ptr[oc], ptr[oc + 1], 1, j0)
-        _epilogue(acc, out, res, has_res, act, ws, plane, oh, ow, pool, oc)
+        _finish(acc, out, res, has_res, act, ws, plane, oh, ow, pool, oc, feed, fbuf, fgeometry, fphases)
 
 
 @njit(**JIT)
-def _conv_blocked(buf, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs, length, oc_lo, oc_hi):
+def _conv_blocked(buf, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs, length, oc_lo, oc_hi, feed, fbuf, fgeometry, fphases):
     """Output channels [oc_lo, oc_hi) of a long plane (the aligned layout, see ``SparseConv2d``):
     TILE output positions at a time, and within them one block of input channels at a time for
     every output channel (``bptr[oc, b]``..``bptr[oc, b + 1]``: oc's nonzeros in block b), so
@@ -159,51 +193,52 @@ def _conv_blocked(buf, bptr, off, val, bias, out, res, has_res, act, ws, plane, 
                 if lo < hi:
                     tile_rows(accs[oc, j0:], buf, off, val, lo, hi, 1, j0, n)
     for oc in range(oc_lo, oc_hi):
-        _epilogue(accs[oc], out, res, has_res, act, ws, plane, oh, ow, pool, oc)
+        _finish(accs[oc], out, res, has_res, act, ws, plane, oh, ow, pool, oc, feed, fbuf, fgeometry, fphases)
 
 
 @njit(**JIT)
-def _fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size):
-    """The phase planes, then (aligned layout) each copy q as copy 0 shifted left by q floats."""
-    _fill_phases(x, buf, pad_t, pad_l, stride, plane, ws, phases)
-    for q in range(1, copies):
-        dst = buf[q * copy_size : q * copy_size + copy_size - q]
-        src = buf[q:copy_size]
-        for i in range(copy_size - q):
-            dst[i] = src[i]
+def _fill(x, buf, geometry, phases):
+    """Every channel of ``x`` into the buffer (``_fill_channel``)."""
+    for c in range(x.shape[1]):
+        _fill_channel(x, c, buf, geometry, phases)
 
 
 @njit(**JIT)
-def conv_serial(x, buf, accs, length, ptr, bptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, oh, ow, pool, out, copies, copy_size):
-    _fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size)
+def channels(buf, accs, geometry, ptr, bptr, off, val, bias, out, res, has_res, act, oh, ow, pool, part, oc_lo, oc_hi, feed, fbuf, fgeometry, fphases):
+    """Output channels [oc_lo, oc_hi): all of a serial convolution, or one thread's share of a
+    parallel one. ``geometry``: as ``_fill_channel``'s, then the accumulated length."""
+    plane, ws, copies, length = geometry[3], geometry[4], geometry[5], geometry[7]
     if copies:
-        _conv_blocked(buf, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs, length, 0, out.shape[1])
+        _conv_blocked(buf, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs, length, oc_lo, oc_hi, feed, fbuf, fgeometry, fphases)
     else:
-        _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs[0, :length], 0, out.shape[1])
+        _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs[part, :length], oc_lo, oc_hi, feed, fbuf, fgeometry, fphases)
+
+
+@njit(**JIT)
+def conv_serial(x, fill, buf, accs, geometry, phases, ptr, bptr, off, val, bias, res, has_res, act, oh, ow, pool, out, feed, fbuf, fgeometry, fphases):
+    """The whole convolution on this thread: the input into the buffer (unless ``fill`` is off:
+    the previous convolution put it there), every output channel, and (``feed``) its output
+    into the next convolution's buffer."""
+    if fill:
+        _fill(x, buf, geometry, phases)
+    channels(buf, accs, geometry, ptr, bptr, off, val, bias, out, res, has_res, act, oh, ow, pool, 0, 0, out.shape[1], feed, fbuf, fgeometry, fphases)
     return out
 
 
 @njit(**JIT)
-def fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size):
-    _fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size)
-
-
-@njit(**JIT)
-def channels(buf, accs, length, ptr, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, copies, part, oc_lo, oc_hi):
-    """Output channels [oc_lo, oc_hi): one thread's share of a parallel convolution."""
-    if copies:
-        _conv_blocked(buf, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs, length, oc_lo, oc_hi)
-    else:
-        _conv_channels(buf, ptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, accs[part, :length], oc_lo, oc_hi)
+def fill(x, buf, geometry, phases):
+    _fill(x, buf, geometry, phases)
 
 
 @njit(parallel=True, **JIT)
-def conv_parallel(x, buf, accs, length, ptr, bptr, off, val, bias, res, has_res, act, pad_t, pad_l, stride, plane, ws, phases, oh, ow, pool, out, copies, copy_size, bounds):
+def conv_parallel(x, fill, buf, accs, geometry, phases, ptr, bptr, off, val, bias, res, has_res, act, oh, ow, pool, out, feed, fbuf, fgeometry, fphases, bounds):
     """``conv_serial`` with the output channels split at ``bounds`` over numba's (TBB) pool;
-    share p accumulates in ``accs[p, :length]`` (short planes) or in its channels' rows."""
-    _fill(x, buf, pad_t, pad_l, stride, plane, ws, phases, copies, copy_size)
+    share p accumulates in ``accs[p, :length]`` (short planes) or in its channels' rows, and
+    feeds its own channels to the next convolution."""
+    if fill:
+        _fill(x, buf, geometry, phases)
     for p in prange(bounds.shape[0] - 1):
-        channels(buf, accs, length, ptr, bptr, off, val, bias, out, res, has_res, act, ws, plane, oh, ow, pool, copies, p, bounds[p], bounds[p + 1])
+        channels(buf, accs, geometry, ptr, bptr, off, val, bias, out, res, has_res, act, oh, ow, pool, p, bounds[p], bounds[p + 1], feed, fbuf, fgeometry, fphases)
     return out
 
 
@@ -224,6 +259,7 @@ class _Layout(NamedTuple):
     copies: int
     copy_size: int
     bptr: np.ndarray
+    geometry: np.ndarray  # what the kernels read: pad_t, pad_l, stride, plane, ws, copies, copy_size, length
 
 
 def _whole_vectors(count: int) -> int:
@@ -257,11 +293,23 @@ class SparseConv2d:
         self.ptr = np.cumsum(self.ptr)
         self.bias = (bias if bias is not None else np.zeros(self.out_channels)).astype(np.float32)
         self.nnz = int(self.values.size)
-        bounds = np.searchsorted(self.ptr, np.linspace(0, self.nnz, self.parts + 1)).astype(np.int64)
-        bounds[0], bounds[-1] = 0, self.out_channels
-        self.bounds = np.minimum(bounds, self.out_channels)
+        self.bounds = self._bounds(self.parts)
+        self.chunk_bounds = self._bounds(self.parts * CHUNKS_PER_THREAD) if self.parts > 1 else self.bounds
         self._geometry: dict[tuple[int, int, int], _Layout] = {}
         self._no_res = np.zeros((1, 1, 1, 1), dtype=np.float32)
+        self._no_feed, self._no_geometry = np.zeros(1, dtype=np.float32), np.zeros(8, dtype=np.int64)
+        # ``feeds``: the convolution that reads this one's output next (set by the graph's steps):
+        # each thread writes its output channels into that one's input buffer right after their
+        # epilogue, while the rows are in its cache, instead of the next call copying the whole
+        # input on one thread before it splits (ResNet-18 ERK: that copy was ~1.6 of 11.5 ms)
+        self.feeds: SparseConv2d | None = None
+        self._filled_from: np.ndarray | None = None  # the array whose contents ``feeds`` put in the buffer
+
+    def _bounds(self, shares: int) -> np.ndarray:
+        """Output channels cut into ``shares`` runs of about equal nonzeros."""
+        bounds = np.searchsorted(self.ptr, np.linspace(0, self.nnz, shares + 1)).astype(np.int64)
+        bounds[0], bounds[-1] = 0, self.out_channels
+        return np.minimum(bounds, self.out_channels)
 
     def conv_hw(self, height: int, width: int) -> tuple[int, int]:
         top, left, bottom, right = self.pads
@@ -329,14 +377,18 @@ class SparseConv2d:
             # each thread's accumulator on cache lines of its own: rows packed end to end shared a
             # line at each boundary, rewritten by both cores at every pass (a 14x14 layer split
             # over two threads ran 0.90 ms against 0.72 ms on one)
-            accs = np.empty((self.parts, length + VECTOR), dtype=np.float32)  # length is whole vectors
-        return _Layout(offsets.astype(np.int64), buf, accs, length, plane, ws, oh, ow, copies, size if copies else 0, bptr)
+            accs = np.empty((len(self.chunk_bounds) - 1, length + VECTOR), dtype=np.float32)  # length is whole vectors
+        copy_size = size if copies else 0
+        geometry = np.array([top, left, s, plane, ws, copies, copy_size, length], dtype=np.int64)
+        return _Layout(offsets.astype(np.int64), buf, accs, length, plane, ws, oh, ow, copies, copy_size, bptr, geometry)
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected [batch, {self.in_channels}, height, width] input, got {list(x.shape)}")  # the kernels do not bounds-check
         if min(self.conv_hw(x.shape[2], x.shape[3])) < max(1, self.pool):
             raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is smaller than the {self.kh}x{self.kw} kernel")
+        # the previous convolution wrote this very array into the buffer already (``feeds``)
+        filled, self._filled_from = self._filled_from is x, None
         x = np.ascontiguousarray(x, dtype=np.float32)
         has_res = residual is not None
         if has_res and (self.pool or residual.shape != (x.shape[0], self.out_channels, *self.conv_hw(x.shape[2], x.shape[3]))):
@@ -344,13 +396,26 @@ class SparseConv2d:
         g = self._layout(*x.shape[:1], *x.shape[2:])
         out = np.empty((x.shape[0], self.out_channels, *self.output_hw(x.shape[2], x.shape[3])), dtype=np.float32)
         res = np.ascontiguousarray(residual, dtype=np.float32) if has_res else self._no_res
-        top, left, stride = self.pads[0], self.pads[1], self.stride
-        if self.parts > 1:  # output channels split over threads, in blocks of about equal nonzeros
-            if fast_fork_join():
-                return conv_parallel(x, g.buf, g.accs, g.length, self.ptr, g.bptr, g.offsets, self.values, self.bias, res, has_res, self.activation, top, left, stride, g.plane, g.ws, self.phases, g.oh, g.ow, self.pool, out, g.copies, g.copy_size, self.bounds)
-
-            fill(x, g.buf, top, left, stride, g.plane, g.ws, self.phases, g.copies, g.copy_size)
-            shared = (g.buf, g.accs, g.length, self.ptr, g.bptr, g.offsets, self.values, self.bias, out, res, has_res, self.activation, g.ws, g.plane, g.oh, g.ow, self.pool, g.copies)
-            run_split(channels, [(*shared, p, self.bounds[p], self.bounds[p + 1]) for p in range(self.parts)])
-            return out
-        return conv_serial(x, g.buf, g.accs, g.length, self.ptr, g.bptr, g.offsets, self.values, self.bias, res, has_res, self.activation, top, left, stride, g.plane, g.ws, self.phases, g.oh, g.ow, self.pool, out, g.copies, g.copy_size)
+        consumer = self.feeds
+        if consumer is not None:
+            f = consumer._layout(out.shape[0], out.shape[2], out.shape[3])
+            feed = (True, f.buf, f.geometry, consumer.phases)
+        else:
+            feed = (False, self._no_feed, self._no_geometry, self.phases)
+        kernel = (g.buf, g.accs, g.geometry, self.phases, self.ptr, g.bptr, g.offsets, self.values, self.bias, res, has_res, self.activation, g.oh, g.ow, self.pool, out, *feed)
+        if self.parts > 1 and fast_fork_join():  # output channels split over threads, in blocks of about equal nonzeros
+            previous = set_parallel_chunksize(1)  # chunks handed out one at a time (see CHUNKS_PER_THREAD)
+            try:
+                conv_parallel(x, not filled, *kernel, self.chunk_bounds)
+            finally:
+                set_parallel_chunksize(previous)
+        elif self.parts > 1:
+            if not filled:
+                fill(x, g.buf, g.geometry, self.phases)
+            shared = (g.buf, g.accs, g.geometry, self.ptr, g.bptr, g.offsets, self.values, self.bias, out, res, has_res, self.activation, g.oh, g.ow, self.pool)
+            run_split(channels, [(*shared, p, self.bounds[p], self.bounds[p + 1], *feed) for p in range(self.parts)])
+        else:
+            conv_serial(x, not filled, *kernel)
+        if consumer is not None:
+            consumer._filled_from = out
+        return out

@@ -473,7 +473,25 @@ def build_steps(graph: Graph, ops: Sequence[SparseOp], chosen: Mapping[str, str]
             outputs = [o for o in produced if o in needed]
             session = ort_session(subgraph_model(graph, item, inputs, outputs), threads, spinning=spinning)
             steps.append(OrtStep(session, inputs, outputs, [graph.nodes[i].name for i in item]))
+    _link_feeds(steps)
     return steps
+
+
+def _link_feeds(steps: list) -> None:
+    """Let each convolution kernel write its output straight into the input buffer of a
+    convolution kernel that reads it (``SparseConv2d.feeds``); of several readers (a ResNet
+    block's output goes to the next block's 3x3 convolution and to its 1x1 downsample) the one
+    with the largest kernel, whose buffer (a copy per column shift) costs the most to fill."""
+    producers = {step.outputs[0]: step.conv for step in steps if isinstance(step, ConvStep)}
+    readers: dict[str, list] = {}
+    for step in steps:
+        if isinstance(step, ConvStep) and step.inputs[0] in producers:
+            readers.setdefault(step.inputs[0], []).append(step.conv)
+    for name, convs in readers.items():
+        producer = producers[name]
+        consumer = max(convs, key=lambda conv: conv.kh * conv.kw)
+        if consumer.in_channels == producer.out_channels:
+            producer.feeds = consumer
 
 
 def _chains(previous: LinearChainStep, op: SparseOp, graph: Graph) -> bool:
