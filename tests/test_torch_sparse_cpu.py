@@ -1,5 +1,6 @@
 import json
 
+import numba
 import numpy as np
 import onnx
 import pytest
@@ -291,15 +292,80 @@ def test_a_convolution_feeds_the_next_ones_buffer(consumer_stride, consumer_kern
         for image in (x, other, x):
             y = producer(image.numpy())
             assert consumer._filled_from is y
+            saved = y.copy()
+            y[...] = np.nan  # (never done in a graph) the consumer must read the fed buffer, not y
             fed = consumer(y)
             assert consumer._filled_from is None
-            np.testing.assert_array_equal(fed, plain(y))
+            np.testing.assert_array_equal(fed, plain(saved))
             np.testing.assert_allclose(fed, expected(image), atol=1e-4, rtol=1e-5)
         assert (consumer._layout(2, 33, 35).copies > 0) == (layout == "aligned")
         # another array than the one the producer wrote last: the consumer fills itself
         y_other = producer(other.numpy()).copy()
         producer(x.numpy())
         np.testing.assert_allclose(consumer(y_other), expected(other), atol=1e-4, rtol=1e-5)
+        # a batch of another size in between: each size has its own buffer, fed alike
+        for image in (x[:1], x):
+            y = producer(image.numpy())
+            np.testing.assert_allclose(consumer(y), expected(image), atol=1e-4, rtol=1e-5)
+    assert numba.get_parallel_chunksize() == 0  # the split calls put numba's chunk size back
+    with pytest.raises(ValueError, match="cannot feed itself"):
+        producer.feeds = producer
+    with pytest.raises(ValueError, match="cannot feed one with 6 input"):
+        consumer.feeds = producer
+
+
+THREADS_CHECK = """
+import numba, numpy as np
+import dnsconvert.targets.sparse_conv as sparse_conv
+from dnsconvert.timing import fast_fork_join
+assert fast_fork_join() and numba.get_num_threads() == 4
+seen, real = [], sparse_conv.conv_parallel
+def spy(*args):
+    seen.append((numba.get_num_threads(), numba.get_parallel_chunksize()))
+    return real(*args)
+sparse_conv.conv_parallel = spy
+weight = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+sparse_conv.SparseConv2d(weight, None, stride=1, pads=(1, 1, 1, 1), parts=2)(np.ones((1, 4, 9, 9), np.float32))
+assert seen == [(2, 1)], seen
+assert numba.get_num_threads() == 4 and numba.get_parallel_chunksize() == 0
+print("threads ok")
+"""
+
+
+def test_a_split_convolution_runs_on_no_more_threads_than_planned():
+    """Its chunks are handed out one at a time, to at most ``parts`` threads where numba may use
+    more (four here), and numba's thread count and chunk size are put back after the call."""
+    import os
+    import subprocess
+    import sys
+
+    from dnsconvert.timing import fast_fork_join
+
+    if not fast_fork_join():
+        pytest.skip("numba's TBB pool is not available (the split runs on the Python worker)")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
+    result = subprocess.run([sys.executable, "-c", THREADS_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "threads ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_pooling_and_residual_producers_feed_too():
+    """A producer with a fused max pool (LeNet's conv -> pool) and one with a residual both feed
+    the next convolution: the consumer's result matches torch with the producer's output blanked."""
+    torch.manual_seed(7)
+    w1 = torch.randn(8, 3, 5, 5) * (torch.rand(8, 3, 5, 5) > 0.3)
+    w2 = torch.randn(6, 8, 3, 3) * (torch.rand(6, 8, 3, 3) > 0.3)
+    x = torch.randn(2, 3, 20, 20)
+    for parts in (1, 2):
+        pooled = SparseConv2d(w1.numpy(), None, stride=1, pads=(2, 2, 2, 2), activation=1, parts=parts, pool=2)
+        residual = torch.randn(2, 8, 20, 20)
+        added = SparseConv2d(w1.numpy(), None, stride=1, pads=(2, 2, 2, 2), activation=1, parts=parts)
+        for producer, first, size in ((pooled, torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(x, w1, padding=2)), 2), 10), (added, torch.relu(torch.nn.functional.conv2d(x, w1, padding=2) + residual), 20)):
+            consumer = SparseConv2d(w2.numpy(), None, stride=1, pads=(1, 1, 1, 1), parts=parts, layout="aligned")
+            producer.feeds = consumer
+            y = producer(x.numpy(), None if producer is pooled else residual.numpy())
+            assert y.shape == (2, 8, size, size) and consumer._filled_from is y
+            y[...] = np.nan
+            np.testing.assert_allclose(consumer(y), torch.nn.functional.conv2d(first, w2, padding=1).numpy(), atol=1e-4, rtol=1e-5)
 
 
 def test_graph_steps_link_each_convolution_to_the_reader_with_the_largest_kernel():
@@ -519,6 +585,16 @@ w = rng.standard_normal((24, 8, 3, 3)).astype(np.float32) * (rng.random((24, 8, 
 image = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
 conv = lambda parts: SparseConv2d(w, None, stride=2, pads=(1, 1, 1, 1), activation=1, parts=parts)(image)
 np.testing.assert_array_equal(conv(2), conv(1))
+w2 = rng.standard_normal((16, 24, 3, 3)).astype(np.float32) * (rng.random((16, 24, 3, 3)) < 0.5)
+def fed_pair(parts):
+    first = SparseConv2d(w, None, stride=2, pads=(1, 1, 1, 1), activation=1, parts=parts)
+    second = SparseConv2d(w2, None, stride=1, pads=(1, 1, 1, 1), parts=parts, layout="aligned")
+    first.feeds = second
+    y = first(image)
+    y[...] = np.nan  # the second must read what the first's shares wrote into its buffer
+    return second(y)
+unfed = SparseConv2d(w2, None, stride=1, pads=(1, 1, 1, 1), parts=1, layout="aligned")(conv(1))
+np.testing.assert_array_equal(fed_pair(2), unfed)
 print("fallback ok")
 """
 

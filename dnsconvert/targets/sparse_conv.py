@@ -51,7 +51,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange, set_parallel_chunksize
+from numba import get_num_threads, njit, prange, set_num_threads, set_parallel_chunksize
 
 from ..timing import fast_fork_join
 from .csr_kernels import JIT, activate_row, axpy_rows, run_split
@@ -215,11 +215,11 @@ def channels(buf, accs, geometry, ptr, bptr, off, val, bias, out, res, has_res, 
 
 
 @njit(**JIT)
-def conv_serial(x, fill, buf, accs, geometry, phases, ptr, bptr, off, val, bias, res, has_res, act, oh, ow, pool, out, feed, fbuf, fgeometry, fphases):
+def conv_serial(x, own_fill, buf, accs, geometry, phases, ptr, bptr, off, val, bias, res, has_res, act, oh, ow, pool, out, feed, fbuf, fgeometry, fphases):
     """The whole convolution on this thread: the input into the buffer (unless ``fill`` is off:
     the previous convolution put it there), every output channel, and (``feed``) its output
     into the next convolution's buffer."""
-    if fill:
+    if own_fill:
         _fill(x, buf, geometry, phases)
     channels(buf, accs, geometry, ptr, bptr, off, val, bias, out, res, has_res, act, oh, ow, pool, 0, 0, out.shape[1], feed, fbuf, fgeometry, fphases)
     return out
@@ -231,11 +231,11 @@ def fill(x, buf, geometry, phases):
 
 
 @njit(parallel=True, **JIT)
-def conv_parallel(x, fill, buf, accs, geometry, phases, ptr, bptr, off, val, bias, res, has_res, act, oh, ow, pool, out, feed, fbuf, fgeometry, fphases, bounds):
+def conv_parallel(x, own_fill, buf, accs, geometry, phases, ptr, bptr, off, val, bias, res, has_res, act, oh, ow, pool, out, feed, fbuf, fgeometry, fphases, bounds):
     """``conv_serial`` with the output channels split at ``bounds`` over numba's (TBB) pool;
     share p accumulates in ``accs[p, :length]`` (short planes) or in its channels' rows, and
     feeds its own channels to the next convolution."""
-    if fill:
+    if own_fill:
         _fill(x, buf, geometry, phases)
     for p in prange(bounds.shape[0] - 1):
         channels(buf, accs, geometry, ptr, bptr, off, val, bias, out, res, has_res, act, oh, ow, pool, p, bounds[p], bounds[p + 1], feed, fbuf, fgeometry, fphases)
@@ -301,9 +301,22 @@ class SparseConv2d:
         # ``feeds``: the convolution that reads this one's output next (set by the graph's steps):
         # each thread writes its output channels into that one's input buffer right after their
         # epilogue, while the rows are in its cache, instead of the next call copying the whole
-        # input on one thread before it splits (ResNet-18 ERK: that copy was ~1.6 of 11.5 ms)
-        self.feeds: SparseConv2d | None = None
+        # input on one thread before it splits (ResNet-18 ERK: skipping that copy where a kernel
+        # could feed it saved 1.0 of 11.6 ms; feeding it back costs part of that)
+        # The fed array must not be changed in place before the next convolution reads it.
+        self._feeds: SparseConv2d | None = None
         self._filled_from: np.ndarray | None = None  # the array whose contents ``feeds`` put in the buffer
+
+    @property
+    def feeds(self) -> SparseConv2d | None:
+        return self._feeds
+
+    @feeds.setter
+    def feeds(self, consumer: SparseConv2d | None) -> None:
+        # the kernels write the consumer's buffer without bounds checks, while other threads read this one's
+        if consumer is not None and (consumer is self or consumer.in_channels != self.out_channels):
+            raise ValueError(f"a convolution with {self.out_channels} output channels cannot feed {'itself' if consumer is self else f'one with {consumer.in_channels} input channels'}")
+        self._feeds = consumer
 
     def _bounds(self, shares: int) -> np.ndarray:
         """Output channels cut into ``shares`` runs of about equal nonzeros."""
@@ -396,19 +409,30 @@ class SparseConv2d:
         g = self._layout(*x.shape[:1], *x.shape[2:])
         out = np.empty((x.shape[0], self.out_channels, *self.output_hw(x.shape[2], x.shape[3])), dtype=np.float32)
         res = np.ascontiguousarray(residual, dtype=np.float32) if has_res else self._no_res
-        consumer = self.feeds
+        consumer = self._feeds
+        if consumer is not None and min(consumer.conv_hw(out.shape[2], out.shape[3])) < max(1, consumer.pool):
+            consumer = None  # too small for it: it will say so when called
         if consumer is not None:
+            consumer._filled_from = None  # its buffer is about to change
             f = consumer._layout(out.shape[0], out.shape[2], out.shape[3])
             feed = (True, f.buf, f.geometry, consumer.phases)
         else:
             feed = (False, self._no_feed, self._no_geometry, self.phases)
         kernel = (g.buf, g.accs, g.geometry, self.phases, self.ptr, g.bptr, g.offsets, self.values, self.bias, res, has_res, self.activation, g.oh, g.ow, self.pool, out, *feed)
         if self.parts > 1 and fast_fork_join():  # output channels split over threads, in blocks of about equal nonzeros
-            previous = set_parallel_chunksize(1)  # chunks handed out one at a time (see CHUNKS_PER_THREAD)
+            # chunks handed out one at a time (see CHUNKS_PER_THREAD), to no more threads than the
+            # split was planned for (numba's own count may be every core: a runner loaded without one)
+            threads = get_num_threads()
+            wanted = min(self.parts, threads)
+            previous = set_parallel_chunksize(1)
+            if threads != wanted:
+                set_num_threads(wanted)
             try:
                 conv_parallel(x, not filled, *kernel, self.chunk_bounds)
             finally:
                 set_parallel_chunksize(previous)
+                if threads != wanted:
+                    set_num_threads(threads)
         elif self.parts > 1:
             if not filled:
                 fill(x, g.buf, g.geometry, self.phases)
