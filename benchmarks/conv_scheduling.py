@@ -1,6 +1,7 @@
 """What feeding and chunking do to the torch-sparse-cpu convolutions, same process, alternating rounds.
 
     python benchmarks/conv_scheduling.py ARTIFACT_DIR [--threads 2] [--rounds 10] [--trust-model-code]
+    python benchmarks/conv_scheduling.py ARTIFACT_DIR --steps [--trust-model-code]
     python benchmarks/conv_scheduling.py --core-speed 60
 
 ARTIFACT_DIR is a torch-sparse-cpu artifact whose batch-1 plan runs convolution kernels (the README's
@@ -11,6 +12,9 @@ one at a time, ``sparse_conv.CHUNKS_PER_THREAD``), with the feeds unlinked (ever
 its own input on one thread first), and with one fixed chunk per thread; then ONNX Runtime dense.
 Each round times every variant's p50 over ``--calls`` calls after 60 ms of rest; printed per round
 (this VM's slow spells show as rounds where all of them move) with the median of the per-round ratios.
+
+``--steps``: where a whole call's time goes instead: each step of the batch-1 plan (as built) timed inside
+whole calls (p50 over ``--calls`` calls, three times), beside the whole call and ONNX Runtime dense.
 
 ``--core-speed S``: for S seconds, a fixed L1-resident loop (~1.3 ms) timed on CPU 0, then on CPU 1,
 four times a second: whether one core at times runs slower than the other (what a fixed split waits for).
@@ -60,6 +64,44 @@ def core_speed(seconds: float) -> None:
     print(f"samples with a core over 1.3x its median: {slow.mean():.1%} (only one of the two cores: {lopsided.mean():.1%}); e.g. {r[slow][:8].round(2).tolist()}")
 
 
+def profile_steps(runner, dense, steps, feeds, calls: int) -> None:
+    """Each step's p50 inside whole calls (its inputs and buffers as cold as in the model)."""
+    from dnsconvert.targets.sparse_graph import ConvStep
+
+    def whole(target) -> float:
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            target.run(feeds)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times)) * 1e3
+
+    for _ in range(5):
+        runner.run(feeds)
+    for rep in range(3):
+        took = np.zeros((calls, len(steps)))
+        for call in range(calls):
+            env = dict(feeds)
+            for i, step in enumerate(steps):
+                start = time.perf_counter()
+                step(env)
+                took[call, i] = time.perf_counter() - start
+        per_step = np.median(took, axis=0) * 1e3
+        time.sleep(0.06)
+        sparse_ms = whole(runner)
+        time.sleep(0.06)
+        dense_ms = whole(dense)
+        time.sleep(0.06)
+        print(f"{rep + 1}: whole call {sparse_ms:.2f} ms, sum of the steps {per_step.sum():.2f} ms, onnxruntime dense {dense_ms:.2f} ms ({dense_ms / sparse_ms:.2f}x)")
+    for step, ms in zip(steps, per_step):
+        what = type(step).__name__
+        if isinstance(step, ConvStep):
+            conv = step.conv
+            density = conv.nnz / (conv.out_channels * conv.in_channels * conv.kh * conv.kw)
+            what += f" {conv.out_channels}x{conv.in_channels}x{conv.kh}x{conv.kw}/{conv.stride} density {density:.2f} threads {conv.parts}{' feeds the next' if conv.feeds is not None else ''}"
+        print(f"  {ms:6.3f} ms  {what}  {list(step.names)[:3]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", nargs="?")
@@ -68,6 +110,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=25)
     parser.add_argument("--trust-model-code", action="store_true")
     parser.add_argument("--core-speed", type=float, default=0.0, metavar="S")
+    parser.add_argument("--steps", action="store_true", help="time each step of the plan inside whole calls")
     args = parser.parse_args()
     if args.core_speed:
         core_speed(args.core_speed)
@@ -102,6 +145,9 @@ def main() -> None:
         if conv.parts > 1:
             conv.chunk_bounds, conv._geometry, conv._filled_from = conv.bounds, {}, None  # the accumulators are sized per chunk
     print(f"{len(convs['as built'])} convolution kernels, {sum(c.feeds is not None for c in convs['as built'])} feeding the next, {sum(c.parts > 1 for c in convs['as built'])} split")
+    if args.steps:
+        profile_steps(variants["as built"], dense, steps["as built"], feeds, args.calls)
+        return
     outputs = [runner.run(feeds)[0] for runner in variants.values()]
     print("largest difference between the variants' outputs:", max(float(np.abs(o - outputs[0]).max()) for o in outputs))
     runs = {**variants, "onnxruntime dense": dense}
