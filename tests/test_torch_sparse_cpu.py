@@ -307,6 +307,8 @@ def test_a_convolution_feeds_the_next_ones_buffer(consumer_stride, consumer_kern
         for image in (x[:1], x):
             y = producer(image.numpy())
             np.testing.assert_allclose(consumer(y), expected(image), atol=1e-4, rtol=1e-5)
+        empty = producer(np.zeros((0, 6, 33, 35), np.float32))  # an empty batch: an empty output, nothing fed
+        assert empty.shape == (0, 12, 33, 35) and consumer(empty).shape == (0, 10, *consumer.output_hw(33, 35))
     assert numba.get_parallel_chunksize() == 0  # the split calls put numba's chunk size back
     with pytest.raises(ValueError, match="cannot feed itself"):
         producer.feeds = producer

@@ -402,6 +402,8 @@ class SparseConv2d:
             raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is smaller than the {self.kh}x{self.kw} kernel")
         # the previous convolution wrote this very array into the buffer already (``feeds``)
         filled, self._filled_from = self._filled_from is x, None
+        if x.shape[0] == 0:  # an empty batch: an empty output, as ONNX Runtime gives (the layout needs an image)
+            return np.empty((0, self.out_channels, *self.output_hw(x.shape[2], x.shape[3])), dtype=np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
         has_res = residual is not None
         if has_res and (self.pool or residual.shape != (x.shape[0], self.out_channels, *self.conv_hw(x.shape[2], x.shape[3]))):
