@@ -64,17 +64,23 @@ def core_speed(seconds: float) -> None:
     print(f"samples with a core over 1.3x its median: {slow.mean():.1%} (only one of the two cores: {lopsided.mean():.1%}); e.g. {r[slow][:8].round(2).tolist()}")
 
 
+def call_p50(runner, feeds, calls: int) -> float:
+    """p50 (ms) of ``calls`` whole calls, after three untimed ones and 60 ms of rest (ONNX
+    Runtime's spinning worker, and any other, at rest)."""
+    for _ in range(3):
+        runner.run(feeds)
+    time.sleep(0.06)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        runner.run(feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
 def profile_steps(runner, dense, steps, feeds, calls: int) -> None:
     """Each step's p50 inside whole calls (its inputs and buffers as cold as in the model)."""
     from dnsconvert.targets.sparse_graph import ConvStep
-
-    def whole(target) -> float:
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            target.run(feeds)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times)) * 1e3
 
     for _ in range(5):
         runner.run(feeds)
@@ -87,11 +93,7 @@ def profile_steps(runner, dense, steps, feeds, calls: int) -> None:
                 step(env)
                 took[call, i] = time.perf_counter() - start
         per_step = np.median(took, axis=0) * 1e3
-        time.sleep(0.06)
-        sparse_ms = whole(runner)
-        time.sleep(0.06)
-        dense_ms = whole(dense)
-        time.sleep(0.06)
+        sparse_ms, dense_ms = call_p50(runner, feeds, calls), call_p50(dense, feeds, calls)
         print(f"{rep + 1}: whole call {sparse_ms:.2f} ms, sum of the steps {per_step.sum():.2f} ms, onnxruntime dense {dense_ms:.2f} ms ({dense_ms / sparse_ms:.2f}x)")
     for step, ms in zip(steps, per_step):
         what = type(step).__name__
@@ -152,21 +154,10 @@ def main() -> None:
     print("largest difference between the variants' outputs:", max(float(np.abs(o - outputs[0]).max()) for o in outputs))
     runs = {**variants, "onnxruntime dense": dense}
 
-    def p50(runner) -> float:
-        for _ in range(3):
-            runner.run(feeds)
-        time.sleep(0.06)  # ONNX Runtime's spinning worker, and any other, at rest
-        times = []
-        for _ in range(args.calls):
-            start = time.perf_counter()
-            runner.run(feeds)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times)) * 1e3
-
     table = {name: [] for name in runs}
     for round_ in range(args.rounds):
         for name, runner in runs.items():
-            table[name].append(p50(runner))
+            table[name].append(call_p50(runner, feeds, args.calls))
         print(f"round {round_ + 1}: " + ", ".join(f"{name} {values[-1]:.2f} ms" for name, values in table.items()), flush=True)
     built = np.array(table["as built"])
     for name in ("not fed", "one chunk per thread", "onnxruntime dense"):

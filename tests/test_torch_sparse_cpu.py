@@ -337,17 +337,21 @@ print("threads ok")
 def test_a_split_convolution_runs_on_no_more_threads_than_planned():
     """Its chunks are handed out one at a time, to at most ``parts`` threads where numba may use
     more (four here), and numba's thread count and chunk size are put back after the call."""
-    import os
-    import subprocess
-    import sys
-
     from dnsconvert.timing import fast_fork_join
 
     if not fast_fork_join():
         pytest.skip("numba's TBB pool is not available (the split runs on the Python worker)")
-    env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
-    result = subprocess.run([sys.executable, "-c", THREADS_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "threads ok" in result.stdout, result.stderr[-2000:]
+    _run_check(THREADS_CHECK, "threads ok", NUMBA_NUM_THREADS="4")
+
+
+def _run_check(script: str, marker: str, **env: str) -> None:
+    """``script`` in a fresh interpreter with ``env`` added: it must exit 0 and print ``marker``."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and marker in result.stdout, result.stderr[-2000:]
 
 
 def test_pooling_and_residual_producers_feed_too():
@@ -604,13 +608,7 @@ print("fallback ok")
 def test_parallel_kernels_without_tbb_split_over_a_python_worker():
     """With TBB refused (``DNSCONVERT_NO_TBB``, as where the wheel is missing) the parallel chain and
     convolution run on the Python worker, give the serial kernels' results, and numba stays off OpenMP."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "DNSCONVERT_NO_TBB": "1"}
-    result = subprocess.run([sys.executable, "-c", FALLBACK_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "fallback ok" in result.stdout, result.stderr[-2000:]
+    _run_check(FALLBACK_CHECK, "fallback ok", DNSCONVERT_NO_TBB="1")
 
 
 @pytest.mark.slow

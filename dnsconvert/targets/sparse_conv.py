@@ -216,7 +216,7 @@ def channels(buf, accs, geometry, ptr, bptr, off, val, bias, out, res, has_res, 
 
 @njit(**JIT)
 def conv_serial(x, own_fill, buf, accs, geometry, phases, ptr, bptr, off, val, bias, res, has_res, act, oh, ow, pool, out, feed, fbuf, fgeometry, fphases):
-    """The whole convolution on this thread: the input into the buffer (unless ``fill`` is off:
+    """The whole convolution on this thread: the input into the buffer (unless ``own_fill`` is off:
     the previous convolution put it there), every output channel, and (``feed``) its output
     into the next convolution's buffer."""
     if own_fill:
@@ -328,6 +328,10 @@ class SparseConv2d:
         top, left, bottom, right = self.pads
         return (height + top + bottom - self.kh) // self.stride + 1, (width + left + right - self.kw) // self.stride + 1
 
+    def fits(self, height: int, width: int) -> bool:
+        """Whether an input of this size leaves at least one output (and one pool window)."""
+        return min(self.conv_hw(height, width)) >= max(1, self.pool)
+
     def output_hw(self, height: int, width: int) -> tuple[int, int]:
         oh, ow = self.conv_hw(height, width)
         return (oh // self.pool, ow // self.pool) if self.pool else (oh, ow)
@@ -398,7 +402,7 @@ class SparseConv2d:
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected [batch, {self.in_channels}, height, width] input, got {list(x.shape)}")  # the kernels do not bounds-check
-        if min(self.conv_hw(x.shape[2], x.shape[3])) < max(1, self.pool):
+        if not self.fits(x.shape[2], x.shape[3]):
             raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is smaller than the {self.kh}x{self.kw} kernel")
         # the previous convolution wrote this very array into the buffer already (``feeds``)
         filled, self._filled_from = self._filled_from is x, None
@@ -412,7 +416,7 @@ class SparseConv2d:
         out = np.empty((x.shape[0], self.out_channels, *self.output_hw(x.shape[2], x.shape[3])), dtype=np.float32)
         res = np.ascontiguousarray(residual, dtype=np.float32) if has_res else self._no_res
         consumer = self._feeds
-        if consumer is not None and min(consumer.conv_hw(out.shape[2], out.shape[3])) < max(1, consumer.pool):
+        if consumer is not None and not consumer.fits(out.shape[2], out.shape[3]):
             consumer = None  # too small for it: it will say so when called
         if consumer is not None:
             consumer._filled_from = None  # its buffer is about to change
