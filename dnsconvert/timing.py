@@ -149,6 +149,24 @@ class Interleaved:
     def stats(self, name: str) -> LatencyStats:
         return latency_stats([s for block in self.samples[name] for s in block], batch=self.batch, warmup=self.warmup)
 
+    def quietest(self, fraction: float, *, minimum: int = 3) -> "Interleaved":
+        """The same variants in only the rounds where the machine was quietest: the ``fraction``
+        of rounds (at least ``minimum``) in which the variants ran closest to their own best
+        round (mean log of each round median over the variant's fastest round median).
+
+        Why: this 2-core VM has spells of seconds (up to ~25 s, about a quarter of the time)
+        in which everything runs 25-70% slower, and not by the same factor: BERT's dense ONNX
+        Runtime session with spinning workers went from 0.90 to 1.55 ms at batch 64, its
+        planned runner from 1.09 to 1.35, so a check that fell in a spell chose the plan, which
+        then ran at 0.83x of dense on a quiet machine. Rounds are the unit because each holds
+        every variant, timed within moments of each other."""
+        rounds = self.rounds
+        keep = min(rounds, max(minimum, math.ceil(fraction * rounds)))
+        medians = np.array([[float(np.median(block)) for block in self.samples[name]] for name in self.samples])
+        scores = np.log(medians / medians.min(axis=1, keepdims=True)).mean(axis=0)
+        chosen = sorted(np.argsort(scores, kind="stable")[:keep].tolist())
+        return Interleaved(batch=self.batch, warmup=self.warmup, samples={name: [blocks[i] for i in chosen] for name, blocks in self.samples.items()})
+
     def ratio(self, baseline: str | Sequence[str], candidate: str, *, confidence: float = 0.95, resolution: float = RESOLUTION, resamples: int = 1000, seed: int = 0) -> Ratio:
         """p50(baseline) / p50(candidate) with a paired bootstrap interval over rounds, never
         narrower than ``resolution`` either side of the estimate.
@@ -186,8 +204,10 @@ def measure_interleaved(
     warmup: int = 10,
     warmup_per_round: int = 1,
     settle_s: float = 0.0,
+    gap_s: float = 0.0,
     synchronize: Mapping[str, Callable[[], None]] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
     done: Callable[[str], None] | None = None,
 ) -> Interleaved:
     """Time every call in ``calls`` in ``rounds`` rounds; in each round each variant runs
@@ -199,6 +219,8 @@ def measure_interleaved(
     (an ONNX Runtime session with spinning on, its default: ~30-40 ms), taking the cores the
     next variant's threads need — ResNet-18's sparse runner, split over both threads, ran its
     first two calls after a dense ORT call at 20 ms instead of 12.
+    ``gap_s``: a pause between rounds, so that the rounds are spread over more time than
+    the variants need (see :meth:`Interleaved.quietest`).
     ``done(name)``, if given, is told of each variant's warm-up and each of its blocks as they
     end: ``len(calls) * (rounds + 1)`` calls in all (a progress bar's steps)."""
     if iterations is None and time_budget_s is None:
@@ -216,6 +238,8 @@ def measure_interleaved(
     result = Interleaved(batch=batch, warmup=warmup, samples={name: [] for name in names})
     block_budget = time_budget_s / (rounds * len(names)) if time_budget_s is not None else None
     for r in range(rounds):
+        if r and gap_s > 0:
+            sleep(gap_s)
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             run, done = calls[name], sync.get(name, _noop)

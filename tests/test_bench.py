@@ -164,6 +164,27 @@ def test_bench_json_names_the_fastest_dense_baseline(tmp_path):
         assert head["baseline_p50_ms"] == pytest.approx(by_row[(BASELINE, "dense", s["batch"])])
 
 
+def test_rounds_are_spread_by_the_gap_and_the_quietest_rounds_are_kept():
+    """gap_s sleeps between rounds (not before the first); quietest() keeps the rounds in which
+    every variant ran nearest its own best, so that a spell which slows both variants, but not
+    by the same factor, does not decide which is faster."""
+    clock, order, slept = FakeClock(), [], []
+    runner = timed_runner(clock, order)
+    measure_interleaved({"a": runner("a", 1.0)}, batch=1, rounds=3, iterations=1, warmup=0, gap_s=0.5, clock=clock, sleep=slept.append)
+    assert slept == [0.5, 0.5]
+
+    from dnsconvert.timing import Interleaved
+
+    quiet, spell = {"dense": 0.90e-3, "plan": 1.09e-3}, {"dense": 1.55e-3, "plan": 1.35e-3}
+    states = [spell, spell, quiet, spell, spell, quiet, spell, spell, quiet, spell, quiet, spell]  # 8 of 12 rounds in a spell
+    timed = Interleaved(batch=1, warmup=0, samples={name: [[state[name]] * 3 for state in states] for name in ("dense", "plan")})
+    assert timed.ratio("dense", "plan").value == pytest.approx(1.55 / 1.35)  # what the spell-dominated rounds say
+    calm = timed.quietest(1 / 3)
+    assert calm.rounds == 4 and calm.stats("dense").p50_ms == pytest.approx(0.90)
+    assert calm.ratio("dense", "plan").verdict == "slower"  # the quiet machine: the plan loses
+    assert timed.quietest(0.01).rounds == 3 and timed.quietest(1.0).rounds == 12  # at least `minimum`, at most all
+
+
 def test_fastest_dense_is_the_minimum_over_dense_rows():
     from dnsconvert.bench import _Entry, compare_rows
     from dnsconvert.timing import Interleaved
