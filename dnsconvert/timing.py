@@ -151,19 +151,25 @@ class Interleaved:
 
     def quietest(self, fraction: float, *, minimum: int = 3) -> "Interleaved":
         """The same variants in only the rounds where the machine was quietest: the ``fraction``
-        of rounds (at least ``minimum``) in which the variants ran closest to their own best
-        round (mean log of each round median over the variant's fastest round median).
+        of rounds (at least ``minimum``, in their order) with the lowest geometric mean of the
+        variants' round medians. Rounds stay whole, so the variants stay paired.
 
-        Why: this 2-core VM has spells of seconds (up to ~25 s, about a quarter of the time)
+        Why: this 2-core VM has spells of seconds (up to ~80 s, a quarter of the time or more)
         in which everything runs 25-70% slower, and not by the same factor: BERT's dense ONNX
         Runtime session with spinning workers went from 0.90 to 1.55 ms at batch 64, its
         planned runner from 1.09 to 1.35, so a check that fell in a spell chose the plan, which
         then ran at 0.83x of dense on a quiet machine. Rounds are the unit because each holds
         every variant, timed within moments of each other."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         rounds = self.rounds
         keep = min(rounds, max(minimum, math.ceil(fraction * rounds)))
-        medians = np.array([[float(np.median(block)) for block in self.samples[name]] for name in self.samples])
-        scores = np.log(medians / medians.min(axis=1, keepdims=True)).mean(axis=0)
+        if keep >= rounds:
+            return self
+        medians = np.array([[float(np.median(block)) if len(block) else np.nan for block in self.samples[name]] for name in self.samples])
+        if not (np.isfinite(medians).all() and (medians > 0).all()):
+            return self  # nothing to rank by (a clock that did not move): every round counts
+        scores = np.log(medians).mean(axis=0)
         chosen = sorted(np.argsort(scores, kind="stable")[:keep].tolist())
         return Interleaved(batch=self.batch, warmup=self.warmup, samples={name: [blocks[i] for i in chosen] for name, blocks in self.samples.items()})
 
@@ -219,8 +225,8 @@ def measure_interleaved(
     (an ONNX Runtime session with spinning on, its default: ~30-40 ms), taking the cores the
     next variant's threads need — ResNet-18's sparse runner, split over both threads, ran its
     first two calls after a dense ORT call at 20 ms instead of 12.
-    ``gap_s``: a pause between rounds, so that the rounds are spread over more time than
-    the variants need (see :meth:`Interleaved.quietest`).
+    ``gap_s``: a pause between rounds (through ``sleep``), so that the rounds are spread over
+    more time than the variants need (see :meth:`Interleaved.quietest`).
     ``done(name)``, if given, is told of each variant's warm-up and each of its blocks as they
     end: ``len(calls) * (rounds + 1)`` calls in all (a progress bar's steps)."""
     if iterations is None and time_budget_s is None:

@@ -61,7 +61,7 @@ def _bench_blocks_unsettled(monkeypatch):
     """bench settles each timed block for BLOCK_SETTLE_S (50 ms) so that the previous runner's
     spinning workers are gone; at ~80 blocks a bench that is ~4 s, which over the suite's
     benches of tiny models added ~1.6 minutes. The planner's whole-model check does the same
-    (PLAN_SETTLE_S, ~3 s per build) and spreads its rounds (PLAN_ROUND_GAP_S, ~6 s per batch
+    (PLAN_SETTLE_S, ~4 s per batch regime) and spreads its rounds (PLAN_ROUND_GAP_S, 5.5 s per batch
     regime). Tests that time something run their own
     measure_interleaved; test_bench and test_torch_sparse_cpu check that the real values are
     passed by default."""

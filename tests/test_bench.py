@@ -176,13 +176,20 @@ def test_rounds_are_spread_by_the_gap_and_the_quietest_rounds_are_kept():
     from dnsconvert.timing import Interleaved
 
     quiet, spell = {"dense": 0.90e-3, "plan": 1.09e-3}, {"dense": 1.55e-3, "plan": 1.35e-3}
-    states = [spell, spell, quiet, spell, spell, quiet, spell, spell, quiet, spell, quiet, spell]  # 8 of 12 rounds in a spell
-    timed = Interleaved(batch=1, warmup=0, samples={name: [[state[name]] * 3 for state in states] for name in ("dense", "plan")})
-    assert timed.ratio("dense", "plan").value == pytest.approx(1.55 / 1.35)  # what the spell-dominated rounds say
+    states = [quiet if i % 3 == 2 else spell for i in range(36)]  # two rounds in three in a spell
+    # each round's values carry its index (i * 1e-9 s), to see that rounds are kept whole
+    timed = Interleaved(batch=1, warmup=0, samples={name: [[state[name] + i * 1e-9] * 3 for i, state in enumerate(states)] for name in ("dense", "plan")})
+    assert timed.ratio("dense", "plan").verdict == "faster"  # what the spell-dominated rounds say
     calm = timed.quietest(1 / 3)
-    assert calm.rounds == 4 and calm.stats("dense").p50_ms == pytest.approx(0.90)
+    assert calm.rounds == 12 and calm.stats("dense").p50_ms == pytest.approx(0.90, abs=1e-4)
     assert calm.ratio("dense", "plan").verdict == "slower"  # the quiet machine: the plan loses
-    assert timed.quietest(0.01).rounds == 3 and timed.quietest(1.0).rounds == 12  # at least `minimum`, at most all
+    kept = {name: [round((blocks[0] - {"dense": 0.90e-3, "plan": 1.09e-3}[name]) / 1e-9) for blocks in calm.samples[name]] for name in calm.samples}
+    assert kept["dense"] == kept["plan"] == list(range(2, 36, 3))  # the same rounds for every variant, in order
+    assert timed.quietest(0.01).rounds == 3 and timed.quietest(1.0).rounds == 36  # at least `minimum`, at most all
+    with pytest.raises(ValueError, match="fraction"):
+        timed.quietest(0.0)
+    flat = Interleaved(batch=1, warmup=0, samples={"a": [[0.0]] * 6, "b": [[1e-3]] * 6})  # a clock that did not move
+    assert flat.quietest(1 / 3).rounds == 6  # nothing to rank by: every round counts
 
 
 def test_fastest_dense_is_the_minimum_over_dense_rows():
