@@ -96,29 +96,29 @@ def test_whole_model_check_settles_and_spreads_its_rounds_by_default(tmp_path, m
     assert seen.count((0.02, 0.01)) == 1  # the one regime's check; the op timings run unsettled (their dense side never spins)
 
 
-@pytest.mark.parametrize("quiet_ms, spinning", [((0.96, 0.99, 1.04), True), ((0.70, 0.71, 0.72), False)])  # calls of every round
-def test_dense_fallback_turns_spinning_off_only_when_shown_faster(tmp_path, monkeypatch, quiet_ms, spinning):
-    """When no plan wins, the fallback keeps ONNX Runtime's default spinning session unless the
-    non-spinning one was faster beyond noise: a lower p50 within noise is not enough (a noisy
-    build chose non-spinning for GPT-2 at batch 64, which then ran at 0.80x of spinning)."""
+def made_up_check_clock(monkeypatch, block_ms):
+    """The planner's measure_interleaved replaced: every variant runs once (the runners are
+    real), only the clock is made up: round i of ``label`` is the calls ``block_ms(label, i)`` (ms)."""
     import dnsconvert.timing
     from dnsconvert.timing import Interleaved
 
     def fake_measure(calls, *, batch, rounds, **kwargs):
         result = Interleaved(batch=batch, warmup=0)
         for label, call in calls.items():
-            call()  # every variant runs (the runners are real), only the clock is made up
-            if label == "onnxruntime dense":
-                ms = [1.0] * rounds
-            elif label == "onnxruntime dense, not spinning":
-                result.samples[label] = [[m / 1000.0 for m in quiet_ms] for _ in range(rounds)]  # p50 below spinning either way
-                continue
-            else:
-                ms = [2.0] * rounds  # every plan loses
-            result.samples[label] = [[m / 1000.0] * 3 for m in ms]
+            call()
+            result.samples[label] = [[ms / 1000.0 for ms in block_ms(label, i)] for i in range(rounds)]
         return result
 
     monkeypatch.setattr(dnsconvert.timing, "measure_interleaved", fake_measure)
+
+
+@pytest.mark.parametrize("quiet_ms, spinning", [((0.96, 0.99, 1.04), True), ((0.70, 0.71, 0.72), False)])  # calls of every round
+def test_dense_fallback_turns_spinning_off_only_when_shown_faster(tmp_path, monkeypatch, quiet_ms, spinning):
+    """When no plan wins, the fallback keeps ONNX Runtime's default spinning session unless the
+    non-spinning one was faster beyond noise: a lower p50 within noise is not enough (a noisy
+    build chose non-spinning for GPT-2 at batch 64, which then ran at 0.80x of spinning)."""
+    # not spinning: p50 below spinning either way; every plan loses
+    made_up_check_clock(monkeypatch, lambda label, i: {"onnxruntime dense": [1.0] * 3, "onnxruntime dense, not spinning": list(quiet_ms)}.get(label, [2.0] * 3))
     artifact = build(tmp_path, masked_checkpoint("lenet300100", 0.99), batches="1", plan_budget=0.05, threads=1)
     decision = details(artifact).plan.regimes["small"]
     assert decision.mode == "dense" and decision.spinning is spinning
@@ -137,19 +137,9 @@ def test_a_plan_that_wins_only_in_a_slow_spell_is_not_chosen(tmp_path, monkeypat
     1.35 ms against dense ONNX Runtime's 1.55 in one of this VM's slow spells, and at 1.09
     against 0.90 outside them; a check that fell mostly in a spell chose the plan."""
     import dnsconvert.targets.torch_sparse_cpu as planner
-    import dnsconvert.timing
-    from dnsconvert.timing import Interleaved
 
-    def fake_measure(calls, *, batch, rounds, **kwargs):
-        spell = [i % 3 != 2 for i in range(rounds)]  # two rounds in three
-        result = Interleaved(batch=batch, warmup=0)
-        for label, call in calls.items():
-            call()
-            quiet_ms, spell_ms = {"onnxruntime dense": (0.90, 1.55), "onnxruntime dense, not spinning": (1.13, 1.45)}.get(label, (1.09, 1.35))
-            result.samples[label] = [[(spell_ms if s else quiet_ms) / 1000.0] * 3 for s in spell]
-        return result
-
-    monkeypatch.setattr(dnsconvert.timing, "measure_interleaved", fake_measure)
+    quiet_and_spell_ms = {"onnxruntime dense": (0.90, 1.55), "onnxruntime dense, not spinning": (1.13, 1.45)}  # any plan: (1.09, 1.35)
+    made_up_check_clock(monkeypatch, lambda label, i: [quiet_and_spell_ms.get(label, (1.09, 1.35))[i % 3 != 2]] * 3)  # two rounds in three in a spell
     monkeypatch.setattr(planner, "PLAN_ROUNDS", 36)  # enough rounds that all of them say "faster" beyond noise
     artifact = build(tmp_path, masked_checkpoint("lenet300100", 0.99), batches="1", plan_budget=0.05, threads=1)
     decision = details(artifact).plan.regimes["small"]
