@@ -11,6 +11,7 @@ from dnsconvert.model_io import sample_feeds
 from dnsconvert.models import BUILTIN_MODELS
 from dnsconvert.targets import BuildOptions, get_target, load_artifact
 from dnsconvert.targets.csr_kernels import CsrChain, CsrLayer
+from dnsconvert.targets.dense_fallback import FollowFaster
 from dnsconvert.targets.sparse_conv import SparseConv2d
 from dnsconvert.targets.torch_sparse_cpu import KERNELS, PLAN_KEY, SparseCpuDetails, SparseCpuRunner, read_plan
 from helpers import masked_checkpoint
@@ -122,7 +123,7 @@ def test_dense_fallback_turns_spinning_off_only_when_shown_faster(tmp_path, monk
     artifact = build(tmp_path, masked_checkpoint("lenet300100", 0.99), batches="1", plan_budget=0.05, threads=1)
     decision = details(artifact).plan.regimes["small"]
     assert decision.mode == "dense" and decision.spinning is spinning
-    runner = load(artifact)
+    runner = load(artifact, threads=1)  # one session in the chosen setting (one thread: nothing to follow)
     assert runner.modes["small"] == "onnxruntime dense"
     options = runner.runners["small"].session.get_session_options()
     try:
@@ -130,6 +131,11 @@ def test_dense_fallback_turns_spinning_off_only_when_shown_faster(tmp_path, monk
     except RuntimeError:  # not set: ONNX Runtime's default, spinning
         turned_off = False
     assert turned_off is not spinning
+    # with two threads and calls of 0.2 ms or more (the made-up 1 ms), it begins with the chosen setting and follows the faster
+    follower = load(artifact, threads=2).runners["small"]
+    assert isinstance(follower, FollowFaster) and follower.current == ("spinning" if spinning else "not spinning")
+    assert details(artifact).steps["small"] == [{"step": "onnxruntime", "nodes": "all"}]  # built with one thread
+    assert load(artifact, threads=2).describe()["small"][0]["follows"]
 
 
 def test_a_plan_that_wins_only_in_a_slow_spell_is_not_chosen(tmp_path, monkeypatch):
@@ -190,6 +196,24 @@ def test_op_timings_take_each_variants_faster_pass():
     assert timings == {"a": {"dense": 1.1, "serial": 1.5, "parallel": 1.0}, "b": {"dense": 1.2, "serial": 1.4, "parallel": 1.0}}
     assert {name: min(t, key=t.get) for name, t in timings.items()} == {"a": "parallel", "b": "parallel"}
     assert time_ops(None, ops, {}, 2, 0.3, passes=1, timer=lambda *a: readings[(a[1].name, 0)])["a"]["parallel"] == 2.2
+    # the planner's wait for parallel threads comes before every pass, not once
+    order: list[str] = []
+    time_ops(None, ops, {}, 2, 0.3, timer=lambda *a: order.append(a[1].name) or readings[(a[1].name, 0)], before_pass=lambda: order.append("probe"))
+    assert order == ["probe", "a", "b", "probe", "a", "b"]
+
+
+def test_a_two_thread_plan_probes_its_threads_before_every_pass(tmp_path, monkeypatch):
+    """A ResNet's pass over its layers takes seconds, the spells in which two threads run no
+    faster than one come every 10-30 s: the planner waits for parallel threads before each pass
+    of the op timings and records the first probe with the wait of all of them."""
+    import dnsconvert.targets.torch_sparse_cpu as planner
+
+    seen = []
+    monkeypatch.setattr(planner, "parallel_probe", lambda threads: seen.append(threads) or {"serial_ms": 1.0, "split_ms": 0.6, "waited_s": 2.0})
+    artifact = build(tmp_path, masked_checkpoint("lenet300100", 0.99), batches="1", plan_budget=0.05, threads=2)
+    probe = details(artifact).plan.regimes["small"].parallel_probe
+    assert seen == [2] * planner.TIMING_PASSES
+    assert probe == {"serial_ms": 1.0, "split_ms": 0.6, "waited_s": 2.0 * planner.TIMING_PASSES, "probes": planner.TIMING_PASSES}
 
 
 def test_auto_plan_falls_back_to_dense_when_sparse_loses(tmp_path):
@@ -633,6 +657,7 @@ def test_parallel_kernels_run_on_tbb_when_it_is_installed():
 FALLBACK_CHECK = """
 import numpy as np
 from dnsconvert.targets.csr_kernels import CsrChain, CsrLayer
+from dnsconvert.targets.dense_fallback import FollowFaster
 from dnsconvert.targets.sparse_conv import SparseConv2d
 from dnsconvert.timing import fast_fork_join, pin_threads
 pin_threads(2)

@@ -395,7 +395,7 @@ def subgraph_model(graph: Graph, node_indices: Sequence[int], inputs: Sequence[s
     return model
 
 
-def ort_session(model: bytes | onnx.ModelProto, threads: int, *, spinning: bool = True):
+def ort_session(model: bytes | onnx.ModelProto, threads: int, *, spinning: bool = True, config: Mapping[str, str] | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -407,6 +407,8 @@ def ort_session(model: bytes | onnx.ModelProto, threads: int, *, spinning: bool 
         # ORT's idle workers spin for a while after each run: between segments that steals the
         # core a compiled kernel is about to use.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     options.log_severity_level = 3
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])

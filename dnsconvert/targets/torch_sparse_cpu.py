@@ -20,7 +20,10 @@ throughput), every sparse op is timed on its real input against ONNX Runtime run
 nodes, in interleaved rounds, serial and (with ``threads`` > 1) parallel kernel; the fastest
 wins. Then the whole planned model is timed against ONNX Runtime's dense model in the same
 way; unless it is faster beyond noise (its interval above 1), that regime runs the dense model
-in ONNX Runtime: never slower than dense beyond noise. The evidence is recorded in the plan (artifact metadata and manifest).
+in ONNX Runtime: never slower than dense beyond noise. With more than one thread and calls of
+0.2 ms or more that dense model runs in both of ONNX Runtime's worker settings, following the
+faster as it runs (:mod:`.dense_fallback`: on this VM their order flips with its slow spells).
+The evidence is recorded in the plan (artifact metadata and manifest).
 
 Artifact: ``<name>.onnx``, the model with pruned weights as sparse initializers and the plan in
 its metadata (``dnsconvert.sparse_cpu_plan``), and ``<name>.dense.onnx``, the dense baseline,
@@ -165,9 +168,10 @@ def time_op(graph, op, values: Mapping[str, np.ndarray], threads: int, budget_s:
 TIMING_PASSES = 2
 
 
-def time_ops(graph, ops, values: Mapping[str, np.ndarray], threads: int, budget_s: float, *, passes: int = TIMING_PASSES, timer=None) -> dict[str, dict[str, float]]:
+def time_ops(graph, ops, values: Mapping[str, np.ndarray], threads: int, budget_s: float, *, passes: int = TIMING_PASSES, timer=None, before_pass=None) -> dict[str, dict[str, float]]:
     """p50 (ms) of every op's variants (``time_op``), each op timed in ``passes`` passes over all
-    ops with ``budget_s / passes`` each; per variant the faster pass counts.
+    ops with ``budget_s / passes`` each; per variant the faster pass counts. ``before_pass`` is
+    called before each pass (the planner waits there for its threads to run in parallel).
 
     Why: a hiccup of this VM that hits one op's timing window flips its choice. In one ResNet-18
     build the first 56x56 convolution's split timed 2.17 ms while its three identical siblings,
@@ -181,6 +185,8 @@ def time_ops(graph, ops, values: Mapping[str, np.ndarray], threads: int, budget_
     timer = timer or time_op
     best: dict[str, dict[str, float]] = {op.name: {} for op in ops}
     for _ in range(passes):
+        if before_pass is not None:
+            before_pass()
         for op in ops:
             for variant, ms in timer(graph, op, values, threads, budget_s / passes).items():
                 best[op.name][variant] = min(ms, best[op.name].get(variant, float("inf")))
@@ -238,8 +244,12 @@ def plan_regime(graph, ops, *, inputs, batch: int, threads: int, mode: str, min_
 
     feeds = sample_feeds(inputs, batch=batch, seed=0)
     values = activations(graph, feeds, sorted({op.x for op in ops} | {op.residual for op in ops if op.residual}), threads)
-    probe = parallel_probe(threads) if threads > 1 else {}
-    evidence = time_ops(graph, ops, values, threads, budget_s)
+    # the threads are probed before every pass of the op timings, not once: a pass of a ResNet's
+    # 21 layers takes seconds, and this VM's spells in which two threads run no faster than one
+    # come every 10-30 s; the recorded probe is the first, with the wait of all passes
+    probes: list[dict[str, float]] = []
+    evidence = time_ops(graph, ops, values, threads, budget_s, before_pass=(lambda: probes.append(parallel_probe(threads))) if threads > 1 else None)
+    probe = {**probes[0], "waited_s": sum(p["waited_s"] for p in probes), "probes": len(probes)} if probes else {}
     kernels = {name: min(timed, key=timed.get) for name, timed in evidence.items()}
     decision = {"batch": batch, "kernels": kernels, "timings_ms": evidence, "parallel_probe": probe}
     decision.update(check_whole_model(graph, ops, kernels, feeds, threads, budget_s=4 * budget_s, timings=evidence))
@@ -393,6 +403,7 @@ class SparseCpuRunner:
     """Runs a planned model: per batch regime either the planned steps or ONNX Runtime's dense model."""
 
     def __init__(self, sparse_model, plan: Mapping[str, Any], threads: int = 0, *, dense_model: bytes | None = None, where: Any = None):
+        from .dense_fallback import follow_faster
         from .sparse_graph import GraphRunner, build_steps, find_sparse_ops, load_graph, ort_session
 
         graph = load_graph(sparse_model)
@@ -410,16 +421,21 @@ class SparseCpuRunner:
         self.input_names, self.output_names = graph.input_names, graph.output_names
         self.runners: dict[str, Any] = {}
         self.modes: dict[str, str] = {}
-        dense: dict[bool, _SessionRunner] = {}
+        dense: dict[tuple[bool, bool], Any] = {}
         for regime in REGIMES:
             decision = plan["regimes"][regime]
             chosen = {name: k for name, k in decision["kernels"].items() if k != "dense"}
             if decision["mode"] == "dense" or not chosen:
                 spinning = bool(decision.get("spinning", True))
-                if spinning not in dense:
+                follow = follows_faster(decision, threads)
+                if (spinning, follow) not in dense:
                     # the artifact's dense file when given: byte for byte the model ONNX Runtime's baseline runs
-                    dense[spinning] = _SessionRunner(ort_session(dense_model or graph.model, threads, spinning=spinning), self.output_names)
-                self.runners[regime], self.modes[regime] = dense[spinning], "onnxruntime dense"
+                    model = dense_model or graph.model.SerializeToString()
+                    if follow:
+                        dense[spinning, follow] = follow_faster(model, threads, first_spinning=spinning)
+                    else:
+                        dense[spinning, follow] = _SessionRunner(ort_session(model, threads, spinning=spinning), self.output_names)
+                self.runners[regime], self.modes[regime] = dense[spinning, follow], "onnxruntime dense"
             else:
                 steps = build_steps(graph, ops, chosen, threads, spinning=bool(decision.get("spinning", False)), split=split)
                 self.runners[regime], self.modes[regime] = GraphRunner(graph, steps, "planned"), "planned"
@@ -463,6 +479,17 @@ class SparseCpuRunner:
     def close(self) -> None:
         self.runners = {}
         self._small = self._large = None
+
+
+def follows_faster(decision: Mapping[str, Any], threads: int) -> bool:
+    """Whether a dense regime runs ONNX Runtime in whichever worker setting is faster as it runs
+    (:mod:`.dense_fallback`) rather than in the one the plan chose: with more than one thread
+    (one has no workers to spin) and calls long enough to time each one (a plan from before
+    this recorded no p50: the setting it chose)."""
+    from .dense_fallback import FOLLOW_MIN_MS
+
+    p50 = decision.get("onnxruntime_dense_p50_ms")
+    return threads != 1 and p50 is not None and p50 >= FOLLOW_MIN_MS
 
 
 class _SessionRunner:
