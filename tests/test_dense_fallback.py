@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dnsconvert.targets import dense_fallback
-from dnsconvert.targets.dense_fallback import FollowFaster, follow_faster, other_is_faster
+from dnsconvert.targets.dense_fallback import FollowFaster, can_follow, clearly_slower, follow_faster, other_is_faster
 from dnsconvert.targets.torch_sparse_cpu import follows_faster
 
 
@@ -31,7 +31,8 @@ class MadeUpSession:
 
     def run(self, output_names, feeds):
         assert output_names is None and list(feeds) == ["x"]
-        self.clock.now += self.ms(self.clock.now) / 1000.0
+        scale = getattr(feeds["x"], "shape", (1,))[0]  # a batch of n costs n times one of 1
+        self.clock.now += scale * self.ms(self.clock.now) / 1000.0
         self.calls += 1
         return [self.name]
 
@@ -142,6 +143,94 @@ def test_calls_after_a_pause_are_not_counted():
     assert max(runner.recent) == pytest.approx(0.0009)
 
 
+def test_only_calls_of_one_shape_are_compared():
+    """A regime serves every batch size in its range: a batch of 64 must not be timed against a
+    batch of 1. Spinning is 20% faster at every size; batches alternate at random."""
+    import numpy as np
+
+    runner, sessions, clock = follower(lambda t: 1.0, lambda t: 1.2)
+    rng = np.random.default_rng(0)
+    batches = {n: np.zeros((n, 4), np.float32) for n in (1, 64)}
+    answered = [runner.run_feeds({"x": batches[int(rng.choice([1, 64]))]})[0] for _ in range(20_000)]
+    # a probe only after a full side of one size, cut short by the next size: almost never
+    assert runner.switches == 0 and answered.count("not spinning") < 0.002 * len(answered)
+    for _ in range(5_000):  # one size: probes, and spinning stays
+        answered.append(runner.run_feeds({"x": batches[64]})[0])
+    assert runner.switches == 0 and runner.probes >= 1
+
+
+def test_a_call_that_raises_leaves_the_probe_where_it_was():
+    clock = Clock()
+    failing = {"on": False}
+
+    def quiet_ms(t):
+        if failing["on"]:
+            failing["on"] = False
+            raise RuntimeError("refused")
+        return 1.2
+
+    runner = FollowFaster({"spinning": MadeUpSession("spinning", clock, lambda t: 1.0), "not spinning": MadeUpSession("not spinning", clock, quiet_ms)}, "spinning", clock=clock)
+    while runner.probes == 0:
+        runner.run_feeds({"x": 0})
+    for _ in range(dense_fallback.PROBE_CALLS - 1):
+        runner.run_feeds({"x": 0})
+    failing["on"] = True  # the probe's last call on the other session raises
+    with pytest.raises(RuntimeError):
+        runner.run_feeds({"x": 0})
+    for _ in range(dense_fallback.PROBE_CALLS + 1):  # the failed call again, then the calls back
+        runner.run_feeds({"x": 0})
+    assert len(runner.last_probe["other"]) == dense_fallback.PROBE_CALLS - 1 and len(runner.last_probe["back"]) == dense_fallback.PROBE_CALLS - 1
+    probes = runner.probes
+    for _ in range(dense_fallback.PROBE_EVERY_CALLS // 2):
+        runner.run_feeds({"x": 0})
+    assert runner.probes == probes  # decided, and the next probe waits its interval
+
+
+def test_concurrent_callers_are_served_and_one_is_timed():
+    import threading
+
+    runner, _, clock = follower(lambda t: 1.0, lambda t: 1.2)
+    errors = []
+
+    def caller():
+        try:
+            for _ in range(2_000):
+                assert runner.run_feeds({"x": 0})[0] in ("spinning", "not spinning")
+        except Exception as exc:  # pragma: no cover - what the test is for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and runner.current == "spinning"
+
+
+@pytest.mark.parametrize(
+    "version, follows",
+    [("1.32.0", True), ("1.26.0", True), ("1.25.1", False), ("1.18.0", False), ("2.0.0", True), ("nightly", False)],
+)
+def test_follows_only_where_onnxruntime_bounds_spinning(monkeypatch, version, follows):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", version)
+    assert can_follow() is follows
+
+
+@pytest.mark.parametrize(
+    "probe, clear",
+    [
+        ({"before": [1.0], "other": [1.2], "back": [1.0]}, True),
+        ({"before": [1.0], "other": [1.2], "back": [1.1]}, False),  # not clearly slower than the back side
+        ({"before": [1.1], "other": [1.2], "back": [1.0]}, False),
+        ({"before": [1.0], "other": [], "back": [1.0]}, False),
+    ],
+)
+def test_clearly_slower_on_every_side(probe, clear):
+    assert clearly_slower(probe) is clear
+
+
 def test_refuses_anything_but_two_sessions():
     clock = Clock()
     one = MadeUpSession("a", clock, lambda t: 1.0)
@@ -170,7 +259,9 @@ def test_real_sessions_answer_as_the_dense_model_and_spin_briefly(monkeypatch):
     feeds = sample_feeds(ckpt.model.inputs, batch=4, seed=0)
     reference = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     monkeypatch.setattr(dense_fallback, "PROBE_EVERY_CALLS", 16)
-    while runner.probes < 2:  # calls until a second probe of the other session begins ...
+    for _ in range(10_000):  # calls until a second probe of the other session begins ...
+        if runner.probes >= 2:
+            break
         np.testing.assert_allclose(runner.run_feeds(feeds)[0], reference, rtol=1e-6, atol=1e-6)
     monkeypatch.setattr(dense_fallback, "PROBE_EVERY_CALLS", 10**6)
     for _ in range(2 * dense_fallback.PROBE_CALLS + 1):  # ... and ends
@@ -184,6 +275,7 @@ def test_real_sessions_answer_as_the_dense_model_and_spin_briefly(monkeypatch):
         ({"onnxruntime_dense_p50_ms": 0.9}, 2, True),
         ({"onnxruntime_dense_p50_ms": 0.9}, 0, True),  # ONNX Runtime's default threads
         ({"onnxruntime_dense_p50_ms": 0.9}, 1, False),  # no workers to spin
+        ({"onnxruntime_dense_p50_ms": 0.2}, 2, True),  # FOLLOW_MIN_MS itself
         ({"onnxruntime_dense_p50_ms": 0.02}, 2, False),  # too short to time every call
         ({}, 2, False),  # a plan from before: the setting it chose
     ],

@@ -132,8 +132,16 @@ def test_dense_fallback_turns_spinning_off_only_when_shown_faster(tmp_path, monk
         turned_off = False
     assert turned_off is not spinning
     # with two threads and calls of 0.2 ms or more (the made-up 1 ms), it begins with the chosen setting and follows the faster
-    follower = load(artifact, threads=2).runners["small"]
+    runner = load(artifact, threads=2)
+    follower = runner.runners["small"]
     assert isinstance(follower, FollowFaster) and follower.current == ("spinning" if spinning else "not spinning")
+    # a follower per regime (batch sizes of one regime are not timed against the other's), one pair of sessions
+    assert runner.runners["large"] is not follower and runner.runners["large"].sessions == follower.sessions
+    import dnsconvert.targets.dense_fallback as dense_fallback
+
+    monkeypatch.setattr(dense_fallback, "FIRST_VERSION", (99, 0))  # an ONNX Runtime that cannot bound spinning
+    assert not isinstance(load(artifact, threads=2).runners["small"], FollowFaster)
+    monkeypatch.undo()
     assert details(artifact).steps["small"] == [{"step": "onnxruntime", "nodes": "all"}]  # built with one thread
     assert load(artifact, threads=2).describe()["small"][0]["follows"]
 

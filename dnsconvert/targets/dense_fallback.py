@@ -9,18 +9,21 @@ other, and the benchmark's fastest dense runtime is the other setting then. So t
 both sessions, now and then runs a few calls on the one it is not using, and switches when that
 one's calls are faster by ``SWITCH_GAIN``. Every call's outputs come from the same dense model.
 
-The spinning session spins at most ``SPIN_US`` after a call (``session.intra_op.spin_duration_us``;
-an ONNX Runtime that does not know the key ignores it): with ONNX Runtime's default its idle
+The spinning session spins at most ``SPIN_US`` after a call (``session.intra_op.spin_duration_us``,
+ONNX Runtime 1.26 and later: microsoft/onnxruntime#27916): with ONNX Runtime's default its idle
 worker spins ~30-40 ms, and a call of the other session right after shares the cores with it
 (measured: a non-spinning call after a spinning one 1.81 ms, after one bounded to 200 us 1.13,
 the same as after itself). Bounded, a spinning call costs what the default costs within our
-noise (0.909 against 0.901 ms). Both sessions keep their own copy of the weights: twice the
-dense model's memory.
+noise (0.909 against 0.901 ms). An older ONNX Runtime stores the key without using it, and every
+probe would then lean towards spinning: there the fallback keeps the plan's one setting
+(:func:`can_follow`). Both sessions keep their own copy of the weights: twice the dense model's
+memory (the regimes of one runner share them).
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -36,6 +39,21 @@ CHANGE_GAP_S = 0.25  # calls in a row are off the recent median by CHANGE (the m
 IDLE_S, SETTLE_S = 0.005, 0.05  # after a pause this long, calls are not counted for this long (see run_feeds)
 KEPT, WATCH_MIN = 16, 8  # the current session's recent calls kept, and how many before watching them
 SWITCH_GAIN = 1.05  # switch when the other session's calls are faster by this
+FIRST_VERSION = (1, 26)  # the first ONNX Runtime that bounds spinning (SPIN_US)
+
+
+def can_follow() -> bool:
+    """Whether this ONNX Runtime bounds a session's spinning (see the module docstring)."""
+    import onnxruntime
+
+    try:
+        return tuple(int(part) for part in onnxruntime.__version__.split(".")[:2]) >= FIRST_VERSION
+    except ValueError:  # a version string we cannot read: not known to bound it
+        return False
+
+
+def _faster(a: float, b: float, gain: float) -> bool:
+    return a * gain < b
 
 
 def other_is_faster(probe: Mapping[str, list[float]]) -> bool:
@@ -46,7 +64,7 @@ def other_is_faster(probe: Mapping[str, list[float]]) -> bool:
     spell ending), and pooled they made a slower session look faster."""
     theirs = probe.get("other") or []
     mine = [side for side in (probe.get("before"), probe.get("back")) if side]
-    return bool(theirs and mine) and all(statistics.median(theirs) * SWITCH_GAIN < statistics.median(side) for side in mine)
+    return bool(theirs and mine) and all(_faster(statistics.median(theirs), statistics.median(side), SWITCH_GAIN) for side in mine)
 
 
 def clearly_slower(probe: Mapping[str, list[float]]) -> bool:
@@ -55,7 +73,7 @@ def clearly_slower(probe: Mapping[str, list[float]]) -> bool:
     is ~25% slower)."""
     theirs = probe.get("other") or []
     mine = [side for side in (probe.get("before"), probe.get("back")) if side]
-    return bool(theirs and mine) and all(statistics.median(theirs) > CLEAR_GAP * statistics.median(side) for side in mine)
+    return bool(theirs and mine) and all(_faster(statistics.median(side), statistics.median(theirs), CLEAR_GAP) for side in mine)
 
 
 class FollowFaster:
@@ -63,17 +81,19 @@ class FollowFaster:
     name -> session, ``first`` the one to begin with) and follows the faster (module docstring).
 
     A probe runs ``PROBE_CALLS`` calls on the other session and as many back on the current one,
-    and compares the other's counted calls with the current's on both sides of them (so a machine
-    that is slowing down or speeding up through the probe favours neither). Probes come now and
-    then, and at once when the current session's calls change: in a spell of this VM the spinning
-    session's calls grow by ~75%, and a periodic probe alone lagged the change by four rounds of a
-    bench. Not for concurrent callers: the bookkeeping is not locked (a runner is one caller's)."""
+    and the other must be faster than the current's counted calls on each side of them (a machine
+    that slows down or speeds up through the probe then keeps the current session). Probes come
+    now and then, less often while the other is clearly slower, and soon after the current
+    session's calls change: in a spell of this VM the spinning session's calls grow by ~75%.
+    Only calls of one input shape are compared: a shape that differs from the previous call's
+    restarts the bookkeeping (a regime serves every batch size in its range). Concurrent callers
+    are served, but only one at a time is timed: the others run the current session untimed."""
 
     def __init__(self, sessions: Mapping[str, Any], first: str, *, clock=time.perf_counter):
         if len(sessions) != 2 or first not in sessions:
             raise ValueError("two sessions, and the first one among them")
         self.sessions = dict(sessions)
-        self.current = first
+        self.current = self.first = first
         self.other = next(name for name in self.sessions if name != first)
         self.input_names = [i.name for i in self.sessions[first].get_inputs()]
         self.recent: deque[float] = deque(maxlen=KEPT)  # the current session's counted calls since the last probe
@@ -86,14 +106,33 @@ class FollowFaster:
         self._off = self._calls_since_probe = 0
         self._probe_due = clock() + PROBE_EVERY_S
         self._end = self._settled_at = -float("inf")
+        self._shape: tuple | None = None
+        self._lock = threading.Lock()
 
     def run_feeds(self, feeds: Mapping[str, Any]) -> list:
-        step = self._steps.pop(0) if self._steps else None
-        name = self.other if step == "other" else self.current
         inputs = {n: feeds[n] for n in self.input_names}
+        if not self._lock.acquire(blocking=False):  # another caller's call is being timed
+            return self.sessions[self.current].run(None, inputs)
+        try:
+            return self._timed(inputs)
+        finally:
+            self._lock.release()
+
+    def _timed(self, inputs: Mapping[str, Any]) -> list:
+        shape = getattr(inputs[self.input_names[0]], "shape", None)
+        if shape != self._shape:  # another batch size (or sequence length): not comparable
+            if self._steps:  # a probe cut short waits its interval like one that ended
+                self._calls_since_probe, self._probe_due = 0, self._clock() + PROBE_EVERY_S * self.backoff
+            self._shape, self._last = shape, None
+            self.recent.clear()
+            self._steps, self._off = [], 0
+        step = self._steps[0] if self._steps else None
+        name = self.other if step == "other" else self.current
         start = self._clock()
         outputs = self.sessions[name].run(None, inputs)
         end = self._clock()
+        if self._steps:
+            self._steps.pop(0)  # only after the call ran: a call that raised leaves the probe where it was
         if start - self._end > IDLE_S:
             # something else had the cores in the pause: another runtime's workers may spin on
             # (ONNX Runtime's default: ~30-40 ms), which read as a change of the machine and
@@ -113,7 +152,8 @@ class FollowFaster:
         return outputs
 
     def _watch(self, elapsed: float, now: float) -> None:
-        if len(self.recent) >= WATCH_MIN and abs(elapsed / statistics.median(self.recent) - 1) > CHANGE:
+        typical = statistics.median(self.recent) if len(self.recent) >= WATCH_MIN else 0.0
+        if typical > 0 and abs(elapsed / typical - 1) > CHANGE:
             self._off += 1
         else:
             self._off = 0
@@ -122,9 +162,10 @@ class FollowFaster:
         if self._off >= CHANGED_CALLS:  # a change: probe soon, once the window holds calls since it
             self.backoff, self._off = 1, 0
             self._probe_due = min(self._probe_due, now + CHANGE_GAP_S)
-            self._calls_since_probe = min(self._calls_since_probe, PROBE_EVERY_CALLS - PROBE_CALLS)
+            self._calls_since_probe = PROBE_EVERY_CALLS - PROBE_CALLS  # the window fills with the new state's calls first
             self.recent = deque(list(self.recent)[-CHANGED_CALLS:], maxlen=KEPT)
-        if now >= self._probe_due and self._calls_since_probe >= PROBE_EVERY_CALLS * self.backoff:
+        # a probe needs a full side before it: PROBE_CALLS - 1 counted calls of this shape
+        if now >= self._probe_due and self._calls_since_probe >= PROBE_EVERY_CALLS * self.backoff and len(self.recent) >= PROBE_CALLS - 1:
             self.last_probe = {"before": list(self.recent)[-(PROBE_CALLS - 1) :], "other": [], "back": []}
             self._steps = ["other"] * PROBE_CALLS + ["back"] * PROBE_CALLS
             self.probes += 1
@@ -146,15 +187,20 @@ class FollowFaster:
         self._probe_due = now + PROBE_EVERY_S * self.backoff
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"step": "onnxruntime", "nodes": "all", "settings": list(self.sessions), "follows": "the faster, re-timed as it runs", "now": self.current}]
+        return [{"step": "onnxruntime", "nodes": "all", "settings": list(self.sessions), "follows": "the faster, re-timed as it runs", "first": self.first}]
 
 
-def follow_faster(model: bytes, threads: int, *, first_spinning: bool = True, clock=time.perf_counter) -> FollowFaster:
-    """The two sessions (spinning bounded to ``SPIN_US``, and not spinning) of ``model``, followed."""
+def follower_sessions(model: bytes, threads: int) -> dict[str, Any]:
+    """The two sessions of ``model`` a follower chooses between: spinning bounded to ``SPIN_US``,
+    and not spinning (one pair can serve several followers: see FollowFaster)."""
     from .sparse_graph import ort_session
 
-    sessions = {
+    return {
         "spinning": ort_session(model, threads, config={"session.intra_op.spin_duration_us": str(SPIN_US)}),
         "not spinning": ort_session(model, threads, spinning=False),
     }
-    return FollowFaster(sessions, "spinning" if first_spinning else "not spinning", clock=clock)
+
+
+def follow_faster(model: bytes, threads: int, *, first_spinning: bool = True, clock=time.perf_counter) -> FollowFaster:
+    """A follower of ``model``'s two sessions (:func:`follower_sessions`)."""
+    return FollowFaster(follower_sessions(model, threads), "spinning" if first_spinning else "not spinning", clock=clock)

@@ -403,7 +403,7 @@ class SparseCpuRunner:
     """Runs a planned model: per batch regime either the planned steps or ONNX Runtime's dense model."""
 
     def __init__(self, sparse_model, plan: Mapping[str, Any], threads: int = 0, *, dense_model: bytes | None = None, where: Any = None):
-        from .dense_fallback import follow_faster
+        from .dense_fallback import FollowFaster, can_follow, follower_sessions
         from .sparse_graph import GraphRunner, build_steps, find_sparse_ops, load_graph, ort_session
 
         graph = load_graph(sparse_model)
@@ -421,29 +421,33 @@ class SparseCpuRunner:
         self.input_names, self.output_names = graph.input_names, graph.output_names
         self.runners: dict[str, Any] = {}
         self.modes: dict[str, str] = {}
-        dense: dict[tuple[bool, bool], Any] = {}
+        dense: dict[bool, _SessionRunner] = {}  # fixed sessions by setting
+        followed: dict[str, Any] = {}  # the two sessions the followers of this runner share
+        # the artifact's dense file when given: byte for byte the model ONNX Runtime's baseline runs
+        model = dense_model or graph.model.SerializeToString()
         for regime in REGIMES:
             decision = plan["regimes"][regime]
             chosen = {name: k for name, k in decision["kernels"].items() if k != "dense"}
             if decision["mode"] == "dense" or not chosen:
                 spinning = bool(decision.get("spinning", True))
-                follow = follows_faster(decision, threads)
-                if (spinning, follow) not in dense:
-                    # the artifact's dense file when given: byte for byte the model ONNX Runtime's baseline runs
-                    model = dense_model or graph.model.SerializeToString()
-                    if follow:
-                        dense[spinning, follow] = follow_faster(model, threads, first_spinning=spinning)
-                    else:
-                        dense[spinning, follow] = _SessionRunner(ort_session(model, threads, spinning=spinning), self.output_names)
-                self.runners[regime], self.modes[regime] = dense[spinning, follow], "onnxruntime dense"
+                if follows_faster(decision, threads) and can_follow():
+                    # a follower per regime: one regime's batch sizes are not timed against the other's
+                    followed = followed or follower_sessions(model, threads)
+                    self.runners[regime] = FollowFaster(followed, "spinning" if spinning else "not spinning")
+                else:
+                    if spinning not in dense:
+                        dense[spinning] = _SessionRunner(ort_session(model, threads, spinning=spinning), self.output_names)
+                    self.runners[regime] = dense[spinning]
+                self.modes[regime] = "onnxruntime dense"
             else:
                 steps = build_steps(graph, ops, chosen, threads, spinning=bool(decision.get("spinning", False)), split=split)
                 self.runners[regime], self.modes[regime] = GraphRunner(graph, steps, "planned"), "planned"
         # the per-call path is kept as short as OrtRunner's: a dense regime must cost what ONNX
-        # Runtime costs, and at LeNet's 16 us a call every extra dict copy shows
+        # Runtime costs, and at LeNet's 16 us a call every extra dict copy shows (a follower adds
+        # ~2 us a call, and follows only where calls take 0.2 ms or more)
         self._first = self.input_names[0]
         self._small, self._large = self.runners["small"].run_feeds, self.runners["large"].run_feeds
-        # one dense session for both regimes (a plan that lost everywhere): no regime to pick, so
+        # one fixed dense session for both regimes (a plan that lost everywhere): no regime to pick, so
         # the fallback costs what the ONNX Runtime baseline costs (LeNet-300-100 at 50%, batch 1:
         # the pick measured as 2-4% of its 17 us)
         self._only = self._small if self.runners["small"] is self.runners["large"] else None
@@ -483,9 +487,9 @@ class SparseCpuRunner:
 
 def follows_faster(decision: Mapping[str, Any], threads: int) -> bool:
     """Whether a dense regime runs ONNX Runtime in whichever worker setting is faster as it runs
-    (:mod:`.dense_fallback`) rather than in the one the plan chose: with more than one thread
-    (one has no workers to spin) and calls long enough to time each one (a plan from before
-    this recorded no p50: the setting it chose)."""
+    (:mod:`.dense_fallback`, where ONNX Runtime can bound spinning) rather than in the one the
+    plan chose: with more than one thread (one has no workers to spin) and calls long enough to
+    time each one (by the p50 the plan recorded; a plan that recorded none keeps its setting)."""
     from .dense_fallback import FOLLOW_MIN_MS
 
     p50 = decision.get("onnxruntime_dense_p50_ms")
