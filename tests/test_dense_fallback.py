@@ -272,12 +272,14 @@ def test_real_sessions_answer_as_the_dense_model_and_spin_briefly(monkeypatch):
 @pytest.mark.parametrize(
     "decision, threads, follows",
     [
-        ({"onnxruntime_dense_p50_ms": 0.9}, 2, True),
-        ({"onnxruntime_dense_p50_ms": 0.9}, 0, True),  # ONNX Runtime's default threads
-        ({"onnxruntime_dense_p50_ms": 0.9}, 1, False),  # no workers to spin
-        ({"onnxruntime_dense_p50_ms": 0.2}, 2, True),  # FOLLOW_MIN_MS itself
-        ({"onnxruntime_dense_p50_ms": 0.02}, 2, False),  # too short to time every call
-        ({}, 2, False),  # a plan from before: the setting it chose
+        ({"follow": True, "onnxruntime_dense_p50_ms": 0.9}, 2, True),
+        ({"follow": True, "onnxruntime_dense_p50_ms": 0.9}, 0, True),  # ONNX Runtime's default threads
+        ({"follow": False, "onnxruntime_dense_p50_ms": 0.9}, 2, False),  # built with fallback=fixed, the default
+        ({"onnxruntime_dense_p50_ms": 0.9}, 2, False),  # a plan from before the option
+        ({"follow": True, "onnxruntime_dense_p50_ms": 0.9}, 1, False),  # no workers to spin
+        ({"follow": True, "onnxruntime_dense_p50_ms": 0.2}, 2, True),  # FOLLOW_MIN_MS itself
+        ({"follow": True, "onnxruntime_dense_p50_ms": 0.02}, 2, False),  # too short to time every call
+        ({"follow": True}, 2, False),  # no p50 recorded
     ],
 )
 def test_which_dense_regimes_follow(decision, threads, follows):

@@ -120,9 +120,12 @@ def test_dense_fallback_turns_spinning_off_only_when_shown_faster(tmp_path, monk
     build chose non-spinning for GPT-2 at batch 64, which then ran at 0.80x of spinning)."""
     # not spinning: p50 below spinning either way; every plan loses
     made_up_check_clock(monkeypatch, lambda label, i: {"onnxruntime dense": [1.0] * 3, "onnxruntime dense, not spinning": list(quiet_ms)}.get(label, [2.0] * 3))
-    artifact = build(tmp_path, masked_checkpoint("lenet300100", 0.99), batches="1", plan_budget=0.05, threads=1)
+    fixed = build(tmp_path, masked_checkpoint("lenet300100", 0.99), "fixed", batches="1", plan_budget=0.05, threads=1)
+    assert details(fixed).plan.regimes["small"].follow is False  # the default, fallback=fixed
+    assert not isinstance(load(fixed, threads=2).runners["small"], FollowFaster)
+    artifact = build(tmp_path, masked_checkpoint("lenet300100", 0.99), batches="1", plan_budget=0.05, threads=1, fallback="follow")
     decision = details(artifact).plan.regimes["small"]
-    assert decision.mode == "dense" and decision.spinning is spinning
+    assert decision.mode == "dense" and decision.spinning is spinning and decision.follow is True
     runner = load(artifact, threads=1)  # one session in the chosen setting (one thread: nothing to follow)
     assert runner.modes["small"] == "onnxruntime dense"
     options = runner.runners["small"].session.get_session_options()
@@ -268,6 +271,8 @@ def test_loading_without_threads_splits_kernels_over_the_plans_threads(tmp_path)
         SparseCpuRunner(model, {**plan, "threads": -1})
     with pytest.raises(TargetError, match="threads=-1"):
         build(tmp_path, masked_checkpoint("lenet5", 0.95), "negative", threads=-1, **SPARSITY_PLAN)
+    with pytest.raises(TargetError, match="fallback='sometimes' is not fixed or follow"):
+        build(tmp_path, masked_checkpoint("lenet5", 0.95), "fallback", fallback="sometimes", **SPARSITY_PLAN)
 
 
 def test_hostile_or_tampered_models_are_rejected(tmp_path):

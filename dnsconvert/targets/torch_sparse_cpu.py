@@ -20,9 +20,10 @@ throughput), every sparse op is timed on its real input against ONNX Runtime run
 nodes, in interleaved rounds, serial and (with ``threads`` > 1) parallel kernel; the fastest
 wins. Then the whole planned model is timed against ONNX Runtime's dense model in the same
 way; unless it is faster beyond noise (its interval above 1), that regime runs the dense model
-in ONNX Runtime: never slower than dense beyond noise. With more than one thread and calls of
-0.2 ms or more that dense model runs in both of ONNX Runtime's worker settings, following the
-faster as it runs (:mod:`.dense_fallback`: on this VM their order flips with its slow spells).
+in ONNX Runtime: never slower than dense beyond noise. Built with ``fallback=follow`` (and more
+than one thread, calls of 0.2 ms or more) that dense model runs in both of ONNX Runtime's worker
+settings, following the faster as it runs (:mod:`.dense_fallback`: on this VM their order flips
+with its slow spells).
 The evidence is recorded in the plan (artifact metadata and manifest).
 
 Artifact: ``<name>.onnx``, the model with pruned weights as sparse initializers and the plan in
@@ -78,6 +79,7 @@ class RegimePlan:
     kernels: dict[str, Literal["dense", "serial", "parallel"]]
     reason: str = ""
     spinning: bool = True  # ONNX Runtime sessions' workers spin-wait (its default)
+    follow: bool = False  # a dense regime follows the faster worker setting as it runs (option fallback=follow)
     timings_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
     candidates: dict[str, dict[str, Any]] = Field(default_factory=dict)
     onnxruntime_dense_p50_ms: float | None = None  # a dense regime: the session it runs; a planned one: the faster
@@ -488,12 +490,14 @@ class SparseCpuRunner:
 def follows_faster(decision: Mapping[str, Any], threads: int) -> bool:
     """Whether a dense regime runs ONNX Runtime in whichever worker setting is faster as it runs
     (:mod:`.dense_fallback`, where ONNX Runtime can bound spinning) rather than in the one the
-    plan chose: with more than one thread (one has no workers to spin) and calls long enough to
-    time each one (by the p50 the plan recorded; a plan that recorded none keeps its setting)."""
+    plan chose: when built with ``fallback=follow``, with more than one thread (one has no
+    workers to spin) and calls long enough to time each one (by the p50 the plan recorded; a
+    plan that recorded none keeps its setting). Not the default: in ``dnsconvert bench`` on this
+    VM it cost 1-2% outside the slow spells and did not reliably gain inside them (README)."""
     from .dense_fallback import FOLLOW_MIN_MS
 
     p50 = decision.get("onnxruntime_dense_p50_ms")
-    return threads != 1 and p50 is not None and p50 >= FOLLOW_MIN_MS
+    return bool(decision.get("follow")) and threads != 1 and p50 is not None and p50 >= FOLLOW_MIN_MS
 
 
 class _SessionRunner:
@@ -537,6 +541,7 @@ class TorchSparseCpuTarget(Target):
         "batches": f"batch sizes the auto plan times, comma-separated (default 1,64); <= {SMALL_BATCH} plans the small-batch regime",
         "threads": "threads for ONNX Runtime and parallel kernels, in planning, parity and bench (default: ONNX Runtime's; kernels serial)",
         "plan_budget": "seconds of timing per layer and regime in plan=auto (default 0.2; the whole-model check gets 4x)",
+        "fallback": "a regime that runs dense: fixed (default; ONNX Runtime in the worker setting the plan chose) or follow (both settings, the faster as it runs; for machines whose state flips their order)",
     }
 
     def plan(self, ckpt, options: BuildOptions):
@@ -560,6 +565,9 @@ class TorchSparseCpuTarget(Target):
             raise TargetError(f"batches={extra['batches']!r} is not a comma-separated list of integers") from None
         if not batches or min(batches) < 1:
             raise TargetError(f"batches={extra.get('batches')!r} must list positive batch sizes")
+        fallback = extra.get("fallback", "fixed")
+        if fallback not in ("fixed", "follow"):
+            raise TargetError(f"fallback={fallback!r} is not fixed or follow")
         pin_threads(threads)
         ensure_usable(ckpt)
         exported = export_checkpoint(ckpt, trust_code=options.trust_model_code)
@@ -569,6 +577,8 @@ class TorchSparseCpuTarget(Target):
             graph, ops, inputs=ckpt.model.inputs, batches=batches, threads=threads, mode=mode,
             min_sparsity=option_number(extra, "min_sparsity", 0.7), budget_s=option_number(extra, "plan_budget", 0.2),
         )  # fmt: skip
+        for decision in plan["regimes"].values():
+            decision["follow"] = fallback == "follow" and decision["mode"] == "dense"
         return exported, plan
 
     def build(self, ckpt, output: Path, options: BuildOptions) -> Artifact:
