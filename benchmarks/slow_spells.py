@@ -25,18 +25,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 
 def p50_ms(call, n: int) -> float:
-    for _ in range(2):
-        call()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    from dnsconvert.timing import measure
+
+    return measure(call, batch=1, warmup=2, iterations=n).p50_ms
 
 
 def main() -> None:

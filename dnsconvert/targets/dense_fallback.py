@@ -52,8 +52,12 @@ def can_follow() -> bool:
         return False
 
 
-def _faster(a: float, b: float, gain: float) -> bool:
-    return a * gain < b
+def _medians(probe: Mapping[str, list[float]]) -> tuple[float, list[float]] | None:
+    """The other session's median and the current session's on each side that has calls (None
+    when either is missing)."""
+    theirs = probe.get("other") or []
+    mine = [statistics.median(side) for side in (probe.get("before"), probe.get("back")) if side]
+    return (statistics.median(theirs), mine) if theirs and mine else None
 
 
 def other_is_faster(probe: Mapping[str, list[float]]) -> bool:
@@ -62,18 +66,16 @@ def other_is_faster(probe: Mapping[str, list[float]]) -> bool:
     side, not their pool: the calls just before a probe can be slowed by something that has
     passed by the time the probe ends (another session's spinning workers, the start of a
     spell ending), and pooled they made a slower session look faster."""
-    theirs = probe.get("other") or []
-    mine = [side for side in (probe.get("before"), probe.get("back")) if side]
-    return bool(theirs and mine) and all(_faster(statistics.median(theirs), statistics.median(side), SWITCH_GAIN) for side in mine)
+    medians = _medians(probe)
+    return medians is not None and all(medians[0] * SWITCH_GAIN < side for side in medians[1])
 
 
 def clearly_slower(probe: Mapping[str, list[float]]) -> bool:
     """The other session's counted calls (median) slower than the current's on every side by
     ``CLEAR_GAP``: no need to look again soon (outside this VM's spells the non-spinning session
     is ~25% slower)."""
-    theirs = probe.get("other") or []
-    mine = [side for side in (probe.get("before"), probe.get("back")) if side]
-    return bool(theirs and mine) and all(_faster(statistics.median(side), statistics.median(theirs), CLEAR_GAP) for side in mine)
+    medians = _medians(probe)
+    return medians is not None and all(side * CLEAR_GAP < medians[0] for side in medians[1])
 
 
 class FollowFaster:

@@ -426,12 +426,13 @@ class SparseCpuRunner:
         dense: dict[bool, _SessionRunner] = {}  # fixed sessions by setting
         followed: dict[str, Any] = {}  # the two sessions the followers of this runner share
         # the artifact's dense file when given: byte for byte the model ONNX Runtime's baseline runs
-        model = dense_model or graph.model.SerializeToString()
+        model = dense_model
         for regime in REGIMES:
             decision = plan["regimes"][regime]
             chosen = {name: k for name, k in decision["kernels"].items() if k != "dense"}
             if decision["mode"] == "dense" or not chosen:
                 spinning = bool(decision.get("spinning", True))
+                model = model or graph.model.SerializeToString()  # once, and only for a dense regime
                 if follows_faster(decision, threads) and can_follow():
                     # a follower per regime: one regime's batch sizes are not timed against the other's
                     followed = followed or follower_sessions(model, threads)
