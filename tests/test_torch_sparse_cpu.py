@@ -339,7 +339,8 @@ def test_sparse_conv_matches_torch_on_short_and_long_planes(height, width, batch
     """Planes longer than TILE_MAX floats, and short ones whose rows are nearly whole vectors
     (14x14 padded: 16), take the aligned layout (rows of whole vectors, a copy of the input per
     column shift, input channels in blocks); the others accumulate in registers one output
-    channel at a time. Strides 1-3, kernels 3-7, one and two threads, against torch."""
+    channel at a time. "packed" (never "auto"'s choice) blocks the rows as they are, in one copy.
+    Strides 1-3, kernels 3-7, one and two threads, against torch."""
 
     torch.manual_seed(height * 10 + batch + kernel)
     weight = torch.randn(9, 20, kernel, kernel) * (torch.rand(9, 20, kernel, kernel) > 0.5)
@@ -350,19 +351,21 @@ def test_sparse_conv_matches_torch_on_short_and_long_planes(height, width, batch
     x2 = torch.randn_like(x)  # a second call: nothing of the first input may linger in the copies
     expected2 = torch.relu(torch.nn.functional.conv2d(x2, weight, bias, padding=pad, stride=stride))
     for parts in (1, 2):
-        for forced in ("auto", "rows", "aligned"):
+        for forced in ("auto", "rows", "aligned", "packed"):
             conv = SparseConv2d(weight.numpy(), bias.numpy(), stride=stride, pads=(pad, pad, pad, pad), activation=1, parts=parts, layout=forced)
             np.testing.assert_allclose(conv(x.numpy()), expected.numpy(), atol=1e-4, rtol=1e-5)
             np.testing.assert_allclose(conv(x2.numpy()), expected2.numpy(), atol=1e-4, rtol=1e-5)
             layout = conv._layout(batch, height, width)
-            assert (layout.copies > 0) == {"auto": aligned, "rows": False, "aligned": True}[forced]
-            if layout.copies:
+            assert (layout.copies > 0) == {"auto": aligned, "rows": False, "aligned": True, "packed": True}[forced]
+            if forced == "packed":  # one copy, rows not widened, each nonzero at its own column
+                assert layout.copies == 1 and layout.ws == -(-(width + 2 * pad) // stride) and layout.bptr.shape[0] == 9
+            elif layout.copies:
                 assert layout.buf.ctypes.data % 64 == 0 and layout.ws % 16 == 0 and not (layout.offsets % 16).any()
     very_sparse = weight * (torch.rand_like(weight) > 0.97)  # ~3-15 nonzeros per output channel
     assert SparseConv2d(very_sparse.numpy(), None, stride=stride, pads=(pad, pad, pad, pad))._layout(batch, height, width).copies == 0
 
 
-@pytest.mark.parametrize("consumer_stride,consumer_kernel,layout", [(1, 3, "aligned"), (1, 3, "rows"), (2, 3, "aligned"), (2, 1, "rows"), (1, 5, "aligned")])
+@pytest.mark.parametrize("consumer_stride,consumer_kernel,layout", [(1, 3, "aligned"), (1, 3, "rows"), (2, 3, "aligned"), (2, 1, "rows"), (1, 5, "aligned"), (1, 3, "packed"), (2, 3, "packed")])
 def test_a_convolution_feeds_the_next_ones_buffer(consumer_stride, consumer_kernel, layout):
     """``feeds``: each share of the producer writes its output channels straight into the next
     convolution's input buffer; that one then skips its own fill for exactly that array, and
@@ -391,7 +394,7 @@ def test_a_convolution_feeds_the_next_ones_buffer(consumer_stride, consumer_kern
             assert consumer._filled_from is None
             np.testing.assert_array_equal(fed, plain(saved))
             np.testing.assert_allclose(fed, expected(image), atol=1e-4, rtol=1e-5)
-        assert (consumer._layout(2, 33, 35).copies > 0) == (layout == "aligned")
+        assert (consumer._layout(2, 33, 35).copies > 0) == (layout != "rows")
         # another array than the one the producer wrote last: the consumer fills itself
         y_other = producer(other.numpy()).copy()
         producer(x.numpy())
@@ -467,9 +470,32 @@ def test_pooling_and_residual_producers_feed_too():
             np.testing.assert_allclose(consumer(y), torch.nn.functional.conv2d(first, w2, padding=1).numpy(), atol=1e-4, rtol=1e-5)
 
 
-def test_graph_steps_link_each_convolution_to_the_reader_with_the_largest_kernel():
+def test_split_convolutions_are_also_timed_packed():
+    """Which layout splits a convolution fastest depends on the CPU (``SparseConv2d``), so with two
+    threads the planner times every convolution packed as well, and Linear layers without it."""
+    from dnsconvert.export.onnx_export import torch_to_onnx
+    from dnsconvert.targets.sparse_graph import find_sparse_ops, load_graph
+    from dnsconvert.targets.torch_sparse_cpu import activations, time_op
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(_Block(), torch.nn.Flatten(), torch.nn.Linear(8 * 10 * 10, 5)).eval()
+    graph = load_graph(torch_to_onnx(model, torch.randn(1, 4, 20, 20)))
+    weights = [init.name for init in graph.model.graph.initializer if graph.arrays[init.name].ndim in (2, 4)]
+    ops = find_sparse_ops(graph, weights)
+    feeds = {graph.input_names[0]: np.random.default_rng(0).standard_normal((1, 4, 20, 20)).astype(np.float32)}
+    values = activations(graph, feeds, sorted({op.x for op in ops} | {op.residual for op in ops if op.residual}), 2)
+    assert {op.kind for op in ops} == {"conv", "linear"}
+    for op in ops:
+        for threads, expected in ((1, {"dense", "serial"}), (2, {"dense", "serial", "parallel"} | ({"parallel_packed"} if op.kind == "conv" else set()))):
+            timed = time_op(graph, op, values, threads, 0.02)
+            assert set(timed) == expected and all(ms > 0 for ms in timed.values())
+
+
+@pytest.mark.parametrize("kernel", ["parallel", "parallel_packed"])
+def test_graph_steps_link_each_convolution_to_the_reader_with_the_largest_kernel(kernel):
     """Two residual blocks: the first block's output is read by the second's 3x3 convolution and
-    by its 1x1 downsample; the 3x3 one (the costlier buffer) is fed. The run matches torch."""
+    by its 1x1 downsample; the 3x3 one (the costlier buffer) is fed. The run matches torch, with
+    the split convolutions in their default layouts and in the packed one."""
     from dnsconvert.export.onnx_export import torch_to_onnx
     from dnsconvert.targets.sparse_graph import ConvStep, GraphRunner, build_steps, find_sparse_ops, load_graph
 
@@ -483,9 +509,11 @@ def test_graph_steps_link_each_convolution_to_the_reader_with_the_largest_kernel
     weights = [init.name for init in graph.model.graph.initializer if graph.arrays[init.name].ndim == 4]
     ops = find_sparse_ops(graph, weights)
     for threads in (1, 2):
-        steps = build_steps(graph, ops, {op.name: "parallel" for op in ops}, threads)
+        steps = build_steps(graph, ops, {op.name: kernel for op in ops}, threads)
         convs = [step.conv for step in steps if isinstance(step, ConvStep)]
-        assert len(convs) == 6
+        assert len(convs) == 6 and {conv.parts for conv in convs} == {threads}
+        # packed only where split: one thread runs the serial kernel and its own layout
+        assert {conv.layout for conv in convs} == {"packed" if kernel == "parallel_packed" and threads > 1 else "auto"}
         block1_out = next(step for step in steps if isinstance(step, ConvStep) and step.residual).outputs[0]
         readers = [step.conv for step in steps if isinstance(step, ConvStep) and step.inputs[0] == block1_out]
         producer = next(step.conv for step in steps if isinstance(step, ConvStep) and step.outputs[0] == block1_out)

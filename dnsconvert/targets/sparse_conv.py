@@ -62,6 +62,8 @@ CHUNK = 4096  # output positions per accumulation pass: 16 KiB of accumulator st
 ALIGNED_MIN_NNZ = 32  # nonzeros per output channel (on average) below which a layer keeps its rows
 ALIGN_WASTE = 1.15  # a short plane takes the aligned layout if that widens its rows by at most this
 TILE = 256  # output positions per tile of the aligned layout (128-512 measured alike)
+PACKED_BLOCK_BYTES = 32 * 1024  # the packed layout's block: the input rows a tile reads, at most this
+PACKED_BLOCK_MAX = 64
 # output-channel chunks per thread, handed out one at a time (numba's chunk size 1 over TBB) rather
 # than one fixed half per thread: for seconds at a time one of this VM's two cores runs at about
 # half speed (a fixed loop timed on each core in turn: 2.3-2.8 ms on one against 1.3 on the
@@ -276,7 +278,17 @@ def _aligned_zeros(count: int) -> np.ndarray:
 
 class SparseConv2d:
     """One sparse convolution (+ bias, residual, activation, max pool) on float32 NCHW arrays.
-    ``layout``: "auto" (see ``_new_layout``), or "rows" / "aligned" to force one (tests, benchmarks)."""
+    ``layout``: "auto" (rows or aligned, see ``_new_layout``), "rows" / "aligned" to force one, or
+    "packed": the aligned layout's tiles and input-channel blocks over the rows as they are (no
+    padding to whole vectors) in a single copy of the input, each nonzero reading its row at its
+    column shift (unaligned loads), blocks as large as fit ``PACKED_BLOCK_BYTES``. Never chosen by
+    "auto": the planner times it as the kernel "parallel_packed". Why: on an Intel Xeon (AVX-512,
+    48 KiB L1; the machine this project's CI now runs on) the split aligned layout lost to it
+    everywhere in ResNet-18 ERK (the other core fetches the copies from the one that wrote them:
+    28x28x128 at 79% 0.47 against 0.58 ms, 56x56x64 at 58% 0.87 against 1.05), and so did the
+    split rows layout on 7x7 planes (512 channels at 95%: 0.22 against 0.28 ms: one block's rows
+    stay in L1 for every output channel), while on one core the aligned copies kept their lead at
+    56x56 (1.38 against 1.57 ms)."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, *, stride: int, pads: tuple[int, int, int, int], activation: int = 0, parts: int = 1, pool: int = 0, layout: str = "auto"):
         self.out_channels, self.in_channels, self.kh, self.kw = weight.shape
@@ -365,9 +377,10 @@ class SparseConv2d:
         # are (nearly) whole vectors already (14x14 with its border: 16 floats; a 7x7 plane's
         # 9-float rows would nearly double, and stay with one channel at a time in registers).
         aligned = self.nnz >= ALIGNED_MIN_NNZ * self.out_channels and (length > TILE_MAX or _whole_vectors(ws) <= ALIGN_WASTE * ws)
-        aligned = {"auto": aligned, "rows": False, "aligned": True}[self.layout]
-        copies = (self.kw - 1) // s + 1 if aligned else 0
-        if copies:  # the aligned layout: rows of whole vectors, one copy per column shift
+        blocked = {"auto": aligned, "rows": False, "aligned": True, "packed": True}[self.layout]
+        packed = self.layout == "packed"
+        copies = (1 if packed else (self.kw - 1) // s + 1) if blocked else 0
+        if copies and not packed:  # the aligned layout: rows of whole vectors, one copy per column shift
             ws = _whole_vectors(ws)
             length = length_at(ws)
         plane = hs * ws  # one image's phase plane; images follow one another
@@ -376,12 +389,12 @@ class SparseConv2d:
         size = self.in_channels * s * s * images * plane + slack
         if copies:
             size = _whole_vectors(size + VECTOR)  # copy q reads copy 0 up to q floats on
-            offsets = offsets + (kw // s) * size
+            offsets = offsets + (kw // s if packed else (kw // s) * size)
             buf = _aligned_zeros(copies * size)
             # each output channel's row, TILE positions at a time, reads one block of input
             # channels (rows of (TILE + 2 * ws) floats per channel, phase and copy) from L1:
             # blocks of 8 channels at 56x56 and of 16 at 28x28 and 14x14 were the fastest
-            block = 8 if ws >= 48 else 16
+            block = self._packed_block(length, ws) if packed else 8 if ws >= 48 else 16
             blocks = -(-self.in_channels // block)
             keys = np.repeat(np.arange(self.out_channels), np.diff(self.ptr)) * blocks + c // block
             bptr = np.searchsorted(keys, np.arange(self.out_channels * blocks + 1)).astype(np.int64)
@@ -398,6 +411,17 @@ class SparseConv2d:
         copy_size = size if copies else 0
         geometry = np.array([top, left, s, plane, ws, copies, copy_size, length], dtype=np.int64)
         return _Layout(offsets.astype(np.int64), buf, accs, length, plane, ws, oh, ow, copies, copy_size, bptr, geometry)
+
+    def _packed_block(self, length: int, ws: int) -> int:
+        """Input channels per block of the packed layout: the largest power of two (4 to
+        ``PACKED_BLOCK_MAX``) whose rows for one tile (every phase read, the tile plus the kernel's
+        reach below it) fit ``PACKED_BLOCK_BYTES``. Measured (Intel Xeon): 64 at 7x7 (82 floats
+        a channel), 16 at 28x28 and 56x56 (320 and 372), as the sweep over 8-128 found fastest."""
+        floats = int(self.phases.sum()) * (min(TILE, length) + ((self.kh - 1) // self.stride) * ws + VECTOR)
+        block = 4
+        while block * 2 <= PACKED_BLOCK_MAX and block * 2 * floats * 4 <= PACKED_BLOCK_BYTES:
+            block *= 2
+        return block
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -319,10 +319,10 @@ class LinearChainStep:
 
 
 class ConvStep:
-    def __init__(self, op: SparseOp, parts: int):
+    def __init__(self, op: SparseOp, parts: int, layout: str = "auto"):
         from .sparse_conv import SparseConv2d
 
-        self.conv = SparseConv2d(op.weight, op.bias, stride=op.stride, pads=op.pads, activation=ACTIVATIONS[op.activation], parts=parts, pool=op.pool)
+        self.conv = SparseConv2d(op.weight, op.bias, stride=op.stride, pads=op.pads, activation=ACTIVATIONS[op.activation], parts=parts, pool=op.pool, layout=layout)
         self.inputs = [op.x] + ([op.residual] if op.residual else [])
         self.outputs = [op.y]
         self.names = [op.name]
@@ -415,7 +415,8 @@ def ort_session(model: bytes | onnx.ModelProto, threads: int, *, spinning: bool 
 
 
 def build_steps(graph: Graph, ops: Sequence[SparseOp], chosen: Mapping[str, str], threads: int, *, spinning: bool = False, split: int | None = None) -> list:
-    """Steps that run the whole graph: the ``chosen`` ops (name -> serial | parallel) as kernels,
+    """Steps that run the whole graph: the ``chosen`` ops (name -> serial | parallel |
+    parallel_packed, a convolution split in ``SparseConv2d``'s packed layout) as kernels,
     cheap ops between kernels natively, every other node in ONNX Runtime segments (``threads``
     intra-op threads, 0: its default). A parallel kernel splits over ``split`` threads (default
     ``threads``)."""
@@ -456,13 +457,13 @@ def build_steps(graph: Graph, ops: Sequence[SparseOp], chosen: Mapping[str, str]
     steps: list = []
     for (kind, item), needed in zip(plan, needed_after):
         if kind == "op":
-            parts = split if chosen[item.name] == "parallel" and split > 1 else 1
+            parts = split if chosen[item.name] in ("parallel", "parallel_packed") and split > 1 else 1
             if item.kind == "linear" and steps and isinstance(steps[-1], LinearChainStep) and _chains(steps[-1], item, graph):
                 previous = steps[-1]
                 steps[-1] = LinearChainStep(previous.ops + [item], max(parts, previous.parts))
                 steps[-1].inputs, steps[-1].flatten = previous.inputs, previous.flatten
                 continue
-            step = LinearChainStep([item], parts) if item.kind == "linear" else ConvStep(item, parts)
+            step = LinearChainStep([item], parts) if item.kind == "linear" else ConvStep(item, parts, "packed" if chosen[item.name] == "parallel_packed" and parts > 1 else "auto")
             if isinstance(step, LinearChainStep) and steps and isinstance(steps[-1], SimpleStep) and len(graph.consumers.get(steps[-1].outputs[0], [])) == 1 and steps[-1].outputs[0] not in graph.output_names and step.absorb_flatten(steps[-1]):
                 steps.pop()
             steps.append(step)

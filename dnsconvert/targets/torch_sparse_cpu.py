@@ -17,8 +17,8 @@ call is made at all.
 
 Plan (``plan=auto``): at build time, for each batch regime (<= 8 samples: latency, above:
 throughput), every sparse op is timed on its real input against ONNX Runtime running the same
-nodes, in interleaved rounds, serial and (with ``threads`` > 1) parallel kernel; the fastest
-wins. Then the whole planned model is timed against ONNX Runtime's dense model in the same
+nodes, in interleaved rounds, serial and (with ``threads`` > 1) parallel kernel, a convolution also
+split in the packed layout (``parallel_packed``, see ``SparseConv2d``); the fastest wins. Then the whole planned model is timed against ONNX Runtime's dense model in the same
 way; unless it is faster beyond noise (its interval above 1), that regime runs the dense model
 in ONNX Runtime: never slower than dense beyond noise. Built with ``fallback=follow`` (and more
 than one thread, calls of 0.2 ms or more) that dense model runs in both of ONNX Runtime's worker
@@ -51,7 +51,7 @@ PLAN_KEY = "dnsconvert.sparse_cpu_plan"
 PLAN_VERSION = 1
 SMALL_BATCH = 8  # plans are made per batch regime: <= this (latency) and above (throughput)
 REGIMES = ("small", "large")
-KERNELS = ("dense", "serial", "parallel")
+KERNELS = ("dense", "serial", "parallel", "parallel_packed")
 SPARSE_FILE, DENSE_FILE = "model.onnx", "model.dense.onnx"
 _RECORD = ConfigDict(extra="forbid")
 
@@ -76,7 +76,7 @@ class RegimePlan:
 
     batch: int
     mode: Literal["sparse", "dense"]
-    kernels: dict[str, Literal["dense", "serial", "parallel"]]
+    kernels: dict[str, Literal["dense", "serial", "parallel", "parallel_packed"]]
     reason: str = ""
     spinning: bool = True  # ONNX Runtime sessions' workers spin-wait (its default)
     follow: bool = False  # a dense regime follows the faster worker setting as it runs (option fallback=follow)
@@ -156,10 +156,11 @@ def time_op(graph, op, values: Mapping[str, np.ndarray], threads: int, budget_s:
     session = ort_session(subgraph_model(graph, op.nodes, inputs, [op.y]), threads, spinning=False)
     feeds = {name: values[name] for name in inputs}
     calls = {"dense": lambda: session.run(None, feeds)}
-    for kernel, parts in (("serial", 1), ("parallel", threads)):
-        if kernel == "parallel" and threads < 2:
-            continue
-        step = LinearChainStep([op], parts) if op.kind == "linear" else ConvStep(op, parts)
+    variants = [("serial", 1, "auto")] + ([("parallel", threads, "auto")] if threads > 1 else [])
+    if op.kind == "conv" and threads > 1:  # which layout splits best depends on the CPU (SparseConv2d)
+        variants.append(("parallel_packed", threads, "packed"))
+    for kernel, parts, layout in variants:
+        step = LinearChainStep([op], parts) if op.kind == "linear" else ConvStep(op, parts, layout)
         env = dict(feeds)
         step(env)  # compile and size buffers before timing
         calls[kernel] = lambda step=step, env=env: step(env)
