@@ -35,6 +35,10 @@ random weights at ResNet-18 ERK densities:
   in the spells when this VM's two threads run at half speed together (see the README) the
   split layer takes 2.1 ms against 1.5 ms serial: the planner times both and keeps the faster.
 
+A third layout, packed (the aligned layout's tiles and blocks over unpadded rows in one copy, read
+unaligned), is never the automatic choice: the planner times it for every split convolution
+(``SparseConv2d``'s docstring: on an Intel Xeon it split 14-24% faster than either layout above).
+
 Epilogue: bias, an optional residual tensor added before the activation (ResNet's
 ``relu(bn(conv(x)) + identity)``), the activation, and an optional k x k / stride k max pool
 (LeNet's conv -> pool) taken from the accumulator, so the unpooled output is never written.
