@@ -288,7 +288,7 @@ def test_hostile_or_tampered_models_are_rejected(tmp_path):
     index.CopyFrom(onnx.numpy_helper.from_array(values, index.name))
     with pytest.raises(TargetError, match="outside"):
         SparseCpuRunner(bad, read_plan(bad))
-    for tamper in ("kernel", "mode", "layer", "version"):
+    for tamper in ("kernel", "mode", "layer", "version", "packed linear"):
         bad = onnx.ModelProto()
         bad.CopyFrom(model)
         prop = next(p for p in bad.metadata_props if p.key == PLAN_KEY)
@@ -300,6 +300,8 @@ def test_hostile_or_tampered_models_are_rejected(tmp_path):
             regime["mode"] = "fast"
         elif tamper == "layer":
             regime["kernels"]["no.such.layer"] = "serial"
+        elif tamper == "packed linear":  # the packed layout is a convolution's; these are Linear layers
+            regime["kernels"] = {k: "parallel_packed" for k in regime["kernels"]}
         else:
             plan["version"] = 99
         prop.value = json.dumps(plan)
@@ -514,6 +516,8 @@ def test_graph_steps_link_each_convolution_to_the_reader_with_the_largest_kernel
         assert len(convs) == 6 and {conv.parts for conv in convs} == {threads}
         # packed only where split: one thread runs the serial kernel and its own layout
         assert {conv.layout for conv in convs} == {"packed" if kernel == "parallel_packed" and threads > 1 else "auto"}
+        described = [s for s in GraphRunner(graph, steps, "planned").describe() if s["step"] == "sparse conv"]
+        assert [s.get("layout", "auto") for s in described] == [conv.layout for conv in convs]
         block1_out = next(step for step in steps if isinstance(step, ConvStep) and step.residual).outputs[0]
         readers = [step.conv for step in steps if isinstance(step, ConvStep) and step.inputs[0] == block1_out]
         producer = next(step.conv for step in steps if isinstance(step, ConvStep) and step.outputs[0] == block1_out)

@@ -528,5 +528,5 @@ class GraphRunner:
         out = []
         for step in self.steps:
             kind = {LinearChainStep: "sparse linear chain", ConvStep: "sparse conv", SimpleStep: "native", OrtStep: "onnxruntime"}[type(step)]
-            out.append({"step": kind, "nodes": list(step.names), **({"threads": step.parts} if hasattr(step, "parts") else {})})
+            out.append({"step": kind, "nodes": list(step.names), **({"threads": step.parts} if hasattr(step, "parts") else {}), **({"layout": step.conv.layout} if isinstance(step, ConvStep) and step.conv.layout != "auto" else {})})
         return out

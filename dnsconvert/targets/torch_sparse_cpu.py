@@ -107,6 +107,10 @@ class ExecutionPlan:
             unknown = set(decision.kernels) - set(self.ops)
             if unknown:
                 raise ValueError(f"kernels for layers that are not planned: {', '.join(sorted(unknown))}")
+            # the planner times the packed layout for convolutions only; a plan saying otherwise was not made by it
+            misplaced = sorted(name for name, kernel in decision.kernels.items() if kernel == "parallel_packed" and self.ops[name].kind != "conv")
+            if misplaced:
+                raise ValueError(f"the packed layout is for convolutions, not {', '.join(misplaced[:4])}")
 
 
 @schema(frozen=True, config=_RECORD)
