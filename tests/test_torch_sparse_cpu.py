@@ -227,6 +227,28 @@ def test_a_two_thread_plan_probes_its_threads_before_every_pass(tmp_path, monkey
     assert probe == {"serial_ms": 1.0, "split_ms": 0.6, "waited_s": 2.0 * planner.TIMING_PASSES, "probes": planner.TIMING_PASSES}
 
 
+def test_candidates_include_the_plan_of_clear_wins_only():
+    """Besides the per-layer choice, the whole model is tried with only the layers whose kernel beat
+    dense alone by CLEAR_WIN (a hair's win alone can lose inside the model), and with slack."""
+    from types import SimpleNamespace
+
+    from dnsconvert.targets.torch_sparse_cpu import CLEAR_WIN, candidate_plans
+
+    ops = [SimpleNamespace(name=n, kind="conv", x=f"{n}.in", y=f"{n}.out") for n in "abcd"]
+    timings = {"a": {"dense": 1.0, "serial": 0.99, "parallel": 1.2}, "b": {"dense": 1.0, "serial": 0.8, "parallel_packed": 0.7}, "c": {"dense": 1.0, "parallel": 0.5}, "d": {"dense": 1.0, "serial": 1.7}}
+    kernels = {n: min(t, key=t.get) for n, t in timings.items()}
+    assert kernels == {"a": "serial", "b": "parallel_packed", "c": "parallel", "d": "dense"} and CLEAR_WIN == (1.15, 1.3)
+    candidates = candidate_plans(ops, kernels, timings)
+    assert candidates["per-layer"] == {"a": "serial", "b": "parallel_packed", "c": "parallel"}
+    assert candidates["layers 1.15x faster than dense sparse"] == {"b": "parallel_packed", "c": "parallel"}  # a: 1.01x
+    assert "layers 1.3x faster than dense sparse" not in candidates  # b (1.43x) is in: the same plan, timed once
+    assert candidates["all sparse"] == {"a": "serial", "b": "parallel_packed", "c": "parallel", "d": "serial"}
+    timings["b"]["parallel_packed"] = 0.8  # b: 1.25x, out at 1.3
+    plans = candidate_plans(ops, kernels, timings)
+    assert plans["layers 1.3x faster than dense sparse"] == {"c": "parallel"} and len(set(map(str, plans.values()))) == len(plans)
+    assert "layers 1.15x faster than dense sparse" not in candidate_plans(ops, kernels, None)  # no timings, no margins
+
+
 def test_auto_plan_falls_back_to_dense_when_sparse_loses(tmp_path):
     """Unpruned layers: a CSR kernel does the dense work with index overhead; the plan must keep ONNX Runtime."""
     ckpt = masked_checkpoint("mlp", 0.0, hidden=[256, 256])

@@ -284,6 +284,13 @@ def chain_groups(ops) -> list[list[str]]:
 
 
 SLACK = (1.25, 1.6)  # candidates that also run layers this much slower than dense sparse
+# candidates that keep only the layers whose kernel beat dense by this much alone: a layer that
+# wins by a hair alone can lose inside the model, where it splits an ONNX Runtime segment (and
+# its blocked conv layout) in two and its input comes from the other core. ResNet-18 ERK on the
+# Intel Xeon VM: the per-layer plan (14 layers, one 42%-dense 3x3 at 1.00x and two 1x1
+# downsamples at 1.01x and 1.2x alone) ran 10.0-10.2 ms, the same plan without the layers under
+# 1.3x (11) 9.1-9.4 ms, ONNX Runtime 11.4 (benchmarks/conv_scheduling.py-style interleaved p50s)
+CLEAR_WIN = (1.15, 1.3)
 
 
 def candidate_plans(ops, kernels: Mapping[str, str], timings: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, dict[str, str]]:
@@ -291,7 +298,8 @@ def candidate_plans(ops, kernels: Mapping[str, str], timings: Mapping[str, Mappi
     session call and ONNX Runtime's cross-layer work (its blocked conv layout is converted
     back and forth), which per-layer timings cannot see; so besides the per-layer choice the
     whole model is tried with each chain of Linear layers wholly sparse where any of it is, with
-    layers up to ``SLACK`` times slower than dense also sparse (fewer boundaries), and all sparse."""
+    layers up to ``SLACK`` times slower than dense also sparse (fewer boundaries), with only the
+    layers ``CLEAR_WIN`` times faster than dense sparse (fewer marginal ones), and all sparse."""
     per_layer = {name: k for name, k in kernels.items() if k != "dense"}
     chained = dict(per_layer)
     for group in chain_groups(ops):
@@ -304,6 +312,9 @@ def candidate_plans(ops, kernels: Mapping[str, str], timings: Mapping[str, Mappi
         return min(timed, key=timed.get) if timed else "serial"
 
     plans = [("per-layer", per_layer), ("chains sparse", chained)]
+    for margin in CLEAR_WIN if timings else ():
+        clear = {name: k for name, k in per_layer.items() if name in timings and timings[name]["dense"] >= margin * timings[name][k]}
+        plans.append((f"layers {margin}x faster than dense sparse", clear))
     for slack in SLACK if timings else ():
         within = {name: fastest_kernel(name) for name, t in timings.items() if min(v for k, v in t.items() if k != "dense") <= slack * t["dense"]}
         plans.append((f"layers within {slack}x of dense sparse", within))
