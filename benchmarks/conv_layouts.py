@@ -8,6 +8,10 @@ over two threads, beside ONNX Runtime running the same single Conv (two threads,
 same interleaved rounds (p50, ms). Each layout's output is checked against torch first. ``--no-fill``:
 as when the previous convolution fed the input buffer (``SparseConv2d.feeds``), the call skips its own
 fill. Which layout the planner uses is decided per layer by timing at build (``parallel_packed``).
+
+``--split-loads``: what the packed layout's unaligned loads cost, one thread, input in place: each shape
+as is, and with every nonzero's offset rounded down to a whole vector (every load aligned; the same
+work and access pattern, wrong results: a diagnostic only).
 """
 
 from __future__ import annotations
@@ -31,11 +35,36 @@ def ort_conv(weight: np.ndarray, stride: int):
     return ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), 2, spinning=False)
 
 
+def split_loads(budget: float) -> None:
+    from dnsconvert.targets.sparse_conv import VECTOR, SparseConv2d
+    from dnsconvert.timing import measure_interleaved
+
+    rng = np.random.default_rng(0)
+    print("| shape | density | stride | packed x1 (ms) | every load aligned (ms) |\n|---|---|---|---|---|")
+    for out_ch, in_ch, side, density, stride in SHAPES:
+        weight = (rng.standard_normal((out_ch, in_ch, 3, 3)) * (rng.random((out_ch, in_ch, 3, 3)) < density)).astype(np.float32)
+        x = rng.standard_normal((1, in_ch, side, side)).astype(np.float32)
+        calls = {}
+        for variant in ("as is", "aligned"):
+            conv = SparseConv2d(weight, None, stride=stride, pads=(1, 1, 1, 1), parts=1, layout="packed")
+            conv(x)  # builds the layout and fills the buffer
+            if variant == "aligned":
+                layout = conv._layout(1, side, side)
+                layout.offsets[:] = layout.offsets - layout.offsets % VECTOR  # in place: the kernels read this array
+            calls[variant] = lambda conv=conv: (setattr(conv, "_filled_from", x), conv(x))
+        timed = measure_interleaved(calls, batch=1, rounds=5, iterations=None, time_budget_s=budget, warmup=3)
+        print(f"| {out_ch}x{in_ch}x3x3 on {side}x{side} | {density:.1%} | {stride} | {timed.stats('as is').p50_ms:.3f} | {timed.stats('aligned').p50_ms:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=0.6, help="seconds per variant and shape")
     parser.add_argument("--no-fill", action="store_true", help="skip each call's own input fill (as when fed)")
+    parser.add_argument("--split-loads", action="store_true", help="packed, one thread: as is against every load aligned")
     args = parser.parse_args()
+    if args.split_loads:
+        split_loads(args.budget)
+        return
     import torch
 
     from dnsconvert.targets.sparse_conv import SparseConv2d
