@@ -414,6 +414,10 @@ def ort_session(model: bytes | onnx.ModelProto, threads: int, *, spinning: bool 
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
 
+# the planner's split kernels -> the layout a convolution runs in (``SparseConv2d``); "serial" is unsplit
+SPLIT_KERNELS = {"parallel": "auto", "parallel_packed": "packed"}
+
+
 def build_steps(graph: Graph, ops: Sequence[SparseOp], chosen: Mapping[str, str], threads: int, *, spinning: bool = False, split: int | None = None) -> list:
     """Steps that run the whole graph: the ``chosen`` ops (name -> serial | parallel |
     parallel_packed, a convolution split in ``SparseConv2d``'s packed layout) as kernels,
@@ -457,13 +461,14 @@ def build_steps(graph: Graph, ops: Sequence[SparseOp], chosen: Mapping[str, str]
     steps: list = []
     for (kind, item), needed in zip(plan, needed_after):
         if kind == "op":
-            parts = split if chosen[item.name] in ("parallel", "parallel_packed") and split > 1 else 1
+            kernel = chosen[item.name]
+            parts = split if kernel in SPLIT_KERNELS and split > 1 else 1
             if item.kind == "linear" and steps and isinstance(steps[-1], LinearChainStep) and _chains(steps[-1], item, graph):
                 previous = steps[-1]
                 steps[-1] = LinearChainStep(previous.ops + [item], max(parts, previous.parts))
                 steps[-1].inputs, steps[-1].flatten = previous.inputs, previous.flatten
                 continue
-            step = LinearChainStep([item], parts) if item.kind == "linear" else ConvStep(item, parts, "packed" if chosen[item.name] == "parallel_packed" and parts > 1 else "auto")
+            step = LinearChainStep([item], parts) if item.kind == "linear" else ConvStep(item, parts, SPLIT_KERNELS[kernel] if parts > 1 else "auto")
             if isinstance(step, LinearChainStep) and steps and isinstance(steps[-1], SimpleStep) and len(graph.consumers.get(steps[-1].outputs[0], [])) == 1 and steps[-1].outputs[0] not in graph.output_names and step.absorb_flatten(steps[-1]):
                 steps.pop()
             steps.append(step)

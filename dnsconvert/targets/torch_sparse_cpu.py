@@ -152,7 +152,7 @@ def activations(graph, feeds: Mapping[str, np.ndarray], names: list[str], thread
 def time_op(graph, op, values: Mapping[str, np.ndarray], threads: int, budget_s: float) -> dict[str, float]:
     """p50 (ms) of one sparse op on its real input: ONNX Runtime's nodes vs the kernel(s)."""
     from ..timing import measure_interleaved
-    from .sparse_graph import ConvStep, LinearChainStep, ort_session, subgraph_model
+    from .sparse_graph import SPLIT_KERNELS, ConvStep, LinearChainStep, ort_session, subgraph_model
 
     inputs = [op.x] + ([op.residual] if op.residual else [])
     # not spinning, as an op left dense runs in the planned model (its segments never spin); and
@@ -160,9 +160,8 @@ def time_op(graph, op, values: Mapping[str, np.ndarray], threads: int, budget_s:
     session = ort_session(subgraph_model(graph, op.nodes, inputs, [op.y]), threads, spinning=False)
     feeds = {name: values[name] for name in inputs}
     calls = {"dense": lambda: session.run(None, feeds)}
-    variants = [("serial", 1, "auto")] + ([("parallel", threads, "auto")] if threads > 1 else [])
-    if op.kind == "conv" and threads > 1:  # which layout splits best depends on the CPU (SparseConv2d)
-        variants.append(("parallel_packed", threads, "packed"))
+    # split, a convolution in every layout (which splits best depends on the CPU: SparseConv2d)
+    variants = [("serial", 1, "auto")] + [(kernel, threads, layout) for kernel, layout in SPLIT_KERNELS.items() if threads > 1 and (op.kind == "conv" or layout == "auto")]
     for kernel, parts, layout in variants:
         step = LinearChainStep([op], parts) if op.kind == "linear" else ConvStep(op, parts, layout)
         env = dict(feeds)
