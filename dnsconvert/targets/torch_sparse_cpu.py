@@ -288,7 +288,8 @@ SLACK = (1.25, 1.6)  # candidates that also run layers this much slower than den
 # its blocked conv layout) in two and its input comes from the other core. ResNet-18 ERK on the
 # Intel Xeon VM: the per-layer plan (14 layers, one 42%-dense 3x3 at 1.00x and two 1x1
 # downsamples at 1.01x and 1.2x alone) ran 10.0-10.2 ms, the same plan without the layers under
-# 1.3x (11) 9.1-9.4 ms, ONNX Runtime 11.4 (benchmarks/conv_scheduling.py-style interleaved p50s)
+# 1.3x (11) 9.1-9.4 ms, ONNX Runtime 11.4; a later run 11.4-11.8 against 10.2-10.7, ORT 12.7-12.9
+# (benchmarks/plan_candidates.py)
 CLEAR_WIN = (1.15, 1.3)
 
 
